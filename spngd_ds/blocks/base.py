@@ -1,0 +1,155 @@
+"""What every curvature block shares: its statistics, their accumulation, and safe inversion."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from spngd_ds.staleness import RefreshSchedule
+
+
+@dataclass
+class Statistic:
+    """One curvature statistic of a block (A, G or F).
+
+    Attributes:
+        name: "A", "G" or "F".
+        schedule: its refresh interval (rule 6).
+        shape: shape of the symmetric statistic, ``(d, d)`` or ``(C, 2, 2)``.
+        local_sum: this rank's sum over the samples captured this step (``shape``), or ``None``.
+        local_count: number of samples in ``local_sum``.
+        value: the normalised statistic (global over ranks and micro-batches); owner only.
+        inverse: its damped inverse; owner only (``None`` until first inverted, or after a failure).
+        captures: micro-batches captured so far (for tests: proves that a stale X is not captured).
+        refreshes: how many times the value was refreshed.
+        inversions: how many times it was (re-)inverted.
+    """
+
+    name: str
+    schedule: RefreshSchedule
+    shape: tuple[int, ...]
+    local_sum: torch.Tensor | None = None
+    local_count: float = 0.0
+    value: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
+    captures: int = 0
+    refreshes: int = 0
+    inversions: int = 0
+
+    def add(self, total: torch.Tensor, count: int) -> None:
+        """Accumulate one micro-batch's sum (``shape``) over ``count`` samples."""
+        if self.local_sum is None:
+            self.local_sum = total.clone()
+        else:
+            self.local_sum.add_(total)
+        self.local_count += count
+        self.captures += 1
+
+    def take_local(self) -> tuple[torch.Tensor | None, float]:
+        """Return and reset this step's local sum and count."""
+        out = (self.local_sum, self.local_count)
+        self.local_sum, self.local_count = None, 0.0
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the persistent value and inverse."""
+        return sum(t.numel() * t.element_size() for t in (self.value, self.inverse) if t is not None)
+
+
+def robust_inverse(matrix: torch.Tensor) -> torch.Tensor | None:
+    """Inverse of a symmetric positive-definite ``matrix`` (d, d) by Cholesky.
+
+    Tries the matrix's own dtype first, then float64; returns ``None`` when neither gives a finite
+    inverse (the caller then falls back to the plain gradient, rule 5).
+    """
+    if not bool(torch.isfinite(matrix).all()):
+        return None
+    for dtype in (matrix.dtype, torch.float64):
+        work = matrix.to(dtype)
+        chol, info = torch.linalg.cholesky_ex(work)
+        if int(info) != 0:
+            continue
+        inv = torch.cholesky_inverse(chol)
+        if bool(torch.isfinite(inv).all()):
+            return inv.to(matrix.dtype)
+    return None
+
+
+def stat_dtype(module: nn.Module) -> torch.dtype:
+    """float64 for a float64 model, float32 otherwise (bf16/fp16 models keep fp32 statistics)."""
+    p = next(module.parameters(), None)
+    return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class InversionReport:
+    """What one call to :meth:`Block.invert` did."""
+
+    inverted: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+class Block:
+    """A group of parameters preconditioned together (one layer).
+
+    Subclasses define the statistics they keep and how a gradient is preconditioned. Gradients are
+    passed in explicitly (ordered as ``self.params``) because their source depends on the engine
+    path (``param.grad``, a reduced bucket, or DeepSpeed's ``safe_get_full_grad``).
+    """
+
+    kind = "plain"
+
+    def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter]) -> None:
+        self.name = name
+        self.module = module
+        self.params = params
+        self.param_names: list[str] = []
+        self.stats: dict[str, Statistic] = {}
+        self.dtype = stat_dtype(module) if params else torch.float32
+
+    # -- capture (hooks) -------------------------------------------------------------------------
+    forward_stats: tuple[str, ...] = ()
+    backward_stats: tuple[str, ...] = ()
+
+    def capture_forward(self, inputs: torch.Tensor, due: set[str]) -> Callable[[torch.Tensor, float], None] | None:
+        """Called by the forward hook with the module's input; returns the backward capture
+        (called with the output gradient and its per-sample scale), or ``None``."""
+        return None
+
+    # -- owner side --------------------------------------------------------------------------------
+    def normalise(self, name: str, total: torch.Tensor, count: float) -> torch.Tensor:
+        """Turn a global sum over ``count`` samples into the statistic's value (rules 2-4)."""
+        return total / count
+
+    def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
+        """(Re-)invert the damped statistics named in ``refreshed``."""
+        return InversionReport()
+
+    def ready(self) -> bool:
+        """Whether every inverse exists, so :meth:`precondition` is not the identity."""
+        return all(s.inverse is not None for s in self.stats.values())
+
+    def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Preconditioned gradients, same shapes and dtypes as ``grads`` (identity here)."""
+        return grads
+
+    def curvature_nbytes(self) -> int:
+        """Bytes of persistent statistics and inverses held for this block."""
+        return sum(s.nbytes() for s in self.stats.values())
+
+    def inversion_cost(self) -> float:
+        """Relative cost of inverting this block (sum of d^3 of its factors)."""
+        return 0.0
+
+    def memory_cost(self) -> float:
+        """Relative memory of this block's factors (sum of d^2)."""
+        return float(sum(p.numel() for p in self.params)) * 1e-6
+
+
+class PlainBlock(Block):
+    """Parameters no curvature block covers: they take the momentum update on the plain gradient."""
+
+    kind = "plain"

@@ -1,0 +1,113 @@
+"""Unit-wise natural gradient for BatchNorm (DESIGN.md rule 4).
+
+Per channel c and sample i, with x̂ the batch-normalised input and g_y = n·∂L/∂y the per-sample
+gradient of the BN output: u_i = (Σ_hw x̂·g_y, Σ_hw g_y), F_c = (1/n) Σ_i u_i u_iᵀ (2×2, order
+(γ, β)). The preconditioned gradient of channel c is (F_c + λ_bn I)⁻¹ (∇γ_c, ∇β_c), inverted in
+closed form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from spngd_ds.blocks.base import Block, InversionReport, Statistic
+from spngd_ds.staleness import RefreshSchedule
+
+
+def normalised_input(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x̂ of a BatchNorm in training mode: batch mean and biased variance over all dims but 1."""
+    x = x.detach().to(dtype)
+    dims = [d for d in range(x.dim()) if d != 1]
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + module.eps)
+
+
+def inverse_2x2(f: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form inverses of ``f + shift·I`` for f (C, 2, 2); returns (inverses, ok mask (C,))."""
+    a = f[:, 0, 0] + shift
+    b = f[:, 0, 1]
+    d = f[:, 1, 1] + shift
+    det = a * d - b * b
+    ok = torch.isfinite(det) & (det > 0) & (a > 0) & torch.isfinite(a) & torch.isfinite(d)
+    safe = torch.where(ok, det, torch.ones_like(det))
+    inv = torch.stack([torch.stack([d, -b], -1), torch.stack([-b, a], -1)], -2) / safe[:, None, None]
+    eye = torch.eye(2, dtype=f.dtype, device=f.device).expand_as(inv)
+    return torch.where(ok[:, None, None], inv, eye), ok
+
+
+class UnitwiseBlock(Block):
+    """Unit-wise Fisher block of one affine BatchNorm1d/2d: parameters (γ, β)."""
+
+    kind = "unitwise"
+    forward_stats = ("F",)
+    backward_stats = ("F",)
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.modules.batchnorm._BatchNorm,
+        schedule: Callable[[], RefreshSchedule],
+        damping_scale: float,
+    ):
+        assert module.weight is not None and module.bias is not None
+        super().__init__(name, module, [module.weight, module.bias])
+        self.channels = int(module.weight.shape[0])
+        self.damping_scale = damping_scale
+        self.stats = {"F": Statistic("F", schedule(), (self.channels, 2, 2))}
+        self.failed_channels = 0
+
+    @property
+    def F(self) -> torch.Tensor | None:  # noqa: N802 - the paper's name
+        """The current per-channel Fisher (C, 2, 2), order (γ, β), without damping (owner only)."""
+        return self.stats["F"].value
+
+    def capture_forward(
+        self, inputs: torch.Tensor, due: set[str]
+    ) -> Callable[[torch.Tensor, float], None] | None:
+        if "F" not in due:
+            return None
+        assert isinstance(self.module, nn.modules.batchnorm._BatchNorm)
+        xhat = normalised_input(self.module, inputs, self.dtype)
+        dims = list(range(2, xhat.dim()))
+
+        def capture_backward(grad: torch.Tensor, scale: float) -> None:
+            n = grad.shape[0]
+            g = grad.detach().to(self.dtype) * (n * scale)
+            u_gamma = (xhat * g).sum(dim=dims) if dims else xhat * g
+            u_beta = g.sum(dim=dims) if dims else g
+            u = torch.stack([u_gamma, u_beta], dim=-1)  # (N, C, 2)
+            self.stats["F"].add(torch.einsum("nci,ncj->cij", u, u), n)
+
+        return capture_backward
+
+    def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
+        stat = self.stats["F"]
+        report = InversionReport()
+        if stat.value is None or ("F" not in refreshed and stat.inverse is not None):
+            return report
+        inv, ok = inverse_2x2(stat.value, self.damping_scale * damping)
+        stat.inversions += 1
+        self.failed_channels = int((~ok).sum())
+        if self.failed_channels:
+            report.failed.append("F")
+        stat.inverse = inv
+        report.inverted.append("F")
+        return report
+
+    def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        inv = self.stats["F"].inverse
+        if inv is None:
+            return grads
+        g = torch.stack([grads[0].to(self.dtype), grads[1].to(self.dtype)], dim=-1)  # (C, 2)
+        p = torch.einsum("cij,cj->ci", inv, g)
+        return [p[:, 0].to(grads[0].dtype), p[:, 1].to(grads[1].dtype)]
+
+    def inversion_cost(self) -> float:
+        return float(8 * self.channels)
+
+    def memory_cost(self) -> float:
+        return float(8 * self.channels)

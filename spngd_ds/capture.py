@@ -1,0 +1,172 @@
+"""Hooks that feed the curvature statistics (DESIGN.md rules 1-4, 6 and section 3).
+
+A forward hook on each block's module captures what the forward pass gives (A's activations,
+BatchNorm's x̂) and registers a tensor hook on the module's output for what the backward pass gives
+(G's and F's output gradients). A tensor hook on the forward output, rather than a module backward
+hook, works with in-place ReLUs. Only statistics that are due this step are captured.
+
+Output gradients arrive as ∂L_mb/∂s of whatever loss was backpropagated; ``grad_scale`` turns them
+into per-sample gradients: g_i = grad_i · N_mb · grad_scale (for DeepSpeed:
+gradient_accumulation_steps / loss_scale; 1 for a standalone mean loss).
+
+``fisher="mc"``: a forward hook on the model itself samples ŷ ~ softmax(logits) and runs one extra
+backward of the sampled mean cross-entropy with ``torch.autograd.grad`` to the hooked outputs only;
+no parameter gradient is touched, and the true backward then captures nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from spngd_ds.blocks.base import Block
+
+BackwardCapture = Callable[[torch.Tensor, float], None]
+
+
+class CurvatureCapture:
+    """Owns the hooks on a model and routes captured tensors into its blocks' statistics.
+
+    Attributes:
+        due: block name -> names of its statistics captured this step (set by the optimizer).
+        grad_scale: callable giving the factor described in the module docstring.
+        stat_micro_batches: capture only the first k micro-batches (forwards) of a step, or all.
+        feeds_bn: names of Linear/Conv2d modules whose output is the input of a BatchNorm.
+        seconds: wall time spent inside capture hooks since the last :meth:`start_step`.
+        last_seconds: the same for the step before (what the last optimizer step consumed).
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[Block], fisher: str) -> None:
+        self.model = model
+        self.fisher = fisher
+        self.blocks = {b.name: b for b in blocks if b.stats}
+        self.due: dict[str, set[str]] = {}
+        self.grad_scale: Callable[[], float] = lambda: 1.0
+        self.stat_micro_batches: int | None = None
+        self.micro_batch = 0
+        self.enabled = True
+        self.seconds = 0.0
+        self.last_seconds = 0.0
+        self.feeds_bn: set[str] = set()
+        self._mc_targets: list[tuple[torch.Tensor, BackwardCapture]] = []
+        self._handles: list[RemovableHandle] = []
+        self._probe_handles: list[RemovableHandle] = []
+        self._probe_outputs: dict[int, str] = {}
+        modules = dict(model.named_modules())
+        for name, block in self.blocks.items():
+            self._handles.append(modules[name].register_forward_hook(self._forward_hook(block)))
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
+        self._handles.append(model.register_forward_hook(self._root_hook))
+        self._install_probe(modules)
+
+    # -- step control -----------------------------------------------------------------------------
+    def start_step(self, due: dict[str, set[str]]) -> None:
+        """Set what is captured from now until the next optimizer step."""
+        self.due = due
+        self.micro_batch = 0
+        self.last_seconds, self.seconds = self.seconds, 0.0
+
+    def remove(self) -> None:
+        """Remove every hook this object installed."""
+        for h in self._handles + self._probe_handles:
+            h.remove()
+        self._handles, self._probe_handles = [], []
+
+    def _capturing(self) -> bool:
+        smb = self.stat_micro_batches
+        return (
+            self.enabled
+            and self.model.training
+            and torch.is_grad_enabled()
+            and (smb is None or self.micro_batch <= smb)
+        )
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _root_pre_hook(self, module: nn.Module, inputs: Any) -> None:
+        if self.model.training and torch.is_grad_enabled():
+            self.micro_batch += 1
+            self._mc_targets = []
+
+    def _forward_hook(self, block: Block) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            if not (module.training and self._capturing()):
+                return None
+            due = self.due.get(block.name)
+            if not due or not isinstance(output, torch.Tensor):
+                return None
+            start = time.perf_counter()
+            backward = block.capture_forward(inputs[0], due)
+            result = None
+            if backward is not None:
+                if self.fisher == "mc":
+                    # clone so that a later in-place op (ReLU) cannot change what we differentiate
+                    result = output.clone()
+                    self._mc_targets.append((output, backward))
+                else:
+                    output.register_hook(self._timed(backward))
+            self.seconds += time.perf_counter() - start
+            return result
+
+        return hook
+
+    def _timed(self, backward: BackwardCapture) -> Callable[[torch.Tensor], None]:
+        def tensor_hook(grad: torch.Tensor) -> None:
+            start = time.perf_counter()
+            backward(grad, self.grad_scale())
+            self.seconds += time.perf_counter() - start
+
+        return tensor_hook
+
+    def _root_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self._finish_probe()
+        if self.fisher != "mc" or not self._mc_targets:
+            return
+        targets, self._mc_targets = self._mc_targets, []
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ValueError(
+                f"SPNGD fisher='mc' needs the model to return logits of shape (N, classes); got {shape}. "
+                "Use fisher='empirical' for other outputs."
+            )
+        start = time.perf_counter()
+        with torch.enable_grad():
+            logits = output.float()
+            sampled = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).squeeze(1)
+            loss = F.cross_entropy(logits, sampled)
+            grads = torch.autograd.grad(loss, [t for t, _ in targets], retain_graph=True, allow_unused=True)
+        for (_, backward), grad in zip(targets, grads, strict=True):
+            if grad is not None:
+                backward(grad, 1.0)
+        self.seconds += time.perf_counter() - start
+
+    # -- which Linear/Conv2d feeds a BatchNorm (rule 8), found on the first training forward ------
+    def _install_probe(self, modules: dict[str, nn.Module]) -> None:
+        for name, m in modules.items():
+            if isinstance(m, nn.Linear | nn.Conv2d):
+                self._probe_handles.append(m.register_forward_hook(self._probe_producer(name)))
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                self._probe_handles.append(m.register_forward_pre_hook(self._probe_consumer))
+
+    def _probe_producer(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            self._probe_outputs[id(output)] = name
+
+        return hook
+
+    def _probe_consumer(self, module: nn.Module, inputs: Any) -> None:
+        producer = self._probe_outputs.get(id(inputs[0]))
+        if producer is not None:
+            self.feeds_bn.add(producer)
+
+    def _finish_probe(self) -> None:
+        if self._probe_handles:
+            for h in self._probe_handles:
+                h.remove()
+            self._probe_handles = []
+            self._probe_outputs = {}

@@ -1,0 +1,92 @@
+"""Validated SP-NGD hyperparameters (DESIGN.md section 4).
+
+One frozen pydantic model serves the standalone constructor and the DeepSpeed JSON block
+``"optimizer": {"type": "SPNGD", "params": {...}}``; every error names the key, the value given
+and what is allowed, so a bad config fails at construction time and never deep inside a step.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+
+FisherType = Literal["empirical", "mc"]
+CommDtype = Literal["fp32", "bf16", "fp16"]
+
+
+class StalenessConfig(BaseModel):
+    """Rule 6: adaptive refresh intervals of each statistic.
+
+    ``threshold``: relative change ||X_new - X_old||_F / ||X_old||_F below which the interval grows.
+    ``max_interval``: the largest interval, in optimizer steps.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float = Field(0.1, gt=0.0, description="a float > 0")
+    max_interval: int = Field(20, ge=1, description="an integer >= 1 (steps)")
+
+
+DEFAULT_STALENESS: dict[str, Any] = {"threshold": 0.1, "max_interval": 20}
+
+
+class SPNGDConfig(BaseModel):
+    """Every keyword argument of :class:`spngd_ds.SPNGD`, with its type and allowed range."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(0.1, ge=0.0, description="a float >= 0")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="a float in [0, 1)")
+    damping: float = Field(2.5e-4, gt=0.0, description="a float > 0")
+    weight_decay: float = Field(0.0, ge=0.0, description="a float >= 0")
+    fisher: FisherType = Field("empirical", description="one of 'empirical', 'mc'")
+    bn_damping_scale: float = Field(64.0, gt=0.0, description="a float > 0")
+    weight_rescale: StrictBool = Field(False, description="true or false")
+    staleness: StalenessConfig | None = Field(
+        default_factory=lambda: StalenessConfig(**DEFAULT_STALENESS),
+        description="null or {'threshold': float > 0, 'max_interval': int >= 1}",
+    )
+    comm_dtype: CommDtype = Field("fp32", description="one of 'fp32', 'bf16', 'fp16'")
+    stat_micro_batches: int | None = Field(
+        None, ge=1, description="null (all micro-batches) or an integer >= 1"
+    )
+
+
+def _field_info(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel], str]:
+    """The model that holds the last key of ``loc`` and that key's allowed values."""
+    if loc[:1] == ("staleness",) and len(loc) > 1:
+        model, loc = StalenessConfig, loc[1:]
+    info = model.model_fields.get(str(loc[-1])) if loc else None
+    return model, (info.description or "") if info else ""
+
+
+def format_errors(exc: ValidationError, model: type[BaseModel], where: str) -> str:
+    """One readable message for all problems in ``exc``: key, value given, allowed values."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+        # pydantic appends the union member to the location of a failed optional sub-model
+        loc = tuple(p for p in loc if p not in ("StalenessConfig",))
+        key = ".".join(str(p) for p in loc) or "<root>"
+        value = err.get("input")
+        parent, allowed = _field_info(model, loc)
+        if err["type"] == "extra_forbidden":
+            known = list(parent.model_fields)
+            guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else ""
+            lines.append(f"unknown key '{key}'{hint} (allowed keys: {', '.join(known)})")
+            continue
+        lines.append(f"'{key}' = {value!r} is invalid: {err['msg']}; allowed: {allowed}")
+    return f"{where}: " + "; ".join(lines)
+
+
+def validate_spngd_params(params: dict[str, Any], where: str = "SPNGD") -> SPNGDConfig:
+    """Validate a dict of SP-NGD keyword arguments; raise ``ValueError`` naming every bad key."""
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}: params must be a mapping of keyword arguments, got {type(params).__name__}")
+    try:
+        return SPNGDConfig.model_validate(params)
+    except ValidationError as exc:
+        raise ValueError(format_errors(exc, SPNGDConfig, where)) from None

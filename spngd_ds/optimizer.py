@@ -1,0 +1,479 @@
+"""The SP-NGD optimizer (DESIGN.md rules 5-8 and the fast path of section 3).
+
+One step, on every rank, in this order:
+
+1. the gradients are checked: a non-finite gradient on any rank skips the step (statistics too);
+2. the statistics that were due are reduced to their owners (a reduce-scatter of packed triangles);
+3. owners normalise them, reject non-finite ones, update the refresh intervals (rule 6) and
+   re-invert what was refreshed (rule 5);
+4. gradients are reduced to owners (world size 1: nothing to do), owners precondition them and apply
+   momentum SGD (rule 7) and weight rescaling (rule 8) to their layers;
+5. updated parameters and refresh decisions are gathered from the owners by every rank.
+
+With the default :class:`~spngd_ds.comm.Communicator` the world has one rank and the optimizer is
+an ordinary ``torch.optim.Optimizer``. The DeepSpeed integration swaps in a distributed one, and
+under ZeRO 1-3 switches the optimizer to *elementwise* mode where DeepSpeed hands it flat
+partitions of already-preconditioned gradients and only rule 7 is applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from spngd_ds.assignment import BlockCost, assign_owners
+from spngd_ds.blocks import Block, KronBlock, UnitwiseBlock, build_blocks
+from spngd_ds.capture import CurvatureCapture
+from spngd_ds.comm import DTYPES, Communicator, pack_sym, unpack_sym
+from spngd_ds.config import DEFAULT_STALENESS, SPNGDConfig, validate_spngd_params
+from spngd_ds.metrics import StepMetrics
+from spngd_ds.staleness import RefreshSchedule, relative_change
+
+logger = logging.getLogger("spngd_ds")
+
+_DEFAULT: Any = object()
+
+
+def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``, or zeros of p's shape when the parameter received no gradient this step."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+class SPNGD(Optimizer):
+    """Scalable and Practical Natural Gradient Descent (Osawa et al., TPAMI 2020).
+
+    K-FAC for nn.Linear and nn.Conv2d (groups=1), unit-wise natural gradient for affine BatchNorm,
+    plain momentum SGD for every other trainable parameter. The optimizer registers its own hooks
+    on ``model``; the training loop stays ``loss.backward(); opt.step(); opt.zero_grad()``, with
+    ``loss`` the mean of per-sample losses over the batch.
+
+    Args:
+        model: the model whose trainable parameters are optimised.
+        lr: learning rate η (>= 0).
+        momentum: m in [0, 1); momentum correction m·η_t/η_{t-1} is applied when η changes.
+        damping: λ > 0 (rule 5); BatchNorm uses ``bn_damping_scale``·λ.
+        weight_decay: wd >= 0, added to the preconditioned gradient (rule 7).
+        fisher: "empirical" (true labels) or "mc" (one sampled label per input, needs logits (N, C)).
+        bn_damping_scale: factor on λ for BatchNorm blocks.
+        weight_rescale: rule 8 for Linear/Conv2d weights that feed a BatchNorm.
+        staleness: ``{"threshold": float, "max_interval": int}`` (rule 6) or ``None`` (every step).
+        comm_dtype: "fp32", "bf16" or "fp16": dtype of statistics on the wire.
+        stat_micro_batches: capture statistics from the first k forwards of a step only.
+        communicator: how ranks talk (default: one rank). Set by :func:`spngd_ds.initialize`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        damping: float = 2.5e-4,
+        weight_decay: float = 0.0,
+        fisher: str = "empirical",
+        bn_damping_scale: float = 64.0,
+        weight_rescale: bool = False,
+        staleness: dict[str, Any] | None = _DEFAULT,
+        comm_dtype: str = "fp32",
+        stat_micro_batches: int | None = None,
+        *,
+        communicator: Communicator | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"SPNGD takes the model (an nn.Module) as its first argument, got {type(model).__name__}: "
+                "it needs the layers to register its hooks"
+            )
+        params_in = dict(
+            lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, fisher=fisher,
+            bn_damping_scale=bn_damping_scale, weight_rescale=weight_rescale,
+            staleness=DEFAULT_STALENESS if staleness is _DEFAULT else staleness,
+            comm_dtype=comm_dtype, stat_micro_batches=stat_micro_batches,
+        )
+        self.config: SPNGDConfig = validate_spngd_params(params_in)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("SPNGD: the model has no trainable parameters")
+        cfg = self.config
+        super().__init__(
+            params, dict(lr=cfg.lr, momentum=cfg.momentum, damping=cfg.damping, weight_decay=cfg.weight_decay)
+        )
+        self.model = model
+        self._params = params
+        block_list, fallback = build_blocks(model, self._new_schedule, cfg.bn_damping_scale)
+        if fallback:
+            logger.info("SPNGD: first-order update (no curvature block) for: %s", ", ".join(fallback))
+        self.blocks: dict[str, Block] = {b.name: b for b in block_list}
+        self.comm = communicator or Communicator()
+        self.assignment: dict[str, int] = assign_owners(
+            [BlockCost(b.name, b.inversion_cost(), b.memory_cost()) for b in block_list], self.comm.world_size
+        )
+        self.capture = CurvatureCapture(model, block_list, cfg.fisher)
+        self.capture.stat_micro_batches = cfg.stat_micro_batches
+        self.stats_log = StepMetrics()
+        self.step_count = 0
+        self.elementwise = False
+        self._prev_lr: list[float | None] = [None for _ in self.param_groups]
+        self._last_refreshed = 0
+        self.capture.start_step(self._due(0))
+
+    # -- construction helpers -----------------------------------------------------------------------
+    def _new_schedule(self) -> RefreshSchedule:
+        st = self.config.staleness
+        if st is None:
+            return RefreshSchedule(threshold=None)
+        return RefreshSchedule(threshold=st.threshold, max_interval=st.max_interval)
+
+    def _due(self, step: int) -> dict[str, set[str]]:
+        return {
+            b.name: {n for n, s in b.stats.items() if s.schedule.is_due(step)} for b in self.blocks.values() if b.stats
+        }
+
+    def owned(self) -> list[Block]:
+        """The blocks this rank owns, in model order."""
+        return [b for b in self.blocks.values() if self.assignment[b.name] == self.comm.rank]
+
+    def _aligned(self) -> dict[int, nn.Parameter]:
+        """Map id(model parameter) -> the tensor the optimizer updates for it.
+
+        DeepSpeed at stage 0 with bf16/fp16 replaces the groups' parameters by fp32 copies, in the
+        same order and shapes; map by position. Raises if the groups no longer line up.
+        """
+        live = [p for g in self.param_groups for p in g["params"]]
+        if len(live) != len(self._params) or any(a.shape != b.shape for a, b in zip(live, self._params, strict=True)):
+            raise RuntimeError(
+                "SPNGD: the optimizer's parameters no longer match the model's (flat ZeRO partitions?); "
+                "use spngd_ds.initialize, which switches SP-NGD to its ZeRO-compatible path"
+            )
+        return {id(m): p for m, p in zip(self._params, live, strict=True)}
+
+    def _group_of(self) -> dict[int, int]:
+        return {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+
+    @property
+    def damping(self) -> float:
+        """The current λ (first parameter group; a schedule may change it)."""
+        return float(self.param_groups[0]["damping"])
+
+    # -- the step -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One SP-NGD step on the gradients in ``.grad`` (see the module docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.stats_log.reset_timers()
+        self.comm.reset_bytes()
+        if self.elementwise:
+            self._elementwise_step()
+            return loss
+        live = self._aligned()
+        grads = {b.name: [_grad_or_zeros(live[id(p)]) for p in b.params] for b in self.blocks.values()}
+        local_bad = any(not bool(torch.isfinite(g).all()) for gs in grads.values() for g in gs)
+        if self.comm.any_rank(local_bad):
+            self.skip_step("non-finite gradient")
+            return loss
+        owned_grads = self._reduce_gradients(grads)
+        self.refresh_curvature()
+        with self.stats_log.timer("precondition"):
+            updates = {b.name: self.precondition_block(b, owned_grads[b.name]) for b in self.owned()}
+            self._apply_updates({b.name: [live[id(p)] for p in b.params] for b in self.owned()}, updates)
+            self._rescale_weights({b.name: [live[id(p)] for p in b.params] for b in self.owned()})
+        with self.stats_log.timer("comm"):
+            self._gather_parameters(live)
+        self.finish_step()
+        return loss
+
+    def skip_step(self, reason: str) -> None:
+        """Skip this step entirely: no update, and this step's statistics are discarded."""
+        self.stats_log.skipped_steps += 1
+        logger.warning("SPNGD: step %d skipped (%s); statistics of this step discarded", self.step_count, reason)
+        for b in self.blocks.values():
+            for s in b.stats.values():
+                s.take_local()
+        self.capture.start_step(self._due(self.step_count))
+
+    def finish_step(self) -> None:
+        """Advance the step counter and tell the hooks what to capture next."""
+        self._prev_lr = [float(g["lr"]) for g in self.param_groups]
+        self.step_count += 1
+        self.capture.start_step(self._due(self.step_count))
+
+    # -- statistics -----------------------------------------------------------------------------------
+    def refresh_curvature(self) -> None:
+        """Reduce due statistics to owners, refresh and re-invert them, share refresh decisions."""
+        step = self.step_count
+        due = [(b, s) for b in self.blocks.values() for s in b.stats.values() if s.schedule.is_due(step)]
+        self._last_refreshed = len(due)
+        by_owner: list[list[torch.Tensor]] = [[] for _ in range(self.comm.world_size)]
+        counts: list[list[torch.Tensor]] = [[] for _ in range(self.comm.world_size)]
+        prescale = self.config.comm_dtype == "fp16"
+        for b, s in due:
+            total, count = s.take_local()
+            if total is None:
+                total = torch.zeros(s.shape, dtype=b.dtype)
+            packed = pack_sym(total)
+            if prescale:  # send local mean / world so fp16 cannot overflow; count restores the sum
+                packed = packed / (max(count, 1.0) * self.comm.world_size)
+            owner = self.assignment[b.name]
+            by_owner[owner].append(packed)
+            counts[owner].append(torch.tensor([count], dtype=torch.float64))
+        with self.stats_log.timer("comm"):
+            if any(by_owner):
+                sums = self.comm.reduce_to_owners(by_owner, DTYPES[self.config.comm_dtype])
+                totals = self.comm.reduce_to_owners(counts, torch.float64)
+            else:
+                sums, totals = [], []
+        mine = [(b, s) for b, s in due if self.assignment[b.name] == self.comm.rank]
+        refreshed: dict[str, set[str]] = {}
+        with self.stats_log.timer("inversion"):
+            for (b, s), packed, count_t in zip(mine, sums, totals, strict=True):
+                count = float(count_t.item())
+                if count <= 0:
+                    s.schedule.postpone(step)
+                    continue
+                packed = packed.to(b.dtype) * (count if prescale else 1.0)
+                value = b.normalise(s.name, unpack_sym(packed, s.shape[-1]), count)
+                if not bool(torch.isfinite(value).all()):
+                    self.stats_log.nonfinite_stats += 1
+                    logger.warning("SPNGD: non-finite %s of %s at step %d ignored", s.name, b.name, step)
+                    s.schedule.postpone(step)
+                    continue
+                ratio = relative_change(s.value, value)
+                s.value = value
+                s.refreshes += 1
+                s.schedule.observe(step, ratio)
+                refreshed.setdefault(b.name, set()).add(s.name)
+            for name, names in refreshed.items():
+                block = self.blocks[name]
+                report = block.invert(self.damping, names)
+                if isinstance(block, UnitwiseBlock):
+                    self.stats_log.bn_channel_failures += block.failed_channels
+                for failed in report.failed:
+                    if isinstance(block, KronBlock):
+                        self.stats_log.inversion_failures += 1
+                        logger.warning("SPNGD: inversion of %s.%s failed; plain gradient this step", name, failed)
+                    block.stats[failed].schedule.postpone(step)
+        with self.stats_log.timer("comm"):
+            self._share_schedules([(b, s) for b, s in due])
+
+    def _share_schedules(self, due: list[tuple[Block, Any]]) -> None:
+        """Owners' refresh decisions (interval, next step) reach every rank (rule 6: all agree)."""
+        if self.comm.world_size == 1 or not due:
+            return
+        shapes: list[list[torch.Size]] = [[] for _ in range(self.comm.world_size)]
+        for b, _ in due:
+            shapes[self.assignment[b.name]].append(torch.Size([2]))
+        mine = [
+            torch.tensor(s.schedule.state(), dtype=torch.float64)
+            for b, s in due
+            if self.assignment[b.name] == self.comm.rank
+        ]
+        gathered = self.comm.gather_from_owners(mine, shapes, torch.float64)
+        cursor = [0] * self.comm.world_size
+        for b, s in due:
+            owner = self.assignment[b.name]
+            state = gathered[owner][cursor[owner]]
+            cursor[owner] += 1
+            s.schedule.load((int(state[0]), int(state[1])))
+
+    # -- gradients, preconditioning, update -----------------------------------------------------------
+    def _reduce_gradients(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        """Average gradients over ranks, delivered to each block's owner only."""
+        if self.comm.world_size == 1:
+            return grads
+        by_owner: list[list[torch.Tensor]] = [[] for _ in range(self.comm.world_size)]
+        for b in self.blocks.values():
+            by_owner[self.assignment[b.name]].extend(grads[b.name])
+        with self.stats_log.timer("comm"):
+            mine = self.comm.reduce_to_owners(by_owner)
+        out: dict[str, list[torch.Tensor]] = {}
+        it = iter(mine)
+        for b in self.owned():
+            out[b.name] = [next(it).div_(self.comm.world_size) for _ in b.params]
+        return out
+
+    def precondition_block(self, block: Block, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """P(∇) of one owned block, or the plain gradient when it has no inverse yet."""
+        if not block.ready():
+            return grads
+        return block.precondition(grads)
+
+    def _apply_updates(self, params: dict[str, list[torch.Tensor]], updates: dict[str, list[torch.Tensor]]) -> None:
+        group_of = self._group_of()
+        for name, ps in params.items():
+            for p, d in zip(ps, updates[name], strict=True):
+                self._momentum_update(p, d, self.param_groups[group_of[id(p)]], group_of[id(p)])
+
+    def _momentum_update(self, p: torch.Tensor, direction: torch.Tensor, group: dict[str, Any], gi: int) -> None:
+        """Rule 7: v <- m_eff v - lr (d + wd θ); θ <- θ + v."""
+        lr, m, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
+        prev = self._prev_lr[gi] if gi < len(self._prev_lr) else None
+        m_eff = m * lr / prev if prev is not None and prev > 0 and prev != lr else m
+        d = direction.to(p.dtype)
+        if wd != 0.0:
+            d = d.add(p, alpha=wd)
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(p)
+        buf.mul_(m_eff).add_(d, alpha=-lr)
+        p.add_(buf)
+
+    def _elementwise_step(self) -> None:
+        """ZeRO-compatible path: gradients were preconditioned before DeepSpeed's step; apply rule 7
+        to whatever (flat) partitions DeepSpeed holds."""
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._momentum_update(p, p.grad, group, gi)
+        self._prev_lr = [float(g["lr"]) for g in self.param_groups]
+
+    def _rescale_weights(self, params: dict[str, list[torch.Tensor]]) -> None:
+        """Rule 8: W <- W · min(1, sqrt(2 C_out)/||W||_F) for owned weights that feed a BatchNorm."""
+        if not self.config.weight_rescale:
+            return
+        for name, ps in params.items():
+            if name in self.capture.feeds_bn:
+                w = ps[0]
+                norm = float(torch.linalg.vector_norm(w.float()))
+                target = math.sqrt(2.0 * w.shape[0])
+                if norm > target:
+                    w.mul_(target / norm)
+
+    def _gather_parameters(self, live: dict[int, nn.Parameter]) -> None:
+        """Every rank receives the owners' updated parameters (the fast path's all-gather)."""
+        if self.comm.world_size == 1:
+            return
+        shapes: list[list[torch.Size]] = [[] for _ in range(self.comm.world_size)]
+        for b in self.blocks.values():
+            shapes[self.assignment[b.name]].extend(p.shape for p in b.params)
+        mine = [live[id(p)].detach() for b in self.owned() for p in b.params]
+        dtype = self._params[0].dtype if not mine else mine[0].dtype
+        gathered = self.comm.gather_from_owners(mine, shapes, dtype)
+        cursor = [0] * self.comm.world_size
+        for b in self.blocks.values():
+            owner = self.assignment[b.name]
+            for p in b.params:
+                live[id(p)].copy_(gathered[owner][cursor[owner]])
+                cursor[owner] += 1
+
+    # -- introspection ----------------------------------------------------------------------------------
+    @property
+    def comm_nbytes(self) -> int:
+        """Bytes this rank sent in the last step (ring-algorithm count)."""
+        return self.comm.bytes_sent
+
+    def curvature_nbytes(self) -> int:
+        """Bytes of statistics and inverses held on this rank (owned blocks only)."""
+        return sum(b.curvature_nbytes() for b in self.owned())
+
+    def metrics(self) -> dict[str, float]:
+        """The figures to log (W&B keys), all plain floats."""
+        schedules = [s.schedule for b in self.blocks.values() for s in b.stats.values()]
+        pis = [b.pi for b in self.owned() if isinstance(b, KronBlock) and b.stats["A"].value is not None]
+        m = self.stats_log
+        out = {
+            "spngd/damping": self.damping,
+            "spngd/lr": float(self.param_groups[0]["lr"]),
+            "spngd/pi_mean": float(sum(pis) / len(pis)) if pis else 1.0,
+            "spngd/refresh_fraction": self._last_refreshed / len(schedules) if schedules else 0.0,
+            "spngd/mean_interval": float(sum(s.interval for s in schedules) / len(schedules)) if schedules else 0.0,
+            "spngd/inversion_failures": float(m.inversion_failures),
+            "spngd/bn_channel_failures": float(m.bn_channel_failures),
+            "spngd/nonfinite_stats": float(m.nonfinite_stats),
+            "spngd/skipped_steps": float(m.skipped_steps),
+            "spngd/comm_bytes": float(self.comm_nbytes),
+            "spngd/curvature_bytes": float(self.curvature_nbytes()),
+            "spngd/time_capture": float(self.capture.last_seconds),
+        }
+        for key in ("comm", "inversion", "precondition"):
+            out[f"spngd/time_{key}"] = float(m.timers.get(key, 0.0))
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters, momentum keyed by parameter name, and curvature keyed by layer name
+        (owned blocks only; refresh schedules of all blocks), so a checkpoint written at world size N
+        can be loaded at world size M once every rank's part is merged."""
+        names = {id(p): n for b in self.blocks.values() for p, n in zip(b.params, b.param_names, strict=True)}
+        momentum: dict[str, torch.Tensor] = {}
+        if not self.elementwise:
+            live = self._aligned()
+            for b in self.owned():
+                for p in b.params:
+                    buf = self.state.get(live[id(p)], {}).get("momentum_buffer")
+                    if buf is not None:
+                        momentum[names[id(p)]] = buf.detach().clone()
+        curvature = {
+            b.name: {
+                s.name: {"value": s.value, "inverse": s.inverse}
+                for s in b.stats.values()
+                if s.value is not None
+            }
+            | ({"pi": b.pi} if isinstance(b, KronBlock) else {})
+            for b in self.owned()
+            if b.stats
+        }
+        return {
+            "format": "spngd_ds/1",
+            "step": self.step_count,
+            "prev_lr": list(self._prev_lr),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "momentum": momentum,
+            "curvature": curvature,
+            "schedules": {
+                f"{b.name}:{s.name}": s.schedule.state() for b in self.blocks.values() for s in b.stats.values()
+            },
+            "elementwise_state": self._elementwise_state() if self.elementwise else None,
+        }
+
+    def _elementwise_state(self) -> dict[int, Any]:
+        return {i: dict(self.state[p]) for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore :meth:`state_dict` output (possibly merged from several ranks' files)."""
+        if state_dict.get("format") != "spngd_ds/1":
+            raise ValueError(
+                "SPNGD.load_state_dict: not an SP-NGD state dict (missing format 'spngd_ds/1'); "
+                f"keys found: {sorted(state_dict)[:8]}"
+            )
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=False):
+            group.update(saved)
+        self.step_count = int(state_dict["step"])
+        self._prev_lr = list(state_dict["prev_lr"])
+        for key, sched in state_dict["schedules"].items():
+            bname, sname = key.rsplit(":", 1)
+            if bname in self.blocks and sname in self.blocks[bname].stats:
+                self.blocks[bname].stats[sname].schedule.load(sched)
+        if self.elementwise and state_dict.get("elementwise_state") is not None:
+            flat = [p for g in self.param_groups for p in g["params"]]
+            for i, st in state_dict["elementwise_state"].items():
+                self.state[flat[int(i)]] = dict(st)
+        elif not self.elementwise:
+            live = self._aligned()
+            momentum = state_dict["momentum"]
+            for b in self.owned():
+                for p, n in zip(b.params, b.param_names, strict=True):
+                    if n in momentum:
+                        target = live[id(p)]
+                        self.state[target]["momentum_buffer"] = momentum[n].to(target.device, target.dtype).clone()
+        for b in self.owned():
+            saved = state_dict["curvature"].get(b.name, {})
+            for s in b.stats.values():
+                if s.name in saved:
+                    s.value = saved[s.name]["value"]
+                    s.inverse = saved[s.name]["inverse"]
+            if isinstance(b, KronBlock) and "pi" in saved:
+                b.pi = float(saved["pi"])
+        self.capture.start_step(self._due(self.step_count))
+
+    def iter_blocks(self) -> Iterable[Block]:
+        """All blocks in model order."""
+        return self.blocks.values()
