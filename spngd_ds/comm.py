@@ -39,18 +39,18 @@ def unpack_sym(packed: torch.Tensor, d: int) -> torch.Tensor:
     return out
 
 
-def _split_rounds(tensors: Sequence[torch.Tensor], bucket_numel: int) -> list[list[int]]:
-    """Indices of ``tensors`` grouped greedily so that each group holds <= bucket_numel elements
-    (a single larger tensor forms its own group)."""
+def split_rounds(numels: Sequence[int], bucket_numel: int) -> list[list[int]]:
+    """Indices of consecutive tensors of ``numels`` elements grouped greedily so that each group
+    holds <= bucket_numel elements (a single larger tensor forms its own group)."""
     rounds: list[list[int]] = []
     size = 0
-    for i, t in enumerate(tensors):
-        if rounds and size + t.numel() <= bucket_numel:
+    for i, n in enumerate(numels):
+        if rounds and size + n <= bucket_numel:
             rounds[-1].append(i)
-            size += t.numel()
+            size += n
         else:
             rounds.append([i])
-            size = t.numel()
+            size = n
     return rounds
 
 
@@ -60,8 +60,9 @@ class Communicator:
     rank = 0
     world_size = 1
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         self.bytes_sent = 0
+        self.device = torch.device(device)
 
     def reduce_to_owners(
         self, by_owner: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype | None = None
@@ -86,8 +87,13 @@ class Communicator:
 class DistributedCommunicator(Communicator):
     """The same contract over a ``torch.distributed`` process group (gloo or NCCL)."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None, bucket_numel: int = 64 * 2**20) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        bucket_numel: int = 64 * 2**20,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(device)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -98,7 +104,7 @@ class DistributedCommunicator(Communicator):
     ) -> list[torch.Tensor]:
         mine = by_owner[self.rank]
         out: list[torch.Tensor | None] = [None] * len(mine)
-        rounds = [_split_rounds(lst, self.bucket_numel) for lst in by_owner]
+        rounds = [split_rounds([t.numel() for t in lst], self.bucket_numel) for lst in by_owner]
         for j in range(max((len(r) for r in rounds), default=0)):
             pieces = [
                 [by_owner[r][i] for i in rounds[r][j]] if j < len(rounds[r]) else [] for r in range(self.world_size)
@@ -128,9 +134,8 @@ class DistributedCommunicator(Communicator):
     ) -> list[list[torch.Tensor]]:
         numels = [[int(torch.Size(s).numel()) for s in shapes] for shapes in shapes_by_owner]
         out: list[list[torch.Tensor]] = [[] for _ in range(self.world_size)]
-        proxies = [[torch.empty(0).expand(n) for n in lst] for lst in numels]
-        rounds = [_split_rounds(p, self.bucket_numel) for p in proxies]
-        device = mine[0].device if mine else torch.device("cpu")
+        rounds = [split_rounds(lst, self.bucket_numel) for lst in numels]
+        device = mine[0].device if mine else self.device
         for j in range(max((len(r) for r in rounds), default=0)):
             sizes = [
                 sum(numels[r][i] for i in rounds[r][j]) if j < len(rounds[r]) else 0 for r in range(self.world_size)
@@ -154,6 +159,6 @@ class DistributedCommunicator(Communicator):
         return out
 
     def any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item() > 0)

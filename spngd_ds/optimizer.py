@@ -118,6 +118,9 @@ class SPNGD(Optimizer):
         self.stats_log = StepMetrics()
         self.step_count = 0
         self.elementwise = False
+        self.elementwise_calls = 0
+        self.skip_elementwise = False
+        self.before_elementwise: Callable[[], None] | None = None
         self._prev_lr: list[float | None] = [None for _ in self.param_groups]
         self._last_refreshed = 0
         self.capture.start_step(self._due(0))
@@ -168,11 +171,11 @@ class SPNGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.stats_log.reset_timers()
-        self.comm.reset_bytes()
         if self.elementwise:
             self._elementwise_step()
             return loss
+        self.stats_log.reset_timers()
+        self.comm.reset_bytes()
         live = self._aligned()
         grads = {b.name: [_grad_or_zeros(live[id(p)]) for p in b.params] for b in self.blocks.values()}
         local_bad = any(not bool(torch.isfinite(g).all()) for gs in grads.values() for g in gs)
@@ -217,13 +220,13 @@ class SPNGD(Optimizer):
         for b, s in due:
             total, count = s.take_local()
             if total is None:
-                total = torch.zeros(s.shape, dtype=b.dtype)
+                total = torch.zeros(s.shape, dtype=b.dtype, device=self.comm.device)
             packed = pack_sym(total)
             if prescale:  # send local mean / world so fp16 cannot overflow; count restores the sum
                 packed = packed / (max(count, 1.0) * self.comm.world_size)
             owner = self.assignment[b.name]
             by_owner[owner].append(packed)
-            counts[owner].append(torch.tensor([count], dtype=torch.float64))
+            counts[owner].append(torch.tensor([count], dtype=torch.float64, device=packed.device))
         with self.stats_log.timer("comm"):
             if any(by_owner):
                 sums = self.comm.reduce_to_owners(by_owner, DTYPES[self.config.comm_dtype])
@@ -271,7 +274,7 @@ class SPNGD(Optimizer):
         for b, _ in due:
             shapes[self.assignment[b.name]].append(torch.Size([2]))
         mine = [
-            torch.tensor(s.schedule.state(), dtype=torch.float64)
+            torch.tensor(s.schedule.state(), dtype=torch.float64, device=self.comm.device)
             for b, s in due
             if self.assignment[b.name] == self.comm.rank
         ]
@@ -328,12 +331,17 @@ class SPNGD(Optimizer):
 
     def _elementwise_step(self) -> None:
         """ZeRO-compatible path: gradients were preconditioned before DeepSpeed's step; apply rule 7
-        to whatever (flat) partitions DeepSpeed holds."""
+        to whatever (flat) partitions DeepSpeed holds (nothing when the step was skipped)."""
+        self.elementwise_calls += 1
+        if self.skip_elementwise:
+            self.skip_elementwise = False
+            return
+        if self.before_elementwise is not None:
+            self.before_elementwise()
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None:
                     self._momentum_update(p, p.grad, group, gi)
-        self._prev_lr = [float(g["lr"]) for g in self.param_groups]
 
     def _rescale_weights(self, params: dict[str, list[torch.Tensor]]) -> None:
         """Rule 8: W <- W · min(1, sqrt(2 C_out)/||W||_F) for owned weights that feed a BatchNorm."""

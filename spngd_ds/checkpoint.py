@@ -1,0 +1,169 @@
+"""SP-NGD state in DeepSpeed checkpoints, resumable at another world size (DESIGN.md §4).
+
+``engine.save_checkpoint`` is wrapped: after DeepSpeed has written its files, every rank writes
+``spngd_rank{r}-of-{N}.pt`` (its owned curvature, refresh schedules, momentum keyed by parameter
+name — under ZeRO read in full shape with ``safe_get_full_optimizer_state``) by write-then-rename,
+and only then is the ``latest`` pointer moved, so a crash while saving never leaves ``latest``
+on a half-written checkpoint. ``engine.load_checkpoint`` merges all ranks' files, so N ranks can
+write and M ranks read; at another world size DeepSpeed's own (unshardable) optimizer state is
+skipped and the fp32 masters are refreshed from the loaded weights.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from spngd_ds.optimizer import SPNGD
+
+logger = logging.getLogger("spngd_ds")
+_FILE = re.compile(r"spngd_rank(\d+)-of-(\d+)\.pt$")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def full_momentum(opt: SPNGD) -> dict[str, torch.Tensor]:
+    """Momentum of every parameter in full shape, keyed by name (a collective under ZeRO)."""
+    if not opt.elementwise:
+        return dict(opt.state_dict()["momentum"])
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    out: dict[str, torch.Tensor] = {}
+    for b in opt.blocks.values():
+        for p, name in zip(b.params, b.param_names, strict=True):
+            value = safe_get_full_optimizer_state(p, "momentum_buffer") if opt.step_count > 0 else None
+            if value is not None and opt.assignment[b.name] == opt.comm.rank:
+                out[name] = value.detach().cpu().clone()
+    return out
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One state dict from every rank's part (curvature and momentum are disjoint by owner)."""
+    merged = dict(states[0])
+    merged["curvature"] = {}
+    merged["momentum"] = {}
+    for st in states:
+        merged["curvature"].update(st["curvature"])
+        merged["momentum"].update(st["momentum"])
+    return merged
+
+
+def resolve_tag(load_dir: str, tag: str | None) -> str:
+    """``tag``, or the one named by ``load_dir/latest``; a clear error when there is none."""
+    if tag is not None:
+        return str(tag)
+    latest = os.path.join(load_dir, "latest")
+    if not os.path.isfile(latest):
+        raise FileNotFoundError(f"no checkpoint to resume from: {latest} does not exist")
+    with open(latest) as f:
+        return f.read().strip()
+
+
+def read_states(tag_dir: str) -> tuple[list[dict[str, Any]], int]:
+    """Every rank's SP-NGD file in ``tag_dir`` and the world size that wrote them."""
+    files = sorted(f for f in glob.glob(os.path.join(tag_dir, "spngd_rank*-of-*.pt")) if _FILE.search(f))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {tag_dir} has no SP-NGD state (spngd_rank*-of-*.pt)")
+    match = _FILE.search(files[0])
+    assert match is not None
+    world = int(match.group(2))
+    if len(files) != world:
+        raise FileNotFoundError(f"checkpoint {tag_dir} is incomplete: {len(files)} of {world} SP-NGD rank files")
+    states = []
+    for f in files:
+        try:
+            states.append(torch.load(f, map_location="cpu", weights_only=False))
+        except Exception as exc:  # truncated or corrupt file: name it
+            raise RuntimeError(f"cannot read SP-NGD checkpoint file {f}: {type(exc).__name__}: {exc}") from None
+    return states, world
+
+
+def wrap_checkpointing(engine: Any, opt: SPNGD) -> None:
+    """Wrap ``engine.save_checkpoint`` / ``engine.load_checkpoint`` as the module docstring says."""
+    save_original = engine.save_checkpoint
+    load_original = engine.load_checkpoint
+
+    def save_checkpoint(
+        save_dir: str, tag: Any = None, client_state: dict[str, Any] | None = None, save_latest: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+        result = save_original(save_dir, tag=tag, client_state=client_state or {}, save_latest=False, **kwargs)
+        state = opt.state_dict()
+        state["momentum"] = full_momentum(opt)
+        state["world_size"] = opt.comm.world_size
+        tag_dir = os.path.join(save_dir, tag)
+        os.makedirs(tag_dir, exist_ok=True)
+        atomic_save(state, os.path.join(tag_dir, f"spngd_rank{opt.comm.rank:05d}-of-{opt.comm.world_size:05d}.pt"))
+        _barrier()
+        if save_latest and opt.comm.rank == 0:
+            atomic_write_text(os.path.join(save_dir, "latest"), tag)
+        _barrier()
+        return result
+
+    def load_checkpoint(load_dir: str, tag: Any = None, **kwargs: Any) -> Any:
+        tag = resolve_tag(load_dir, tag)
+        tag_dir = os.path.join(load_dir, tag)
+        if not os.path.isdir(tag_dir):
+            raise FileNotFoundError(f"checkpoint directory not found: {tag_dir}")
+        states, saved_world = read_states(tag_dir)
+        resharded = saved_world != opt.comm.world_size
+        if resharded:
+            logger.warning(
+                "SPNGD: resuming a checkpoint written by %d ranks on %d ranks: curvature re-assigned by name; "
+                "DeepSpeed optimizer partitions rebuilt from the weights", saved_world, opt.comm.world_size,
+            )
+            if opt.elementwise:
+                kwargs["load_module_only"] = True
+        result = load_original(load_dir, tag=tag, **kwargs)
+        if resharded and opt.elementwise:
+            engine.optimizer.refresh_fp32_params()
+        merged = merge_states(states)
+        opt.load_state_dict(merged)
+        if opt.elementwise:
+            _set_full_momentum(opt, merged["momentum"])
+        return result
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = load_checkpoint
+
+
+def _set_full_momentum(opt: SPNGD, momentum: dict[str, torch.Tensor]) -> None:
+    """Write full-shape momentum into DeepSpeed's partitions (every rank, same order)."""
+    if not momentum:
+        return
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+    for b in opt.blocks.values():
+        for p, name in zip(b.params, b.param_names, strict=True):
+            if name in momentum:
+                safe_set_full_optimizer_state(p, momentum[name].to(p.device), "momentum_buffer")

@@ -1,0 +1,226 @@
+"""``spngd_ds.initialize``: ``deepspeed.initialize`` that understands ``"type": "SPNGD"``.
+
+DeepSpeed has no registry for outside optimizers, so the SP-NGD block is taken out of the config,
+validated (before any collective, so a bad config fails on every rank and nothing hangs), built
+here and handed to DeepSpeed as a client optimizer, with the config keys that needs. Any other
+optimizer type passes straight through, so one script runs first-order baselines too.
+
+Paths (DESIGN.md §3):
+- ZeRO stage 0 (fp32, or bf16 with bf16 gradient accumulation): the *fast path*. The engine's
+  all-reduce is switched off; SP-NGD reduce-scatters gradients and statistics to owners, owners
+  update their layers and the parameters are all-gathered.
+- ZeRO 1, 2, 3 (fp32, bf16, fp16; optimizer offload): the *compatible path*, see engine_hooks.
+Refused, with the combination that works instead: fp16 at stage 0 (broken inside DeepSpeed
+0.19.8) and bf16 with fp32 gradient accumulation at stage 0 (DeepSpeed itself does not support it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+
+from spngd_ds.config import SPNGDConfig, validate_spngd_params
+
+SPNGD_TYPE = "spngd"
+SCHEDULER_TYPE = "spngdpolydecay"
+
+
+def load_ds_config(config: str | os.PathLike[str] | dict[str, Any] | None, args: Any = None) -> dict[str, Any]:
+    """The DeepSpeed config as a fresh dict, from a path, a dict, or ``args.deepspeed_config``."""
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
+    if config is None:
+        raise ValueError("spngd_ds.initialize: no DeepSpeed config given (config=... or --deepspeed_config)")
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise ValueError(f"spngd_ds.initialize: DeepSpeed config file not found: {path}")
+    with open(path) as f:
+        try:
+            loaded = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"spngd_ds.initialize: {path} is not valid JSON: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"spngd_ds.initialize: {path} must hold a JSON object")
+    return loaded
+
+
+def _enabled(cfg: dict[str, Any], key: str) -> bool:
+    block = cfg.get(key) or {}
+    return bool(block.get("enabled", False)) if isinstance(block, dict) else False
+
+
+def zero_stage(cfg: dict[str, Any]) -> int:
+    """ZeRO stage of a DeepSpeed config (0 when absent)."""
+    return int((cfg.get("zero_optimization") or {}).get("stage", 0))
+
+
+def precision(cfg: dict[str, Any]) -> str:
+    """"fp16", "bf16" or "fp32"."""
+    if _enabled(cfg, "fp16"):
+        return "fp16"
+    if _enabled(cfg, "bf16") or _enabled(cfg, "bfloat16"):
+        return "bf16"
+    return "fp32"
+
+
+def check_combination(cfg: dict[str, Any]) -> None:
+    """Refuse stage/precision pairs that cannot work, naming what works instead."""
+    stage, prec = zero_stage(cfg), precision(cfg)
+    accum = (cfg.get("data_types") or {}).get("grad_accum_dtype")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage = {stage!r} is invalid; allowed: 0, 1, 2, 3")
+    if stage == 0 and prec == "fp16":
+        raise ValueError(
+            "SPNGD: fp16 with zero_optimization.stage 0 is refused (DeepSpeed 0.19.8 does not scale the loss "
+            "there but unscales in the step); use fp16 with stage 1, 2 or 3, or bf16 with stage 0"
+        )
+    if stage == 0 and prec == "bf16" and accum in ("fp32", "float32", "float"):
+        raise ValueError(
+            "SPNGD: bf16 with data_types.grad_accum_dtype 'fp32' needs zero_optimization.stage >= 1 "
+            "(DeepSpeed does not support it at stage 0); drop grad_accum_dtype or use stage 1, 2 or 3"
+        )
+
+
+def spngd_params_from_config(cfg: dict[str, Any]) -> SPNGDConfig | None:
+    """The validated SP-NGD parameters, or ``None`` when the config names another optimizer."""
+    block = cfg.get("optimizer")
+    if not isinstance(block, dict) or str(block.get("type", "")).lower() != SPNGD_TYPE:
+        return None
+    return validate_spngd_params(dict(block.get("params") or {}), where="optimizer.params (SPNGD)")
+
+
+def ensure_distributed_env() -> None:
+    """Let a plain ``python train.py`` run as a world of one rank (DeepSpeed would look for MPI)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def initialize(
+    args: Any = None,
+    model: nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    config: str | os.PathLike[str] | dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """Same arguments and returns as ``deepspeed.initialize``.
+
+    With ``"optimizer": {"type": "SPNGD", "params": {...}}`` the returned optimizer is the
+    :class:`~spngd_ds.SPNGD` object under every ZeRO stage (DeepSpeed's wrapper is
+    ``engine.optimizer``). ``"scheduler": {"type": "SPNGDPolyDecay", "params": {...}}`` builds
+    :class:`~spngd_ds.SPNGDPolyDecay` (``steps_per_epoch`` must be a number by then).
+    """
+    import deepspeed
+
+    cfg = load_ds_config(config, args)
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        args = copy.copy(args)
+        args.deepspeed_config = None  # we pass the (edited) dict instead; DeepSpeed refuses both
+    params = spngd_params_from_config(cfg)
+    sched_block = cfg.get("scheduler")
+    wants_poly = isinstance(sched_block, dict) and str(sched_block.get("type", "")).lower() == SCHEDULER_TYPE
+    if params is None and not wants_poly:
+        return deepspeed.initialize(  # type: ignore[no-any-return]
+            args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+            training_data=training_data, lr_scheduler=lr_scheduler, config=cfg, **kwargs,
+        )
+    if model is None:
+        raise ValueError("spngd_ds.initialize: SPNGD needs model=...")
+    if optimizer is not None and params is not None:
+        raise ValueError("spngd_ds.initialize: give either optimizer=... or an SPNGD optimizer block, not both")
+    poly_params = _poly_params(sched_block) if wants_poly and isinstance(sched_block, dict) else None
+    if params is not None:
+        check_combination(cfg)
+    # -- from here on, collectives: every rank has passed the same validation above ----------------
+    ensure_distributed_env()
+    deepspeed.init_distributed(dist_backend=kwargs.pop("dist_backend", None))
+    spngd = None
+    if params is not None:
+        spngd = _build_spngd(model, params, cfg)
+        optimizer = spngd
+        model_parameters = None
+        del cfg["optimizer"]
+        if zero_stage(cfg) > 0:
+            cfg["zero_allow_untested_optimizer"] = True
+            zero = cfg["zero_optimization"]
+            if (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None):
+                cfg["zero_force_ds_cpu_optimizer"] = False
+    if wants_poly:
+        del cfg["scheduler"]
+    if wants_poly and optimizer is None:
+        raise ValueError("scheduler SPNGDPolyDecay with a DeepSpeed-built optimizer: pass an SPNGD optimizer block")
+    if wants_poly:
+        from spngd_ds.schedules import SPNGDPolyDecay
+
+        assert poly_params is not None
+        lr_scheduler = SPNGDPolyDecay(optimizer, **poly_params)
+    engine, ds_opt, loader, sched = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        training_data=training_data, lr_scheduler=lr_scheduler, config=cfg, **kwargs,
+    )
+    if spngd is None:
+        return engine, ds_opt, loader, sched
+    from spngd_ds.engine_hooks import attach
+
+    attach(engine, spngd, cfg)
+    return engine, spngd, loader, sched
+
+
+def _poly_params(block: dict[str, Any]) -> dict[str, Any]:
+    params = dict(block.get("params") or {})
+    allowed = {"steps_per_epoch", "start_epoch", "end_epoch", "power", "warmup_epochs", "decay_damping", "min_damping"}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(f"scheduler.params (SPNGDPolyDecay): unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    for key in ("steps_per_epoch", "start_epoch", "end_epoch", "power"):
+        if key not in params:
+            raise ValueError(f"scheduler.params (SPNGDPolyDecay): '{key}' is required")
+    if not isinstance(params["steps_per_epoch"], int | float) or isinstance(params["steps_per_epoch"], bool):
+        raise ValueError(
+            f"scheduler.params.steps_per_epoch = {params['steps_per_epoch']!r}: must be a number by initialize "
+            "time (launch/train.py fills \"auto\" from the data loader)"
+        )
+    params["steps_per_epoch"] = int(params["steps_per_epoch"])
+    return params
+
+
+def _build_spngd(model: nn.Module, params: SPNGDConfig, cfg: dict[str, Any]) -> Any:
+    import deepspeed.comm as ds_dist
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from spngd_ds.comm import Communicator, DistributedCommunicator
+    from spngd_ds.optimizer import SPNGD
+
+    device = get_accelerator().current_device_name() if get_accelerator().device_name() != "cpu" else "cpu"
+    world = ds_dist.get_world_size() if ds_dist.is_initialized() else 1
+    comm: Communicator = DistributedCommunicator(device=device) if world > 1 and dist.is_initialized() else (
+        Communicator(device=device)
+    )
+    kwargs = params.model_dump()
+    staleness = kwargs.pop("staleness")
+    opt = SPNGD(model, staleness=staleness, communicator=comm, **kwargs)
+    return opt
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """dtype of the model's first parameter."""
+    return next(model.parameters()).dtype
