@@ -57,7 +57,7 @@ class CurvatureCapture:
         self._mc_targets: list[tuple[torch.Tensor, BackwardCapture]] = []
         self._handles: list[RemovableHandle] = []
         self._probe_handles: list[RemovableHandle] = []
-        self._probe_outputs: dict[int, str] = {}
+        self._probe_outputs: dict[int, tuple[torch.Tensor, int, str]] = {}
         modules = dict(model.named_modules())
         for name, block in self.blocks.items():
             self._handles.append(modules[name].register_forward_hook(self._forward_hook(block)))
@@ -136,7 +136,7 @@ class CurvatureCapture:
             )
         start = time.perf_counter()
         with torch.enable_grad():
-            logits = output.float()
+            logits = output if output.dtype == torch.float64 else output.float()
             sampled = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).squeeze(1)
             loss = F.cross_entropy(logits, sampled)
             grads = torch.autograd.grad(loss, [t for t, _ in targets], retain_graph=True, allow_unused=True)
@@ -155,14 +155,16 @@ class CurvatureCapture:
 
     def _probe_producer(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            self._probe_outputs[id(output)] = name
+            if isinstance(output, torch.Tensor):
+                # keep the tensor alive (its id cannot be reused) and its version (no in-place op since)
+                self._probe_outputs[id(output)] = (output, output._version, name)
 
         return hook
 
     def _probe_consumer(self, module: nn.Module, inputs: Any) -> None:
-        producer = self._probe_outputs.get(id(inputs[0]))
-        if producer is not None:
-            self.feeds_bn.add(producer)
+        entry = self._probe_outputs.get(id(inputs[0]))
+        if entry is not None and entry[0] is inputs[0] and entry[0]._version == entry[1]:
+            self.feeds_bn.add(entry[2])
 
     def _finish_probe(self) -> None:
         if self._probe_handles:

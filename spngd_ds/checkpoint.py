@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from spngd_ds.optimizer import SPNGD
+from spngd_ds.partitions import gather_full, local_fragment, write_fragment
 
 logger = logging.getLogger("spngd_ds")
 _FILE = re.compile(r"spngd_rank(\d+)-of-(\d+)\.pt$")
@@ -52,14 +53,14 @@ def full_momentum(opt: SPNGD) -> dict[str, torch.Tensor]:
     """Momentum of every parameter in full shape, keyed by name (a collective under ZeRO)."""
     if not opt.elementwise:
         return dict(opt.state_dict()["momentum"])
-    from deepspeed.utils import safe_get_full_optimizer_state
-
     out: dict[str, torch.Tensor] = {}
     for b in opt.blocks.values():
         for p, name in zip(b.params, b.param_names, strict=True):
-            value = safe_get_full_optimizer_state(p, "momentum_buffer") if opt.step_count > 0 else None
-            if value is not None and opt.assignment[b.name] == opt.comm.rank:
-                out[name] = value.detach().cpu().clone()
+            frag = local_fragment(p, opt.param_groups, opt.comm.rank)
+            buf = opt.state[frag.flat].get("momentum_buffer") if frag is not None else None
+            full = gather_full(frag, buf, torch.Size(getattr(p, "ds_shape", p.shape)))
+            if opt.assignment[b.name] == opt.comm.rank:
+                out[name] = full.cpu().clone()
     return out
 
 
@@ -145,6 +146,9 @@ def wrap_checkpointing(engine: Any, opt: SPNGD) -> None:
         if resharded and opt.elementwise:
             engine.optimizer.refresh_fp32_params()
         merged = merge_states(states)
+        # flat ZeRO partitions: DeepSpeed restored its own at the same world size; momentum comes
+        # from the full-shape copy below in every case
+        merged["elementwise_state"] = None
         opt.load_state_dict(merged)
         if opt.elementwise:
             _set_full_momentum(opt, merged["momentum"])
@@ -155,15 +159,11 @@ def wrap_checkpointing(engine: Any, opt: SPNGD) -> None:
 
 
 def _set_full_momentum(opt: SPNGD, momentum: dict[str, torch.Tensor]) -> None:
-    """Write full-shape momentum into DeepSpeed's partitions (every rank, same order)."""
-    if not momentum:
-        return
-    from deepspeed.utils import safe_set_full_optimizer_state
-
-    for group in opt.param_groups:
-        for p in group["params"]:
-            opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+    """Write full-shape momentum into the flat partitions this rank holds (no collective)."""
     for b in opt.blocks.values():
         for p, name in zip(b.params, b.param_names, strict=True):
-            if name in momentum:
-                safe_set_full_optimizer_state(p, momentum[name].to(p.device), "momentum_buffer")
+            frag = local_fragment(p, opt.param_groups, opt.comm.rank)
+            if frag is None or name not in momentum:
+                continue
+            buf = opt.state[frag.flat].setdefault("momentum_buffer", torch.zeros_like(frag.flat))
+            write_fragment(frag, buf, momentum[name].to(buf.device, torch.float32))

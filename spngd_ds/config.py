@@ -10,10 +10,17 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 FisherType = Literal["empirical", "mc"]
 CommDtype = Literal["fp32", "bf16", "fp16"]
+
+
+def _no_bool(value: Any) -> Any:
+    """Numbers only: JSON ``true`` is not a learning rate."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
 
 
 class StalenessConfig(BaseModel):
@@ -23,7 +30,9 @@ class StalenessConfig(BaseModel):
     ``max_interval``: the largest interval, in optimizer steps.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    _numbers = field_validator("threshold", "max_interval", mode="before")(_no_bool)
 
     threshold: float = Field(0.1, gt=0.0, description="a float > 0")
     max_interval: int = Field(20, ge=1, description="an integer >= 1 (steps)")
@@ -35,7 +44,11 @@ DEFAULT_STALENESS: dict[str, Any] = {"threshold": 0.1, "max_interval": 20}
 class SPNGDConfig(BaseModel):
     """Every keyword argument of :class:`spngd_ds.SPNGD`, with its type and allowed range."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    _numbers = field_validator(
+        "lr", "momentum", "damping", "weight_decay", "bn_damping_scale", "stat_micro_batches", mode="before"
+    )(_no_bool)
 
     lr: float = Field(0.1, ge=0.0, description="a float >= 0")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="a float in [0, 1)")

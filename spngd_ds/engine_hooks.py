@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from spngd_ds.optimizer import SPNGD
+from spngd_ds.partitions import local_fragment, write_fragment
 
 logger = logging.getLogger("spngd_ds")
 
@@ -37,9 +38,9 @@ def loss_scale(engine: Any) -> float:
 def attach(engine: Any, opt: SPNGD, cfg: dict[str, Any]) -> None:
     """Install SP-NGD's hooks on ``engine`` (called by :func:`spngd_ds.initialize`)."""
     stage = int(engine.zero_optimization_stage())
-    opt.loss_scale_fn = lambda: loss_scale(engine)  # type: ignore[attr-defined]
+    opt.loss_scale_fn = lambda: loss_scale(engine)
     opt.capture.grad_scale = lambda: engine.gradient_accumulation_steps() / loss_scale(engine)
-    opt.path = "fast" if stage == 0 else "compatible"  # type: ignore[attr-defined]
+    opt.path = "fast" if stage == 0 else "compatible"
     if stage == 0:
         engine.enable_backward_allreduce = False
     else:
@@ -149,34 +150,19 @@ def write_hp_grads(opt: SPNGD, pending: list[tuple[torch.nn.Parameter, torch.Ten
 
     ``safe_set_full_grad`` writes copies that DeepSpeed 0.19.8 no longer reads once it has built its
     flat partition (measured: at ZeRO 1, 2 and 3 the write had no effect on the step), so we write
-    where the step reads: ZeRO 1/2 and BF16_Optimizer through each parameter's ``_hp_mapping``;
-    ZeRO-3 through its ``grad_position`` table, for the sub-group being stepped now (ZeRO-3 calls the
-    optimizer once per sub-group). Written entries are removed from ``pending``.
+    where the step reads (see :mod:`spngd_ds.partitions`). ZeRO-3 calls the optimizer once per
+    sub-group: entries whose partition is not being stepped now stay in ``pending``.
     """
     current = {id(p) for g in opt.param_groups for p in g["params"]}
-    rank = opt.comm.rank
     remaining = []
     for p, value in pending:
-        mapping = getattr(p, "_hp_mapping", None)
-        z3 = getattr(p, "_z3_optimizer", None)
-        if z3 is not None:
-            gidx, offset, numel = z3.grad_position[z3.get_param_id(p)]
-            flat = z3.fp32_partitioned_groups_flat[gidx]
-            if id(flat) not in current or flat.grad is None:
-                remaining.append((p, value))
-                continue
-            start = int(p.ds_tensor.ds_numel) * rank
-            source = value.flatten()
-            part = source.new_zeros(numel)
-            avail = max(0, min(numel, source.numel() - start))
-            part[:avail] = source[start : start + avail]
-            flat.grad.narrow(0, offset, numel).copy_(part / scale)
-        elif mapping is not None:
-            (flat,) = opt.param_groups[mapping.param_group_index]["params"]  # one fp32 partition per group
-            if flat.grad is None:
-                raise RuntimeError(f"SPNGD: no fp32 gradient partition for a parameter of shape {tuple(p.shape)}")
-            hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
-            flat.grad.narrow(0, hp.start, hp.numel).copy_(value.flatten().narrow(0, lp.start, lp.numel) / scale)
+        frag = local_fragment(p, opt.param_groups, opt.comm.rank)
+        if frag is None:  # this rank holds no element of p
+            continue
+        if id(frag.flat) not in current or frag.flat.grad is None:
+            remaining.append((p, value))
+            continue
+        write_fragment(frag, frag.flat.grad, value, scale)
     pending[:] = remaining
 
 

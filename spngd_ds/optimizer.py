@@ -121,6 +121,8 @@ class SPNGD(Optimizer):
         self.elementwise_calls = 0
         self.skip_elementwise = False
         self.before_elementwise: Callable[[], None] | None = None
+        self.loss_scale_fn: Callable[[], float] = lambda: 1.0
+        self.path = "standalone"
         self._prev_lr: list[float | None] = [None for _ in self.param_groups]
         self._last_refreshed = 0
         self.capture.start_step(self._due(0))
@@ -350,7 +352,7 @@ class SPNGD(Optimizer):
         for name, ps in params.items():
             if name in self.capture.feeds_bn:
                 w = ps[0]
-                norm = float(torch.linalg.vector_norm(w.float()))
+                norm = float(torch.linalg.vector_norm(w.double()))
                 target = math.sqrt(2.0 * w.shape[0])
                 if norm > target:
                     w.mul_(target / norm)

@@ -3,7 +3,7 @@
 With e = step / steps_per_epoch (fractional epochs):
     factor(e) = e / warmup_epochs                      for e < warmup_epochs
               = 1                                      for e < start_epoch
-              = (1 - (e - start_epoch)/(end_epoch - start_epoch))^power, clipped at 0, after.
+              = (1 - (e - start_epoch)/(end_epoch - start_epoch))^power until end_epoch, then 0.
 lr = base_lr · factor; with ``decay_damping`` the group's ``damping`` follows the same factor
 (without the warm-up part), never below ``min_damping``.
 """
@@ -29,6 +29,8 @@ def decay_factor(epoch: float, start_epoch: float, end_epoch: float, power: floa
     """The polynomial part of rule 9 alone (1 before ``start_epoch``)."""
     if epoch < start_epoch:
         return 1.0
+    if epoch >= end_epoch:
+        return 0.0
     frac = min(max((epoch - start_epoch) / (end_epoch - start_epoch), 0.0), 1.0)
     return (1.0 - frac) ** power
 

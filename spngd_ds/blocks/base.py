@@ -72,9 +72,9 @@ def robust_inverse(matrix: torch.Tensor) -> torch.Tensor | None:
         chol, info = torch.linalg.cholesky_ex(work)
         if int(info) != 0:
             continue
-        inv = torch.cholesky_inverse(chol)
-        if bool(torch.isfinite(inv).all()):
-            return inv.to(matrix.dtype)
+        inv = torch.cholesky_inverse(chol).to(matrix.dtype)
+        if bool(torch.isfinite(inv).all()):  # checked after the cast: fp64 -> fp32 can overflow
+            return inv
     return None
 
 

@@ -1,0 +1,64 @@
+"""Where a model parameter's elements live inside DeepSpeed's flat fp32 partitions on this rank.
+
+ZeRO 1/2 and BF16_Optimizer describe it with ``param._hp_mapping``; ZeRO-3 with its optimizer's
+``grad_position`` table. SP-NGD's compatible path writes preconditioned gradients there, and its
+checkpoints read and write full-shape momentum there, because DeepSpeed 0.19.8's ``safe_set_*``
+helpers write copies its step no longer reads, or need state that exists only after a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """``flat[flat_start : flat_start + numel]`` holds ``param.flatten()[full_start : full_start + numel]``."""
+
+    flat: torch.Tensor
+    flat_start: int
+    full_start: int
+    numel: int
+
+
+def local_fragment(param: torch.nn.Parameter, param_groups: list[dict[str, Any]], rank: int) -> Fragment | None:
+    """The fragment of ``param`` this rank holds, or ``None``."""
+    z3 = getattr(param, "_z3_optimizer", None)
+    if z3 is not None:
+        gidx, offset, numel = z3.grad_position[z3.get_param_id(param)]
+        full_start = int(param.ds_tensor.ds_numel) * rank  # type: ignore[attr-defined]
+        real = max(0, min(numel, int(param.ds_numel) - full_start))  # type: ignore[attr-defined]
+        return Fragment(z3.fp32_partitioned_groups_flat[gidx], int(offset), full_start, real)
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    (flat,) = param_groups[mapping.param_group_index]["params"]  # one fp32 partition per group
+    hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+    return Fragment(flat, int(hp.start), int(lp.start), int(hp.numel))
+
+
+def write_fragment(frag: Fragment, target: torch.Tensor, full: torch.Tensor, scale: float = 1.0) -> None:
+    """Copy this rank's part of the full-shape ``full`` into ``target`` (``frag.flat`` or its grad
+    or a state tensor of the same layout), divided by ``scale``."""
+    if frag.numel == 0:
+        return
+    src = full.flatten().narrow(0, frag.full_start, frag.numel)
+    target.narrow(0, frag.flat_start, frag.numel).copy_(src / scale if scale != 1.0 else src)
+
+
+def gather_full(
+    frag: Fragment | None, source: torch.Tensor | None, shape: torch.Size, group: Any = None
+) -> torch.Tensor:
+    """Assemble the full-shape tensor whose fragments ranks hold in ``source`` (same layout as
+    ``frag.flat``). A collective: every rank calls it for the same parameter in the same order."""
+    out = torch.zeros(int(torch.Size(shape).numel()), dtype=torch.float32,
+                      device=frag.flat.device if frag is not None else "cpu")
+    if frag is not None and source is not None and frag.numel > 0:
+        out.narrow(0, frag.full_start, frag.numel).copy_(source.narrow(0, frag.flat_start, frag.numel))
+    if dist.is_initialized():
+        dist.all_reduce(out, group=group)
+    return out.reshape(shape)
