@@ -126,7 +126,7 @@ def main() -> None:
                 loss = loss * float("inf")
             engine.backward(loss)
             engine.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     if a.save_dir:
         engine.save_checkpoint(a.save_dir)
     from deepspeed.utils import safe_get_full_fp32_param
@@ -145,6 +145,10 @@ def main() -> None:
     }
     if rank == 0 or a.out.endswith("{rank}"):
         torch.save({"params": params, "info": info}, a.out.replace("{rank}", str(rank)))
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()  # a gloo group left alive at exit can abort the process
 
 
 if __name__ == "__main__":

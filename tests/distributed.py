@@ -1,0 +1,48 @@
+"""Launching tests/ds_worker.py under torchrun (2 gloo ranks on the CPU) from a test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "ds_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun(
+    nproc: int, args: list[str], timeout: float = 240.0, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run the worker on ``nproc`` ranks; raise with its output when it fails and ``check``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}", str(WORKER), *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def run_worker(nproc: int, out: Path, *args: str, **kw: Any) -> dict[str, Any]:
+    """Run the worker and load rank 0's result ``{"params": ..., "info": ...}``."""
+    torchrun(nproc, [*args, "--out", str(out)], **kw)
+    return dict(torch.load(out, weights_only=False))
+
+
+def max_rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max over tensors of max|a - b| / max|b|."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
