@@ -19,13 +19,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 from typing import Any
 
 import torch
 from torch import nn
 
 from spngd_ds.config import SPNGDConfig, validate_spngd_params
+from spngd_ds.recipes.distenv import ensure_single_process_env
 
 SPNGD_TYPE = "spngd"
 SCHEDULER_TYPE = "spngdpolydecay"
@@ -97,20 +97,6 @@ def spngd_params_from_config(cfg: dict[str, Any]) -> SPNGDConfig | None:
     return validate_spngd_params(dict(block.get("params") or {}), where="optimizer.params (SPNGD)")
 
 
-def ensure_distributed_env() -> None:
-    """Let a plain ``python train.py`` run as a world of one rank (DeepSpeed would look for MPI)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-
-
 def initialize(
     args: Any = None,
     model: nn.Module | None = None,
@@ -150,7 +136,7 @@ def initialize(
     if params is not None:
         check_combination(cfg)
     # -- from here on, collectives: every rank has passed the same validation above ----------------
-    ensure_distributed_env()
+    ensure_single_process_env()  # a plain `python train.py` is a world of one rank
     deepspeed.init_distributed(dist_backend=kwargs.pop("dist_backend", None))
     spngd = None
     if params is not None:

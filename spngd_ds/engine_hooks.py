@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from spngd_ds.agreement import check_rank_agreement
+from spngd_ds.agreement import enabled as agreement_enabled
 from spngd_ds.optimizer import SPNGD
 from spngd_ds.partitions import local_fragment, write_fragment
 
@@ -78,7 +80,14 @@ def _wrap_step(engine: Any, opt: SPNGD) -> None:
             opt.finish_step()
         return result
 
-    engine.step = step
+    def checked_step(*args: Any, **kwargs: Any) -> Any:
+        boundary = engine.is_gradient_accumulation_boundary()
+        result = step(*args, **kwargs)
+        if boundary and int(engine.zero_optimization_stage()) < 3:  # ZeRO-3 ranks hold different shards
+            check_rank_agreement(opt, engine.module.parameters(), opt.comm.device)
+        return result
+
+    engine.step = checked_step if agreement_enabled() else step
 
 
 def _full_grad(p: torch.nn.Parameter) -> torch.Tensor:

@@ -14,11 +14,13 @@ class StepMetrics:
 
     Counters: ``inversion_failures`` (factor inversions that fell back to the plain gradient),
     ``nonfinite_stats`` (statistics whose refresh was rejected for NaN/Inf), ``skipped_steps``
-    (steps skipped for non-finite gradients or an fp16 overflow), ``bn_channel_failures``.
+    (steps skipped for non-finite gradients or an fp16 overflow), ``bn_channel_failures``,
+    ``rejected_stats`` (finite refreshes rejected as outliers: relative change above 1e6).
     """
 
     inversion_failures: int = 0
     nonfinite_stats: int = 0
+    rejected_stats: int = 0
     skipped_steps: int = 0
     bn_channel_failures: int = 0
     timers: dict[str, float] = field(default_factory=dict)

@@ -39,6 +39,12 @@ logger = logging.getLogger("spngd_ds")
 
 _DEFAULT: Any = object()
 
+# A refreshed statistic whose relative change ||X_new - X_old|| / ||X_old|| exceeds this is an outlier
+# (a corrupted batch, an overflow that stayed finite): it is rejected, the old value is kept.
+# Three outliers in a row are taken as a real change and accepted.
+EXPLOSION_RATIO = 1e6
+MAX_REJECTIONS = 3
+
 
 def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
     """``p.grad``, or zeros of p's shape when the parameter received no gradient this step."""
@@ -251,7 +257,17 @@ class SPNGD(Optimizer):
                     s.schedule.postpone(step)
                     continue
                 ratio = relative_change(s.value, value)
+                if s.value is not None and ratio > EXPLOSION_RATIO and s.rejections < MAX_REJECTIONS:
+                    s.rejections += 1
+                    self.stats_log.rejected_stats += 1
+                    logger.warning(
+                        "SPNGD: %s of %s changed by a factor %.3g at step %d: rejected as an outlier",
+                        s.name, b.name, ratio, step,
+                    )
+                    s.schedule.postpone(step)
+                    continue
                 s.value = value
+                s.rejections = 0
                 s.refreshes += 1
                 s.schedule.observe(step, ratio)
                 refreshed.setdefault(b.name, set()).add(s.name)
@@ -398,6 +414,7 @@ class SPNGD(Optimizer):
             "spngd/inversion_failures": float(m.inversion_failures),
             "spngd/bn_channel_failures": float(m.bn_channel_failures),
             "spngd/nonfinite_stats": float(m.nonfinite_stats),
+            "spngd/rejected_stats": float(m.rejected_stats),
             "spngd/skipped_steps": float(m.skipped_steps),
             "spngd/comm_bytes": float(self.comm_nbytes),
             "spngd/curvature_bytes": float(self.curvature_nbytes()),
@@ -442,6 +459,7 @@ class SPNGD(Optimizer):
                 f"{b.name}:{s.name}": s.schedule.state() for b in self.blocks.values() for s in b.stats.values()
             },
             "elementwise_state": self._elementwise_state() if self.elementwise else None,
+            "config": self.config.model_dump(),
         }
 
     def _elementwise_state(self) -> dict[int, Any]:
@@ -456,12 +474,17 @@ class SPNGD(Optimizer):
             )
         for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=False):
             group.update(saved)
+        keep_schedules = self._log_config_changes(state_dict.get("config") or {})
         self.step_count = int(state_dict["step"])
         self._prev_lr = list(state_dict["prev_lr"])
         for key, sched in state_dict["schedules"].items():
             bname, sname = key.rsplit(":", 1)
-            if bname in self.blocks and sname in self.blocks[bname].stats:
+            if keep_schedules and bname in self.blocks and sname in self.blocks[bname].stats:
                 self.blocks[bname].stats[sname].schedule.load(sched)
+        if not keep_schedules:  # every statistic is refreshed at the next step under the new rule
+            for b in self.blocks.values():
+                for st in b.stats.values():
+                    st.schedule.load((1, self.step_count))
         if self.elementwise and state_dict.get("elementwise_state") is not None:
             flat = [p for g in self.param_groups for p in g["params"]]
             for i, st in state_dict["elementwise_state"].items():
@@ -483,6 +506,15 @@ class SPNGD(Optimizer):
             if isinstance(b, KronBlock) and "pi" in saved:
                 b.pi = float(saved["pi"])
         self.capture.start_step(self._due(self.step_count))
+
+    def _log_config_changes(self, saved: dict[str, Any]) -> bool:
+        """Log every hyperparameter that differs from the checkpoint's; the saved refresh schedules
+        are kept only when the staleness rule is unchanged (returns whether they are)."""
+        now = self.config.model_dump()
+        changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+        for key, (old, new) in changed.items():
+            logger.warning("SPNGD: resuming with %s = %r (checkpoint had %r)", key, new, old)
+        return "staleness" not in changed
 
     def iter_blocks(self) -> Iterable[Block]:
         """All blocks in model order."""

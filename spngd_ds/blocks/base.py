@@ -26,6 +26,7 @@ class Statistic:
         captures: micro-batches captured so far (for tests: proves that a stale X is not captured).
         refreshes: how many times the value was refreshed.
         inversions: how many times it was (re-)inverted.
+        rejections: consecutive refreshes rejected as outliers.
     """
 
     name: str
@@ -38,6 +39,7 @@ class Statistic:
     captures: int = 0
     refreshes: int = 0
     inversions: int = 0
+    rejections: int = 0
 
     def add(self, total: torch.Tensor, count: int) -> None:
         """Accumulate one micro-batch's sum (``shape``) over ``count`` samples."""
