@@ -42,3 +42,18 @@ def test_conv_model_stage0_and_batchnorm_split(tmp_path: Path) -> None:
     assert max_rel_err(out["params"], reference_params("conv", steps=5)) < TOL
     out = run_worker(2, tmp_path / "bn.pt", "--model", "convbn", "--stage", "1")
     assert max_rel_err(out["params"], reference_params("convbn", steps=5, splits=2)) < TOL
+
+
+def test_stat_micro_batches_captures_only_the_first_k(tmp_path: Path) -> None:
+    """gas 4, stat_micro_batches 2: statistics from micro-batches 0 and 1 of each rank only,
+    normalised by their sample count; gradients from all four."""
+    out = run_worker(2, tmp_path / "out.pt", "--stage", "0", "--gas", "4", "--stat_micro_batches", "2")
+    ref = reference_params("mlp", steps=5, splits=8, ranks=2, stat_micro_batches=4)
+    assert max_rel_err(out["params"], ref) < TOL
+    assert max_rel_err(ref, reference_params("mlp", steps=5)) > 100 * TOL  # the option changes the run
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cpu_offload_equals_one_process(tmp_path: Path, stage: int) -> None:
+    out = run_worker(2, tmp_path / "out.pt", "--stage", str(stage), "--offload")
+    assert max_rel_err(out["params"], reference_params("mlp", steps=5)) < TOL
