@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,25 +32,32 @@ SPNGD_TYPE = "spngd"
 SCHEDULER_TYPE = "spngdpolydecay"
 
 
-def load_ds_config(config: str | os.PathLike[str] | dict[str, Any] | None, args: Any = None) -> dict[str, Any]:
-    """The DeepSpeed config as a fresh dict, from a path, a dict, or ``args.deepspeed_config``."""
+def load_ds_config(
+    config: str | os.PathLike[str] | Mapping[str, Any] | None, args: Any = None
+) -> dict[str, Any]:
+    """A deep copy of a DeepSpeed config given as a JSON file path, a mapping, or
+    ``args.deepspeed_config``.
+
+    Raises:
+        ValueError: no config, a missing file, invalid JSON or not a JSON object (naming the path).
+    """
     if config is None and args is not None:
         config = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
     if config is None:
         raise ValueError("spngd_ds.initialize: no DeepSpeed config given (config=... or --deepspeed_config)")
-    if isinstance(config, dict):
-        return copy.deepcopy(config)
+    if isinstance(config, Mapping):
+        return copy.deepcopy(dict(config))
     path = os.fspath(config)
     if not os.path.isfile(path):
-        raise ValueError(f"spngd_ds.initialize: DeepSpeed config file not found: {path}")
-    with open(path) as f:
+        raise ValueError(f"DeepSpeed config {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
         try:
-            loaded = json.load(f)
+            data = json.load(f)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"spngd_ds.initialize: {path} is not valid JSON: {exc}") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"spngd_ds.initialize: {path} must hold a JSON object")
-    return loaded
+            raise ValueError(f"DeepSpeed config {path!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"DeepSpeed config {path!r} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _enabled(cfg: dict[str, Any], key: str) -> bool:
@@ -104,7 +112,7 @@ def initialize(
     model_parameters: Any = None,
     training_data: Any = None,
     lr_scheduler: Any = None,
-    config: str | os.PathLike[str] | dict[str, Any] | None = None,
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> tuple[Any, Any, Any, Any]:
     """Same arguments and returns as ``deepspeed.initialize``.

@@ -599,3 +599,15 @@ def spngd_step(opt: object, model: nn.Module, x: Tensor, target: Tensor, loss_fn
     opt.step()  # type: ignore[attr-defined]
     deltas = {k: p.detach() - before[k] for k, p in model.named_parameters()}
     return StepResult(opt, deltas, grads)
+
+
+def assert_rel(actual: Tensor, expected: Tensor, rtol: float = 1e-10, what: str = "") -> None:
+    """``assert_close`` with ``rtol`` and an ``atol`` of ``rtol * 1e-2 * max|expected|``."""
+    scale = float(expected.abs().max()) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.to(torch.float64),
+        expected,
+        rtol=rtol,
+        atol=rtol * 1e-2 * max(scale, 1e-300),
+        msg=lambda m: f"{what}: {m}",
+    )

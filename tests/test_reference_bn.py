@@ -23,16 +23,7 @@ import reference as R  # noqa: E402
 RTOL = 1e-10
 
 
-def assert_rel(actual: Tensor, expected: Tensor, rtol: float = RTOL, what: str = "") -> None:
-    """``assert_close`` with ``rtol`` and an ``atol`` of ``rtol * 1e-2 * max|expected|``."""
-    scale = float(expected.abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(
-        actual.to(torch.float64),
-        expected,
-        rtol=rtol,
-        atol=rtol * 1e-2 * max(scale, 1e-300),
-        msg=lambda m: f"{what}: {m}",
-    )
+assert_rel = R.assert_rel
 
 
 @dataclass(frozen=True)

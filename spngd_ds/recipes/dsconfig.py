@@ -16,11 +16,10 @@ Two conveniences on top of DeepSpeed's own format:
 
 from __future__ import annotations
 
-import copy
-import json
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
+
+from spngd_ds.deepspeed_integration import load_ds_config  # one loader for the library and the job
 
 __all__ = [
     "AUTO",
@@ -36,27 +35,6 @@ __all__ = [
 AUTO = "auto"
 RECIPE_KEY = "spngd_recipe"
 _AUTO_SCHEDULER_KEYS = ("steps_per_epoch", "total_num_steps")
-
-
-def load_ds_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of a DeepSpeed config given as a JSON file path or a mapping.
-
-    Raises:
-        ValueError: the file does not exist or is not a JSON object (the message names the path).
-    """
-    if isinstance(config, Mapping):
-        return copy.deepcopy(dict(config))
-    path = os.fspath(config)
-    if not os.path.isfile(path):
-        raise ValueError(f"DeepSpeed config {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"DeepSpeed config {path!r} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"DeepSpeed config {path!r} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def pop_recipe(config: dict[str, Any], allowed: Iterable[str]) -> dict[str, Any]:
