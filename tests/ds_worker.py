@@ -75,7 +75,54 @@ def ds_config(a: argparse.Namespace, world: int) -> dict:
     return cfg
 
 
+def _perturb_after_update(engine, opt, step: int) -> None:  # type: ignore[no-untyped-def]
+    """After SP-NGD's update (and all-gather) of ``step``, add 1e-3 to the first parameter on this rank
+    only: a silent divergence that only a rank-agreement check can see."""
+    finish = opt.finish_step
+
+    def finish_step() -> None:
+        if opt.step_count == step:
+            with torch.no_grad():
+                next(engine.module.parameters()).add_(1e-3)
+        finish()
+
+    opt.finish_step = finish_step
+
+
+def _crash_while_saving_spngd_file() -> None:
+    """Die like a killed process while ``torch.save`` writes this rank's ``spngd_rank*.pt`` (whatever path
+    the checkpoint code writes to first): half the bytes reach the disk, then ``os._exit(1)``."""
+    import io
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(f, str | os.PathLike) and os.path.basename(os.fspath(f)).startswith("spngd_rank"):
+            buf = io.BytesIO()
+            real_save(obj, buf, *args, **kwargs)
+            data = buf.getvalue()
+            with open(f, "wb") as out:
+                out.write(data[: len(data) // 2])
+            os._exit(1)
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = save  # type: ignore[assignment]
+
+
+def die_with_launcher() -> None:
+    """Linux: get SIGKILL when the torchrun agent that started us dies (a test that times out
+    kills the agent; torchrun puts workers in their own session, so a process-group kill misses them)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def main() -> None:
+    die_with_launcher()
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="mlp")
     p.add_argument("--stage", type=int, default=0)
@@ -95,6 +142,14 @@ def main() -> None:
     p.add_argument("--config_override", default="")
     p.add_argument("--patch_fp16", action="store_true")
     p.add_argument("--inject_overflow_step", type=int, default=-1)
+    # fault injection for tests/test_reliability_dist.py (off by default)
+    p.add_argument("--perturb_rank", type=int, default=-1,
+                   help="this rank adds 1e-3 to one parameter right after SP-NGD's update of --perturb_step "
+                        "(before the engine's rank-agreement check)")
+    p.add_argument("--perturb_step", type=int, default=-1)
+    p.add_argument("--crash_in_save_rank", type=int, default=-1,
+                   help="this rank dies (os._exit) half-way through writing its SP-NGD checkpoint file, i.e. after "
+                        "DeepSpeed's own files")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)
     a = p.parse_args()
@@ -110,6 +165,10 @@ def main() -> None:
     model = build_model(a.model)
     engine, opt, _, _ = spngd_ds.initialize(model=model, config=ds_config(a, world))
     rank = engine.global_rank
+    if rank == a.perturb_rank:
+        _perturb_after_update(engine, opt, a.perturb_step)
+    if rank == a.crash_in_save_rank:
+        _crash_while_saving_spngd_file()
     if a.load_dir:
         engine.load_checkpoint(a.load_dir)
     micro = a.global_batch // (world * a.gas)
