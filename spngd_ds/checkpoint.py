@@ -95,7 +95,12 @@ def read_states(tag_dir: str) -> tuple[list[dict[str, Any]], int]:
     assert match is not None
     world = int(match.group(2))
     if len(files) != world:
-        raise FileNotFoundError(f"checkpoint {tag_dir} is incomplete: {len(files)} of {world} SP-NGD rank files")
+        present = {os.path.basename(f) for f in files}
+        missing = [n for n in (f"spngd_rank{r:05d}-of-{world:05d}.pt" for r in range(world)) if n not in present]
+        raise FileNotFoundError(
+            f"checkpoint {tag_dir} is incomplete: {len(files)} of {world} SP-NGD rank files; missing: "
+            + ", ".join(missing)
+        )
     states = []
     for f in files:
         try:

@@ -17,6 +17,7 @@ Refused, with the combination that works instead: fp16 at stage 0 (broken inside
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 from collections.abc import Mapping
@@ -66,8 +67,11 @@ def _enabled(cfg: dict[str, Any], key: str) -> bool:
 
 
 def zero_stage(cfg: dict[str, Any]) -> int:
-    """ZeRO stage of a DeepSpeed config (0 when absent)."""
-    return int((cfg.get("zero_optimization") or {}).get("stage", 0))
+    """ZeRO stage of a DeepSpeed config (0 when absent); a clear error for anything but 0-3."""
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage = {stage!r} is invalid; allowed: 0, 1, 2, 3")
+    return stage
 
 
 def precision(cfg: dict[str, Any]) -> str:
@@ -83,8 +87,6 @@ def check_combination(cfg: dict[str, Any]) -> None:
     """Refuse stage/precision pairs that cannot work, naming what works instead."""
     stage, prec = zero_stage(cfg), precision(cfg)
     accum = (cfg.get("data_types") or {}).get("grad_accum_dtype")
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_optimization.stage = {stage!r} is invalid; allowed: 0, 1, 2, 3")
     if stage == 0 and prec == "fp16":
         raise ValueError(
             "SPNGD: fp16 with zero_optimization.stage 0 is refused (DeepSpeed 0.19.8 does not scale the loss "
@@ -102,7 +104,18 @@ def spngd_params_from_config(cfg: dict[str, Any]) -> SPNGDConfig | None:
     block = cfg.get("optimizer")
     if not isinstance(block, dict) or str(block.get("type", "")).lower() != SPNGD_TYPE:
         return None
-    return validate_spngd_params(dict(block.get("params") or {}), where="optimizer.params (SPNGD)")
+    _check_block_keys(block, "optimizer (SPNGD)")
+    params = block.get("params")
+    return validate_spngd_params({} if params is None else params, where="optimizer.params (SPNGD)")
+
+
+def _check_block_keys(block: dict[str, Any], where: str) -> None:
+    """An optimizer/scheduler block holds "type" and "params" only (a typo would silently drop params)."""
+    for key in block:
+        if key not in ("type", "params"):
+            guess = difflib.get_close_matches(str(key), ["type", "params"], n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else ""
+            raise ValueError(f"{where}: unknown key '{key}'{hint} (allowed keys: type, params)")
 
 
 def initialize(
@@ -179,21 +192,17 @@ def initialize(
 
 
 def _poly_params(block: dict[str, Any]) -> dict[str, Any]:
+    """The validated ``SPNGDPolyDecay`` parameters of a scheduler block (before any collective)."""
+    from spngd_ds.schedules import validate_poly_params
+
+    _check_block_keys(block, "scheduler (SPNGDPolyDecay)")
     params = dict(block.get("params") or {})
-    allowed = {"steps_per_epoch", "start_epoch", "end_epoch", "power", "warmup_epochs", "decay_damping", "min_damping"}
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ValueError(f"scheduler.params (SPNGDPolyDecay): unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    for key in ("steps_per_epoch", "start_epoch", "end_epoch", "power"):
-        if key not in params:
-            raise ValueError(f"scheduler.params (SPNGDPolyDecay): '{key}' is required")
-    if not isinstance(params["steps_per_epoch"], int | float) or isinstance(params["steps_per_epoch"], bool):
+    if isinstance(params.get("steps_per_epoch"), str):
         raise ValueError(
             f"scheduler.params.steps_per_epoch = {params['steps_per_epoch']!r}: must be a number by initialize "
             "time (launch/train.py fills \"auto\" from the data loader)"
         )
-    params["steps_per_epoch"] = int(params["steps_per_epoch"])
-    return params
+    return validate_poly_params(params, where="scheduler.params (SPNGDPolyDecay)")
 
 
 def _build_spngd(model: nn.Module, params: SPNGDConfig, cfg: dict[str, Any]) -> Any:

@@ -513,7 +513,10 @@ class SPNGD(Optimizer):
         now = self.config.model_dump()
         changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
         for key, (old, new) in changed.items():
-            logger.warning("SPNGD: resuming with %s = %r (checkpoint had %r)", key, new, old)
+            if key in self.defaults:  # a parameter-group value: the checkpoint's (and its schedule's) wins
+                logger.warning("SPNGD: config has %s = %r; the checkpoint's %s = %r is kept", key, new, key, old)
+            else:
+                logger.warning("SPNGD: resuming with %s = %r (checkpoint had %r)", key, new, old)
         return "staleness" not in changed
 
     def iter_blocks(self) -> Iterable[Block]:

@@ -10,6 +10,8 @@ lr = base_lr · factor; with ``decay_damping`` the group's ``damping`` follows t
 
 from __future__ import annotations
 
+import difflib
+import math
 from typing import Any
 
 from torch.optim import Optimizer
@@ -33,6 +35,47 @@ def decay_factor(epoch: float, start_epoch: float, end_epoch: float, power: floa
         return 0.0
     frac = min(max((epoch - start_epoch) / (end_epoch - start_epoch), 0.0), 1.0)
     return (1.0 - frac) ** power
+
+
+_REQUIRED = ("steps_per_epoch", "start_epoch", "end_epoch", "power")
+_OPTIONAL = {"warmup_epochs": 0.0, "decay_damping": False, "min_damping": 0.0}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_poly_params(params: dict[str, Any], where: str = "SPNGDPolyDecay") -> dict[str, Any]:
+    """Check the keyword arguments of :class:`SPNGDPolyDecay` (types, ranges, unknown keys with a
+    did-you-mean); return them with defaults filled. Raises ``ValueError`` naming key, value and
+    what is allowed."""
+    allowed = (*_REQUIRED, *_OPTIONAL)
+    for key in params:
+        if key not in allowed:
+            guess = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else ""
+            raise ValueError(f"{where}: unknown key(s) ['{key}']{hint} (allowed: {sorted(allowed)})")
+    for key in _REQUIRED:
+        if key not in params:
+            raise ValueError(f"{where}: '{key}' is required")
+    out = {**_OPTIONAL, **params}
+    start = out["start_epoch"]
+    checks = {
+        "steps_per_epoch": (_is_number(out["steps_per_epoch"]) and out["steps_per_epoch"] > 0
+                            and float(out["steps_per_epoch"]).is_integer(), "an integer > 0"),
+        "start_epoch": (_is_number(start), "a number"),
+        "end_epoch": (_is_number(out["end_epoch"]) and _is_number(start) and out["end_epoch"] > start,
+                      f"a number > start_epoch ({start!r})"),
+        "power": (_is_number(out["power"]) and out["power"] >= 0, "a number >= 0"),
+        "warmup_epochs": (_is_number(out["warmup_epochs"]) and out["warmup_epochs"] >= 0, "a number >= 0"),
+        "decay_damping": (isinstance(out["decay_damping"], bool), "true or false"),
+        "min_damping": (_is_number(out["min_damping"]) and out["min_damping"] >= 0, "a number >= 0"),
+    }
+    for key, (ok, what) in checks.items():
+        if not ok:
+            raise ValueError(f"{where}: '{key}' = {out[key]!r} is invalid; allowed: {what}")
+    out["steps_per_epoch"] = int(out["steps_per_epoch"])
+    return out
 
 
 class SPNGDPolyDecay(LRScheduler):
@@ -61,16 +104,10 @@ class SPNGDPolyDecay(LRScheduler):
         min_damping: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        checks = {
-            "steps_per_epoch": (steps_per_epoch, steps_per_epoch > 0, "an integer > 0"),
-            "end_epoch": (end_epoch, end_epoch > start_epoch, f"a number > start_epoch ({start_epoch})"),
-            "power": (power, power >= 0, "a number >= 0"),
-            "warmup_epochs": (warmup_epochs, 0 <= warmup_epochs, "a number >= 0"),
-            "min_damping": (min_damping, min_damping >= 0, "a number >= 0"),
-        }
-        for key, (value, ok, allowed) in checks.items():
-            if not ok:
-                raise ValueError(f"SPNGDPolyDecay: '{key}' = {value!r} is invalid; allowed: {allowed}")
+        validate_poly_params(
+            dict(steps_per_epoch=steps_per_epoch, start_epoch=start_epoch, end_epoch=end_epoch, power=power,
+                 warmup_epochs=warmup_epochs, decay_damping=decay_damping, min_damping=min_damping)
+        )
         self.steps_per_epoch = steps_per_epoch
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
