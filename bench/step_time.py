@@ -1,0 +1,487 @@
+"""Step time of SP-NGD against momentum SGD under the same DeepSpeed config (ZeRO 0, fp32).
+
+Three engines live in one process, on three identical copies of one model: momentum SGD
+(``"type": "SGD"``, built by DeepSpeed), SP-NGD with stale statistics off, and SP-NGD with the
+default staleness. They take turns on the same batches (the order rotates every step), so machine
+noise hits all three. Warm-up steps are excluded; the ratio is mean SP-NGD step / mean SGD step,
+where one step is forward + ``engine.backward`` + ``engine.step`` and its time is the slowest rank's.
+SP-NGD's own split (capture, communication, inversion, preconditioning) comes from
+``opt.metrics()``, summed over the measured steps.
+
+CPU (default): CIFAR-style ResNet-20 on 32x32 digits (3 channels), 32 per rank, 2 gloo ranks::
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/step_time.py
+
+With CUDA: torchvision ResNet-50 at 224x224, 32 per GPU, NCCL (one rank per GPU)::
+
+    torchrun --nproc_per_node <gpus> bench/step_time.py
+
+Writes ``bench/results/step_time_<device>.json`` and ``docs/step_time_split_<device>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ENGINES = ("sgd", "spngd_stale_off", "spngd_stale_on")
+SPLIT_KEYS = ("capture", "comm", "inversion", "precondition")
+TARGET = 1.3
+
+
+@dataclass
+class Trace:
+    """What one engine did over the measured steps (times are this rank's, in seconds)."""
+
+    times: list[float] = field(default_factory=list)
+    split: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SPLIT_KEYS})
+    refresh: list[float] = field(default_factory=list)
+    interval: list[float] = field(default_factory=list)
+    due: dict[str, list[float]] = field(default_factory=dict)
+
+
+def parse_args() -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet50" if cuda else "resnet20", choices=["resnet20", "resnet50"])
+    p.add_argument("--image_size", type=int, default=224 if cuda else 32)
+    p.add_argument("--micro_batch", type=int, default=32, help="samples per rank per step")
+    p.add_argument("--warmup", type=int, default=5, help="steps per engine excluded from the means")
+    p.add_argument("--steps", type=int, default=150, help="measured steps of SGD and SP-NGD with staleness (>= 50)")
+    p.add_argument("--steps_off", type=int, default=30, help="measured steps of SP-NGD without staleness")
+    p.add_argument("--profile_steps", type=int, default=3, help="profiled SP-NGD steps (0: no profile)")
+    p.add_argument("--noise_sizes", type=int, nargs="*", default=[32, 128, 512],
+                   help="global batch sizes of the statistic-noise diagnostic (none: skip)")
+    p.add_argument("--local_rank", type=int, default=0)
+    return p.parse_args()
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Rank, world size and device; sets the environment DeepSpeed reads."""
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build_engines(a: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
+    """name -> (engine, SPNGD or None), each on its own copy of the same initial model."""
+    import spngd_ds
+
+    base = common.build_model(a.model, seed=0)
+    blocks = {
+        "sgd": common.sgd_block(),
+        "spngd_stale_off": common.spngd_block(staleness=False),
+        "spngd_stale_on": common.spngd_block(staleness=True),
+    }
+    out: dict[str, tuple[Any, Any]] = {}
+    for name in ENGINES:
+        cfg = common.ds_config(blocks[name], a.micro_batch, stage=0)
+        model = copy.deepcopy(base)
+        engine, opt, _, _ = spngd_ds.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        out[name] = (engine, opt if name != "sgd" else None)
+    return out
+
+
+def batch(
+    x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, step: int, micro: int, rank: int, world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of global batch ``step`` (epochs of a fixed permutation, wrapping)."""
+    glob = micro * world
+    idx = order[(torch.arange(glob) + step * glob) % order.numel()]
+    mine = idx[rank * micro : (rank + 1) * micro]
+    return x[mine], y[mine]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(engine: Any, xb: torch.Tensor, yb: torch.Tensor, device: torch.device) -> float:
+    """Wall seconds of forward + backward + step on this rank (ranks aligned by a barrier first)."""
+    xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+    sync(device)
+    dist.barrier()
+    start = time.perf_counter()
+    loss = F.cross_entropy(engine(xb), yb)
+    engine.backward(loss)
+    engine.step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def due_by_kind(opt: Any) -> dict[str, float]:
+    """Share of the statistics of each kind (A, G, F) due at the coming step."""
+    acc: dict[str, list[bool]] = {}
+    for b in opt.blocks.values():
+        for st in b.stats.values():
+            acc.setdefault(st.name, []).append(st.schedule.is_due(opt.step_count))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def record(trace: Trace, seconds: float, opt: Any, due: dict[str, float]) -> None:
+    """Append one measured step (and SP-NGD's split of it) to ``trace``."""
+    trace.times.append(seconds)
+    if opt is None:
+        return
+    for k, v in due.items():
+        trace.due.setdefault(k, []).append(v)
+    m = opt.metrics()
+    for k in SPLIT_KEYS:
+        trace.split[k].append(m[f"spngd/time_{k}"])
+    trace.refresh.append(m["spngd/refresh_fraction"])
+    trace.interval.append(m["spngd/mean_interval"])
+
+
+def run(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict[str, Trace]:
+    """Alternate the engines for warm-up + measured steps; rotate the order every step."""
+    engines = build_engines(a)
+    x, y = common.digits_rgb(a.image_size)
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+    traces = {n: Trace() for n in ENGINES}
+    for step in range(a.warmup + a.steps):
+        xb, yb = batch(x, y, order, step, a.micro_batch, rank, world)
+        active = ENGINES if step < a.warmup + a.steps_off else ("sgd", "spngd_stale_on")
+        for k in range(len(active)):
+            name = active[(step + k) % len(active)]
+            engine, opt = engines[name]
+            due = due_by_kind(opt) if opt is not None else {}
+            seconds = timed_step(engine, xb, yb, device)
+            if step >= a.warmup:
+                record(traces[name], seconds, opt, due)
+        if rank == 0 and (step + 1) % 10 == 0:
+            print(f"step {step + 1}/{a.warmup + a.steps}", flush=True)
+    if a.profile_steps > 0:
+        profiled = profile(engines["spngd_stale_off"][0], x, y, order, a, rank, world, device)
+    else:
+        profiled = []
+    traces["_profile"] = profiled  # type: ignore[assignment]
+    traces["_intervals"] = intervals_by_kind(engines["spngd_stale_on"][1])  # type: ignore[assignment]
+    return traces
+
+
+def profile(
+    engine: Any, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, a: argparse.Namespace, rank: int,
+    world: int, device: torch.device,
+) -> list[dict[str, Any]]:
+    """Top operators by self time over ``profile_steps`` SP-NGD steps with every statistic refreshed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(a.profile_steps):
+            xb, yb = batch(x, y, order, 10_000 + i, a.micro_batch, rank, world)
+            timed_step(engine, xb, yb, device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:12]
+    return [
+        {"op": e.key, "self_ms_per_step": getattr(e, attr) / 1e3 / a.profile_steps,
+         "share": getattr(e, attr) / total, "calls_per_step": e.count / a.profile_steps}
+        for e in top
+    ]
+
+
+def record_layer_io(model: torch.nn.Module, names: list[str], xb: torch.Tensor, yb: torch.Tensor) -> tuple[
+    dict[str, torch.Tensor], dict[str, torch.Tensor]
+]:
+    """Inputs and output gradients of the named modules over one forward/backward of ``model``."""
+    inputs: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def hook_for(name: str) -> Any:
+        def hook(module: torch.nn.Module, inp: Any, out: torch.Tensor) -> None:
+            inputs[name] = inp[0].detach().clone()
+            out.register_hook(lambda g: grads.__setitem__(name, g.detach().clone()))
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
+    F.cross_entropy(model(xb), yb).backward()
+    for h in handles:
+        h.remove()
+    return inputs, grads
+
+
+def capture_breakdown(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                      reps: int = 3) -> dict[str, float]:
+    """Milliseconds to capture every statistic once for one micro-batch, per kind, measured alone
+    (one process, no hooks) by calling the blocks' own capture code on recorded layer inputs and
+    output gradients, next to the plain forward + backward of the same micro-batch."""
+    import spngd_ds
+    from spngd_ds.blocks import KronBlock
+
+    model = common.build_model(a.model).to(device)
+    opt = spngd_ds.SPNGD(model, staleness=None)
+    opt.capture.remove()
+    blocks = {n: b for n, b in opt.blocks.items() if b.stats}
+    xb, yb = x[: a.micro_batch].to(device), y[: a.micro_batch].to(device)
+    inputs, grads = record_layer_io(model, list(blocks), xb, yb)
+    n = xb.shape[0]
+    cost = {"A (Kronecker, forward)": 0.0, "G (Kronecker, backward)": 0.0, "F (BatchNorm)": 0.0}
+
+    def clock(fn: Any) -> float:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(device)
+        return (time.perf_counter() - start) / reps * 1e3
+
+    for name, b in blocks.items():
+        g = grads[name] / n  # the recorded gradient is of the mean loss; the blocks expect it per sample * n
+        if isinstance(b, KronBlock):
+            cost["A (Kronecker, forward)"] += clock(lambda b=b, name=name: b.capture_forward(inputs[name], {"A"}))
+            back = b.capture_forward(inputs[name], {"G"})
+            cost["G (Kronecker, backward)"] += clock(lambda back=back, g=g: back(g, 1.0))
+        else:
+            cost["F (BatchNorm)"] += clock(lambda b=b, name=name, g=g: b.capture_forward(inputs[name], {"F"})(g, 1.0))
+    plain = common.build_model(a.model).to(device)
+    cost["forward + backward, no capture"] = clock(lambda: F.cross_entropy(plain(xb), yb).backward())
+    return cost
+
+
+def statistic_noise(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
+                    device: torch.device, sizes: tuple[int, ...] = (32, 128, 512)) -> dict[str, Any]:
+    """Relative change r = ||X1 - X2||_F / ||X1||_F of every statistic between two disjoint global
+    batches of n samples at the same (initial) weights: the sampling noise rule 6 compares with its
+    threshold. Each batch is captured in micro-batches of ``micro_batch``, as n/micro_batch ranks would."""
+    import spngd_ds
+    from spngd_ds.staleness import relative_change
+
+    model = common.build_model(a.model).to(device)
+    opt = spngd_ds.SPNGD(model, staleness=None)
+    threshold = common.DEFAULT_STALENESS["threshold"]
+    out: dict[str, Any] = {}
+    for n in sizes:
+        values: list[dict[tuple[str, str], torch.Tensor]] = []
+        for k in range(2):
+            idx = order[k * n : (k + 1) * n]
+            for c in range(0, n, a.micro_batch):
+                sub = idx[c : c + a.micro_batch]
+                F.cross_entropy(model(x[sub].to(device)), y[sub].to(device)).backward()
+            model.zero_grad()
+            vals = {}
+            for b in opt.blocks.values():
+                for st in b.stats.values():
+                    total, count = st.take_local()
+                    assert total is not None
+                    vals[(b.name, st.name)] = b.normalise(st.name, total, count)
+            values.append(vals)
+        ratios: dict[str, list[float]] = {}
+        for key, v in values[0].items():
+            ratios.setdefault(key[1], []).append(relative_change(v, values[1][key]))
+        out[str(n)] = {kind: {"median_r": sorted(r)[len(r) // 2], "share_below_threshold": sum(q < threshold for q in r)
+                              / len(r), "count": len(r)} for kind, r in ratios.items()}
+    return out
+
+
+def intervals_by_kind(opt: Any) -> dict[str, float]:
+    """Mean refresh interval of the statistics of each kind (A, G, F) at the end of the run."""
+    acc: dict[str, list[int]] = {}
+    for b in opt.blocks.values():
+        for st in b.stats.values():
+            acc.setdefault(st.name, []).append(st.schedule.interval)
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def slowest_rank(values: list[float], world: int) -> list[float]:
+    """Element-wise max over ranks of a per-step list (a collective)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def allreduce_reference(n: int, device: torch.device, reps: int = 10) -> float:
+    """Mean seconds of one all-reduce of ``n`` fp32 elements (what SGD's gradient reduction costs)."""
+    buf = torch.ones(n, device=device)
+    dist.all_reduce(buf)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        dist.all_reduce(buf)
+    sync(device)
+    return (time.perf_counter() - start) / reps
+
+
+def mean(v: list[float]) -> float:
+    return sum(v) / len(v) if v else 0.0
+
+
+def summarise(traces: dict[str, Trace], world: int, late: int = 50) -> dict[str, Any]:
+    """Means per engine (slowest rank per step), ratios to SGD over the same steps, SP-NGD's split.
+
+    SP-NGD without staleness runs only the first ``len(its steps)`` measured steps: its ratio uses
+    SGD's times over those steps. ``late_ratio_to_sgd`` is the ratio over the last ``late`` steps.
+    """
+    out: dict[str, Any] = {"engines": {}}
+    sgd_times = slowest_rank(traces["sgd"].times, world)
+    for name in ENGINES:
+        tr = traces[name]
+        times = sgd_times if name == "sgd" else slowest_rank(tr.times, world)
+        ref = sgd_times[: len(times)]
+        entry: dict[str, Any] = {
+            "steps": len(times),
+            "mean_step_s": mean(times),
+            "median_step_s": sorted(times)[len(times) // 2],
+            "sgd_mean_step_s_same_steps": mean(ref),
+            "ratio_to_sgd": mean(times) / mean(ref),
+            "late_ratio_to_sgd": mean(times[-late:]) / mean(ref[-late:]),
+            "per_step_s": times,
+        }
+        if name != "sgd":
+            split = {k: mean(slowest_rank(tr.split[k], world)) for k in SPLIT_KEYS}
+            split["rest"] = entry["mean_step_s"] - sum(split.values())
+            entry["split_mean_s"] = split
+            entry["split_total_s"] = {k: v * len(times) for k, v in split.items()}
+            entry["extra_over_sgd_s"] = entry["mean_step_s"] - mean(ref)
+            entry["mean_refresh_fraction"] = mean(tr.refresh)
+            entry["late_refresh_fraction"] = mean(tr.refresh[-late:])
+            entry["refresh_fraction_per_step"] = tr.refresh
+            entry["due_share_by_kind"] = {k: mean(v) for k, v in tr.due.items()}
+            entry["late_due_share_by_kind"] = {k: mean(v[-late:]) for k, v in tr.due.items()}
+            entry["final_mean_interval"] = tr.interval[-1] if tr.interval else 0.0
+        out["engines"][name] = entry
+    return out
+
+
+def print_report(res: dict[str, Any]) -> None:
+    eng = res["engines"]
+    rows = []
+    for name in ENGINES:
+        e = eng[name]
+        split = e.get("split_mean_s", {})
+        rows.append([name, e["mean_step_s"] * 1e3, e["median_step_s"] * 1e3, e["ratio_to_sgd"],
+                     *(split.get(k, 0.0) * 1e3 for k in (*SPLIT_KEYS, "rest")), e.get("mean_refresh_fraction", "")])
+    heads = ["engine", "mean ms", "median ms", "ratio", "capture ms", "comm ms", "invert ms", "precond ms",
+             "rest ms", "refresh frac"]
+    print(common.format_table(heads, rows))
+    ratio_on = eng["spngd_stale_on"]["ratio_to_sgd"]
+    verdict = "met" if ratio_on <= TARGET else "MISSED"
+    print(f"amortized ratio with staleness on: {ratio_on:.3f} (target <= {TARGET}: {verdict})")
+    print(f"ratio with staleness off: {eng['spngd_stale_off']['ratio_to_sgd']:.3f}")
+    print(f"reference all-reduce of the gradients: {res['allreduce_ref_s'] * 1e3:.2f} ms")
+    rows = [[k, v] for k, v in res["capture_breakdown_ms"].items()]
+    print("capture of every statistic once, one micro-batch, one process (ms):")
+    print(common.format_table(["part", "ms"], rows))
+    on = eng["spngd_stale_on"]
+    print("staleness on: mean refresh interval at the end per kind", {
+        k: round(v, 2) for k, v in res["final_interval_by_kind"].items()}, "; share of steps refreshing, whole run",
+        {k: round(v, 2) for k, v in on["due_share_by_kind"].items()}, ", last 50 steps",
+        {k: round(v, 2) for k, v in on["late_due_share_by_kind"].items()})
+    print(f"staleness on, last 50 steps: ratio {on['late_ratio_to_sgd']:.3f}")
+    if res.get("statistic_noise"):
+        print(f"sampling noise of the statistics at fixed weights (threshold {common.DEFAULT_STALENESS['threshold']}):")
+        rows = [[n, kind, v["median_r"], v["share_below_threshold"]]
+                for n, kinds in res["statistic_noise"].items() for kind, v in kinds.items()]
+        print(common.format_table(["global batch", "statistic", "median r", "share r < threshold"], rows))
+    if res.get("profile"):
+        print("top operators, SP-NGD with staleness off (self time per step, rank 0):")
+        rows = [[p["op"], p["self_ms_per_step"], p["share"], p["calls_per_step"]] for p in res["profile"]]
+        print(common.format_table(["op", "ms/step", "share", "calls/step"], rows))
+
+
+def plot_split(res: dict[str, Any], path: Path) -> None:
+    """Stacked bars: SGD's step, SP-NGD's step split into rest/capture/comm/inversion/precondition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eng = res["engines"]
+    labels = ["momentum SGD", "SP-NGD\nstaleness off", "SP-NGD\nstaleness on"]
+    parts = ["rest", *SPLIT_KEYS]
+    names = {"rest": "forward/backward/update", "capture": "statistics capture", "comm": "communication",
+             "inversion": "inversion", "precondition": "preconditioning"}
+    colors = {"rest": "#9e9e9e", "capture": "#1f77b4", "comm": "#ff7f0e", "inversion": "#2ca02c",
+              "precondition": "#d62728"}
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
+    ax.bar(0, 1.0, color="#616161", label="SGD step (fwd/bwd/all-reduce/update)")
+    for i, name in enumerate(ENGINES[1:], start=1):
+        sgd = eng[name]["sgd_mean_step_s_same_steps"]  # each bar in units of SGD over the same steps
+        bottom = 0.0
+        for k in parts:
+            h = eng[name]["split_mean_s"][k] / sgd
+            ax.bar(i, h, bottom=bottom, color=colors[k], label=names[k] if i == 1 else None)
+            bottom += h
+        ax.text(i, bottom, f"{eng[name]['ratio_to_sgd']:.2f}x\n({eng[name]['steps']} steps)", ha="center",
+                va="bottom", fontsize=9)
+    ax.axhline(TARGET, color="k", ls="--", lw=1, label=f"target {TARGET}x (staleness on)")
+    ax.set_xticks(range(3), labels)
+    ax.set_ylabel("mean step time / SGD's over the same steps")
+    m = res["setup"]
+    sgd_ms = eng["sgd"]["mean_step_s"] * 1e3
+    ax.set_title(f"{m['model']} {m['image_size']}x{m['image_size']}, batch {m['micro_batch']}/rank, "
+                 f"{m['world_size']} ranks, {m['device']}, ZeRO 0 fp32; SGD step {sgd_ms:.0f} ms", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_ylim(0, max(e["ratio_to_sgd"] for e in eng.values()) * 1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    a = parse_args()
+    common.prepare_environment()
+    rank, world, device = init_distributed()
+    wall = time.perf_counter()
+    load_before = list(os.getloadavg())
+    traces = run(a, rank, world, device)
+    prof = traces.pop("_profile")  # type: ignore[arg-type]
+    intervals = traces.pop("_intervals")  # type: ignore[arg-type]
+    res = summarise(traces, world)
+    n_params = common.param_count(common.build_model(a.model))
+    res["allreduce_ref_s"] = max(slowest_rank([allreduce_reference(n_params, device)], world))
+    res["profile"] = prof
+    res["final_interval_by_kind"] = intervals
+    if rank == 0:
+        x, y = common.digits_rgb(a.image_size)
+        res["capture_breakdown_ms"] = capture_breakdown(a, x, y, device)
+        if a.noise_sizes:
+            order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))
+            res["statistic_noise"] = statistic_noise(a, x, y, order, device, tuple(a.noise_sizes))
+    dist.barrier()
+    res["setup"] = {"model": a.model, "image_size": a.image_size, "micro_batch": a.micro_batch,
+                    "world_size": world, "warmup": a.warmup, "steps": a.steps, "device": device.type,
+                    "params": n_params, "zero_stage": 0, "precision": "fp32",
+                    "spngd": common.SPNGD_PARAMS, "staleness": common.DEFAULT_STALENESS, "sgd": common.SGD_PARAMS}
+    res["target"] = {"ratio_stale_on_max": TARGET, "met": res["engines"]["spngd_stale_on"]["ratio_to_sgd"] <= TARGET}
+    res["machine"] = common.machine_info() | {"load_average_at_start": load_before}
+    res["wall_s"] = time.perf_counter() - wall
+    if rank == 0:
+        print_report(res)
+        tag = device.type
+        path = common.write_json(f"step_time_{tag}", res)
+        common.DOCS_DIR.mkdir(exist_ok=True)
+        plot_split(res, common.DOCS_DIR / f"step_time_split_{tag}.png")
+        print(f"wrote {path} and docs/step_time_split_{tag}.png; wall {res['wall_s']:.0f} s")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
