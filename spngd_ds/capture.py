@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from spngd_ds.blocks.base import Block
 
 BackwardCapture = Callable[[torch.Tensor, float], None]
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 class CurvatureCapture:
@@ -55,6 +56,7 @@ class CurvatureCapture:
         self.last_seconds = 0.0
         self.feeds_bn: set[str] = set()
         self._mc_targets: list[tuple[torch.Tensor, BackwardCapture]] = []
+        self._bn_snapshot: list[tuple[nn.Module, list[torch.Tensor]]] = []
         self._handles: list[RemovableHandle] = []
         self._probe_handles: list[RemovableHandle] = []
         self._probe_outputs: dict[int, tuple[torch.Tensor, int, str]] = {}
@@ -90,8 +92,28 @@ class CurvatureCapture:
     # -- hooks ----------------------------------------------------------------------------------
     def _root_pre_hook(self, module: nn.Module, inputs: Any) -> None:
         if self.model.training and torch.is_grad_enabled():
+            if self.micro_batch == 0:
+                self._snapshot_batchnorm()
             self.micro_batch += 1
             self._mc_targets = []
+
+    def _snapshot_batchnorm(self) -> None:
+        """Remember BatchNorm running statistics before the step's first forward, so that a
+        skipped step (non-finite gradients, fp16 overflow) can undo what its forwards did to them."""
+        self._bn_snapshot = [
+            (m, [getattr(m, name).detach().clone() for name in _BN_BUFFERS])
+            for m in self.model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and all(isinstance(getattr(m, name, None), torch.Tensor) for name in _BN_BUFFERS)
+        ]
+
+    def restore_batchnorm(self) -> None:
+        """Put back the running statistics of :meth:`_snapshot_batchnorm` (a skipped step)."""
+        with torch.no_grad():
+            for m, saved in self._bn_snapshot:
+                for name, value in zip(_BN_BUFFERS, saved, strict=True):
+                    getattr(m, name).copy_(value)
+        self._bn_snapshot = []
 
     def _forward_hook(self, block: Block) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:

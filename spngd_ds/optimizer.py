@@ -204,7 +204,11 @@ class SPNGD(Optimizer):
     def skip_step(self, reason: str) -> None:
         """Skip this step entirely: no update, and this step's statistics are discarded."""
         self.stats_log.skipped_steps += 1
-        logger.warning("SPNGD: step %d skipped (%s); statistics of this step discarded", self.step_count, reason)
+        logger.warning(
+            "SPNGD: step %d skipped (%s); its statistics and BatchNorm running statistics discarded",
+            self.step_count, reason,
+        )
+        self.capture.restore_batchnorm()
         for b in self.blocks.values():
             for s in b.stats.values():
                 s.take_local()
