@@ -212,10 +212,11 @@ class Series:
     intercepted: list[float] = field(default_factory=list)
     refresh: list[float] = field(default_factory=list)
     by_fn: dict[str, float] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, float] = field(default_factory=dict)
 
 
 def build(case: Case, micro: int) -> tuple[Any, Any]:
+    """A fresh engine (and SPNGD, or None for SGD) for ``case`` on the seeded ResNet-20."""
     import spngd_ds
 
     block = common.sgd_block() if case.optimizer == "sgd" else common.spngd_block(case.staleness, case.comm_dtype)
@@ -263,6 +264,7 @@ def run_case(case: Case, steps: int, micro: int, counter: CollectiveCounter) -> 
 
 
 def mean(v: list[float]) -> float:
+    """Arithmetic mean; 0 for an empty list."""
     return sum(v) / len(v) if v else 0.0
 
 
@@ -281,7 +283,7 @@ def summarise(case: Case, s: Series, window: int, n_params: int, world: int) -> 
     ds_part = 0.0
     if case.optimizer == "spngd":
         ds_part = analytic_deepspeed(n_params, world, case.stage, case.bucket_allreduce)
-    out = {
+    out: dict[str, Any] = {
         "case": case.__dict__,
         "steps": len(ours),
         "window": w,
@@ -306,6 +308,7 @@ def summarise(case: Case, s: Series, window: int, n_params: int, world: int) -> 
 
 
 def print_report(res: dict[str, Any]) -> None:
+    """The results table, the verdict against the target and the analytic projections."""
     rows = []
     for r in res["cases"].values():
         rows.append([r["case"]["name"], r["steps"], r["window"], common.mib(r["ours_mean"]),
@@ -420,6 +423,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
+    """Run every case on 2 ranks, summarise, print, write JSON and the plot (rank 0)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--window", type=int, default=30, help="steady state: the last this many steps")

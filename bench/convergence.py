@@ -92,6 +92,7 @@ class Run:
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in eval mode (BatchNorm running statistics); leaves the model in train mode."""
     model.eval()
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).float().mean())
@@ -143,6 +144,7 @@ def train(data: Data, name: str, lr: float, batch: int, seed: int, cap: int, sto
 
 
 def median_steps(runs: list[Run]) -> float:
+    """Median steps to the target over seeds, a run that never got there counting as infinity."""
     return statistics.median(r.reached if r.reached is not None else math.inf for r in runs)
 
 
@@ -194,6 +196,7 @@ def verdicts(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_report(res: dict[str, Any]) -> None:
+    """The per-optimizer table and the verdict per batch size."""
     rows = []
     for batch_name, per_opt in res["results"].items():
         for name, r in per_opt.items():
@@ -247,6 +250,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
+    """Sweep, pick, record curves, print, write JSON and the plot."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--cap", type=int, default=200, help="most steps per run")

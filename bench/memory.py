@@ -171,6 +171,7 @@ def describe(blocks: list[Block]) -> dict[str, Any]:
 
 
 def print_report(res: dict[str, Any]) -> None:
+    """The model summary, one table per ownership unit, the factor-level gain and the cross-check."""
     d = res["model"]
     print(f"ResNet-50: {d['kron_blocks']} Kronecker blocks, {d['bn_blocks']} BatchNorm blocks; curvature total "
           f"{common.mib(d['total_bytes']):.1f} MiB (BN {common.mib(d['bn_bytes']):.2f} MiB); largest block "
@@ -232,6 +233,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
+    """Build the blocks, tabulate every ownership unit, cross-check, print, write JSON and the plot."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no_cross_check", action="store_true", help="skip the real ResNet-50 step")
     a = p.parse_args()

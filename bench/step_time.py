@@ -54,6 +54,7 @@ class Trace:
 
 
 def parse_args() -> argparse.Namespace:
+    """Command-line options; the defaults depend on whether CUDA is present."""
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50" if cuda else "resnet20", choices=["resnet20", "resnet50"])
@@ -113,6 +114,7 @@ def batch(
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device (CUDA kernels are asynchronous; nothing to do on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -153,8 +155,12 @@ def record(trace: Trace, seconds: float, opt: Any, due: dict[str, float]) -> Non
     trace.interval.append(m["spngd/mean_interval"])
 
 
-def run(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict[str, Trace]:
-    """Alternate the engines for warm-up + measured steps; rotate the order every step."""
+def run(
+    a: argparse.Namespace, rank: int, world: int, device: torch.device
+) -> tuple[dict[str, Trace], list[dict[str, Any]], dict[str, float]]:
+    """Alternate the engines for warm-up + measured steps, rotating the order every step; then
+    profile SP-NGD without staleness. Returns the traces, the profile and the final refresh
+    intervals per statistic kind of SP-NGD with staleness."""
     engines = build_engines(a)
     x, y = common.digits_rgb(a.image_size)
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
@@ -175,9 +181,7 @@ def run(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> d
         profiled = profile(engines["spngd_stale_off"][0], x, y, order, a, rank, world, device)
     else:
         profiled = []
-    traces["_profile"] = profiled  # type: ignore[assignment]
-    traces["_intervals"] = intervals_by_kind(engines["spngd_stale_on"][1])  # type: ignore[assignment]
-    return traces
+    return traces, profiled, intervals_by_kind(engines["spngd_stale_on"][1])
 
 
 def profile(
@@ -329,6 +333,7 @@ def allreduce_reference(n: int, device: torch.device, reps: int = 10) -> float:
 
 
 def mean(v: list[float]) -> float:
+    """Arithmetic mean; 0 for an empty list."""
     return sum(v) / len(v) if v else 0.0
 
 
@@ -370,6 +375,7 @@ def summarise(traces: dict[str, Trace], world: int, late: int = 50) -> dict[str,
 
 
 def print_report(res: dict[str, Any]) -> None:
+    """Step-time table, verdict, capture breakdown, staleness, noise diagnostic and profile."""
     eng = res["engines"]
     rows = []
     for name in ENGINES:
@@ -445,14 +451,13 @@ def plot_split(res: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
+    """Measure on every rank, summarise, and on rank 0 print, write JSON and the plot."""
     a = parse_args()
     common.prepare_environment()
     rank, world, device = init_distributed()
     wall = time.perf_counter()
     load_before = list(os.getloadavg())
-    traces = run(a, rank, world, device)
-    prof = traces.pop("_profile")  # type: ignore[arg-type]
-    intervals = traces.pop("_intervals")  # type: ignore[arg-type]
+    traces, prof, intervals = run(a, rank, world, device)
     res = summarise(traces, world)
     n_params = common.param_count(common.build_model(a.model))
     res["allreduce_ref_s"] = max(slowest_rank([allreduce_reference(n_params, device)], world))
