@@ -23,7 +23,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from spngd_ds.config import SPNGDConfig, validate_spngd_params
@@ -222,8 +221,3 @@ def _build_spngd(model: nn.Module, params: SPNGDConfig, cfg: dict[str, Any]) -> 
     staleness = kwargs.pop("staleness")
     opt = SPNGD(model, staleness=staleness, communicator=comm, **kwargs)
     return opt
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """dtype of the model's first parameter."""
-    return next(model.parameters()).dtype

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -193,9 +193,10 @@ class SPNGD(Optimizer):
         owned_grads = self._reduce_gradients(grads)
         self.refresh_curvature()
         with self.stats_log.timer("precondition"):
+            owned: dict[str, list[torch.Tensor]] = {b.name: [live[id(p)] for p in b.params] for b in self.owned()}
             updates = {b.name: self.precondition_block(b, owned_grads[b.name]) for b in self.owned()}
-            self._apply_updates({b.name: [live[id(p)] for p in b.params] for b in self.owned()}, updates)
-            self._rescale_weights({b.name: [live[id(p)] for p in b.params] for b in self.owned()})
+            self._apply_updates(owned, updates)
+            self._rescale_weights(owned)
         with self.stats_log.timer("comm"):
             self._gather_parameters(live)
         self.finish_step()
@@ -522,7 +523,3 @@ class SPNGD(Optimizer):
             else:
                 logger.warning("SPNGD: resuming with %s = %r (checkpoint had %r)", key, new, old)
         return "staleness" not in changed
-
-    def iter_blocks(self) -> Iterable[Block]:
-        """All blocks in model order."""
-        return self.blocks.values()

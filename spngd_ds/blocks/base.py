@@ -113,9 +113,6 @@ class Block:
         self.dtype = stat_dtype(module) if params else torch.float32
 
     # -- capture (hooks) -------------------------------------------------------------------------
-    forward_stats: tuple[str, ...] = ()
-    backward_stats: tuple[str, ...] = ()
-
     def capture_forward(self, inputs: torch.Tensor, due: set[str]) -> Callable[[torch.Tensor, float], None] | None:
         """Called by the forward hook with the module's input; returns the backward capture
         (called with the output gradient and its per-sample scale), or ``None``."""

@@ -45,8 +45,6 @@ class KronBlock(Block):
     """K-FAC block of one nn.Linear or nn.Conv2d (weight and bias as one block [W | b])."""
 
     kind = "kron"
-    forward_stats = ("A",)
-    backward_stats = ("G",)
 
     def __init__(self, name: str, module: nn.Linear | nn.Conv2d, schedule: Callable[[], RefreshSchedule]):
         params = list(module.parameters(recurse=False))  # [weight, bias] in registration order

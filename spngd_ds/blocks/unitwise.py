@@ -43,8 +43,6 @@ class UnitwiseBlock(Block):
     """Unit-wise Fisher block of one affine BatchNorm1d/2d: parameters (γ, β)."""
 
     kind = "unitwise"
-    forward_stats = ("F",)
-    backward_stats = ("F",)
 
     def __init__(
         self,
