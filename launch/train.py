@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import spngd_ds  # noqa: E402
+from spngd_ds.distenv import ensure_single_process_env  # noqa: E402
 from spngd_ds.recipes import checkpoint  # noqa: E402
 from spngd_ds.recipes.data import DATASETS, build_datasets  # noqa: E402
-from spngd_ds.recipes.distenv import ensure_single_process_env  # noqa: E402
 from spngd_ds.recipes.dsconfig import (  # noqa: E402
     batch_layout,
     ensure_buffer_dtype,

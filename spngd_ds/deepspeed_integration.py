@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from spngd_ds.config import SPNGDConfig, validate_spngd_params
-from spngd_ds.recipes.distenv import ensure_single_process_env
+from spngd_ds.distenv import ensure_single_process_env
 
 SPNGD_TYPE = "spngd"
 SCHEDULER_TYPE = "spngdpolydecay"

@@ -7,7 +7,7 @@ Everything a user launches through ``launch/train.py`` lives here, one idea per 
 - :mod:`spngd_ds.recipes.models` -- the compact ResNet and torchvision models, BN gamma init.
 - :mod:`spngd_ds.recipes.augment` -- mixup and per-sample random erasing on batches.
 - :mod:`spngd_ds.recipes.dsconfig` -- reading a DeepSpeed JSON and filling ``"auto"`` values.
-- :mod:`spngd_ds.recipes.distenv` -- process-group environment for plain ``python`` launches.
+- :mod:`spngd_ds.recipes.distenv` -- re-exports :mod:`spngd_ds.distenv` (process-group environment).
 - :mod:`spngd_ds.recipes.checkpoint` -- the client state saved next to DeepSpeed's checkpoint.
 - :mod:`spngd_ds.recipes.monitor` -- the rank-0 Weights & Biases logger.
 - :mod:`spngd_ds.recipes.trainer` -- evaluation and the training loop.
