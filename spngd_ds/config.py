@@ -28,17 +28,21 @@ class StalenessConfig(BaseModel):
 
     ``threshold``: relative change ||X_new - X_old||_F / ||X_old||_F below which the interval grows.
     ``max_interval``: the largest interval, in optimizer steps.
+    ``noise_scale``: weight of the sampling-noise floor ν (spngd_ds/staleness.py): the interval grows
+    when r² < threshold² + (noise_scale·ν)², ν² = ρ (1/n_new + 1/n_old) from the statistic's own
+    Wishart variance ρ and the global sample counts of the two values; 0 gives the plain r < threshold.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    _numbers = field_validator("threshold", "max_interval", mode="before")(_no_bool)
+    _numbers = field_validator("threshold", "max_interval", "noise_scale", mode="before")(_no_bool)
 
     threshold: float = Field(0.1, gt=0.0, description="a float > 0")
     max_interval: int = Field(20, ge=1, description="an integer >= 1 (steps)")
+    noise_scale: float = Field(1.0, ge=0.0, description="a float >= 0 (0: no sampling-noise floor)")
 
 
-DEFAULT_STALENESS: dict[str, Any] = {"threshold": 0.1, "max_interval": 20}
+DEFAULT_STALENESS: dict[str, Any] = {"threshold": 0.1, "max_interval": 20, "noise_scale": 1.0}
 
 
 class SPNGDConfig(BaseModel):
@@ -59,7 +63,7 @@ class SPNGDConfig(BaseModel):
     weight_rescale: StrictBool = Field(False, description="true or false")
     staleness: StalenessConfig | None = Field(
         default_factory=lambda: StalenessConfig(**DEFAULT_STALENESS),
-        description="null or {'threshold': float > 0, 'max_interval': int >= 1}",
+        description="null or {'threshold': float > 0, 'max_interval': int >= 1, 'noise_scale': float >= 0}",
     )
     comm_dtype: CommDtype = Field("fp32", description="one of 'fp32', 'bf16', 'fp16'")
     stat_micro_batches: int | None = Field(

@@ -87,6 +87,9 @@ CASES: list[Case] = [
     Case("conv_s2_p1_d2_nobias", _conv_mlp(2, 3, 3, 2, 1, 2, False, 7, 3), (2, 7, 7), 6, "ce", 3),
     Case("conv_3x3_plain_bias", _conv_mlp(2, 3, 3, 1, 0, 1, True, 6, 3), (2, 6, 6), 5, "ce", 3),
     Case("conv_1x1_bias", _conv_mlp(3, 2, 1, 1, 0, 1, True, 5, 3), (3, 5, 5), 5, "ce", 3),
+    # C_in·kh·kw = 261 >= 256: the im2col columns layout of KronBlock (the others take the rows one)
+    Case("conv_wide_s2_p1_bias", _conv_mlp(29, 2, 3, 2, 1, 1, True, 5, 3), (29, 5, 5), 4, "ce", 3),
+    Case("conv_wide_d2_nobias", _conv_mlp(29, 2, 3, 1, 2, 2, False, 4, 3), (29, 4, 4), 4, "ce", 3),
     Case(
         "conv_stack_mse",
         lambda: nn.Sequential(

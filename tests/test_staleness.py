@@ -151,9 +151,9 @@ def test_optimizer_refreshes_only_when_due(monkeypatch: pytest.MonkeyPatch) -> N
     bn = opt.blocks["1"]
     assert [b.kind for b in kron] == ["kron", "kron"] and bn.kind == "unitwise"
 
-    act_calls = {b.name: _counting(b, "activations", monkeypatch) for b in kron}
-    out_calls = {b.name: _counting(b, "output_rows", monkeypatch) for b in kron}
-    xhat_calls = _counting(unitwise_mod, "normalised_input", monkeypatch)
+    act_calls = {b.name: _counting(b, "activation_gram", monkeypatch) for b in kron}
+    out_calls = {b.name: _counting(b, "output_gram", monkeypatch) for b in kron}
+    xhat_calls = _counting(unitwise_mod, "centred_input", monkeypatch)
     inv_calls = _counting(kron_mod, "robust_inverse", monkeypatch)
 
     expected_interval = {0: 1, 1: 2, 3: 3, 6: 3, 9: 3}
@@ -227,8 +227,9 @@ def test_each_statistic_has_its_own_interval(monkeypatch: pytest.MonkeyPatch) ->
     opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3})
     head = opt.blocks["3"]
     head.stats["G"].schedule.threshold = 1e-30  # every change counts as big: interval stays 1
+    head.stats["G"].schedule.noise_scale = 0.0  # ... including the part that is sampling noise
     opt.capture.start_step(opt._due(0))
-    act = _counting(head, "activations", monkeypatch)
+    act = _counting(head, "activation_gram", monkeypatch)
     for step in range(N_STEPS):
         _train_step(model, opt, step)
     a, g = head.stats["A"], head.stats["G"]
@@ -280,8 +281,12 @@ def test_default_staleness_is_on() -> None:
 
 
 def test_tiny_threshold_keeps_intervals_at_one() -> None:
+    """The plain rule (no noise floor): any change resets the interval."""
     model = _mlp()
     opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e-12, "max_interval": 5})
+    for b in opt.blocks.values():
+        for s in b.stats.values():
+            s.schedule.noise_scale = 0.0
     for step in range(6):
         _train_step(model, opt, step)
         for b in opt.blocks.values():
