@@ -284,7 +284,7 @@ class OwnerLayout:
             return [Bucket(geo, (0,) * n)]
         if bucket_numel < 2 * n:
             raise ValueError(f"bucket_numel={bucket_numel} is too small for {n} ranks (need >= {2 * n})")
-        k = max(1, _ceil_div(geo.total, bucket_numel - 2 * n))  # chunk rounding adds < N, padding < N
+        k = max(1, _ceil_div(geo.total, max(1, bucket_numel - 2 * n)))  # rounding adds < N, padding < N
         while True:
             chunks = [_ceil_div(c, k) for c in geo.counts]
             buckets = []
@@ -468,7 +468,7 @@ class PendingToOwners:
             work.wait()
             send, recv = bucket.geometry.to_owner_splits(rank)
             mine = torch.empty(sum(recv), dtype=shard.dtype, device=shard.device)
-            comm.all_to_all(mine, shard, send, recv)
+            comm.all_to_all(mine, shard[: sum(send)], send, recv)  # the shard's real part (padding last)
             parts.append(mine)
         owned = self._layout.owned_items[rank]
         flat = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else None
