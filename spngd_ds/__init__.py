@@ -5,13 +5,15 @@ Public surface (see shared DESIGN.md section 4):
 - :class:`SPNGD` -- the optimizer (standalone ``torch.optim.Optimizer``).
 - :func:`initialize` -- ``deepspeed.initialize`` that understands ``"type": "SPNGD"``.
 - :class:`SPNGDPolyDecay` -- the learning-rate (and damping) schedule of rule 9.
+- :func:`patch_deepspeed` -- make ``deepspeed.initialize`` itself understand ``"type": "SPNGD"``
+  (HF Trainer, Accelerate, Lightning).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SPNGD", "SPNGDPolyDecay", "SPNGDConfig", "initialize"]
+__all__ = ["SPNGD", "SPNGDPolyDecay", "SPNGDConfig", "initialize", "patch_deepspeed"]
 __version__ = "0.1.0"
 
 
@@ -33,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from spngd_ds.deepspeed_integration import initialize
 
         return initialize
+    if name == "patch_deepspeed":
+        from spngd_ds.patch import patch_deepspeed
+
+        return patch_deepspeed
     raise AttributeError(f"module 'spngd_ds' has no attribute {name!r}")
