@@ -30,6 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 from typing import Literal, Protocol
 
 import torch
@@ -421,7 +422,7 @@ def _split(
 ) -> list[torch.Tensor]:
     """Views of the 1-D ``flat``, one per (numel, shape), at ``offsets`` (default: consecutive)."""
     if offsets is None:
-        offsets = [sum(numels[:i]) for i in range(len(numels))]
+        offsets = list(accumulate(numels, initial=0))[:-1]
     return [flat[o : o + n].view(tuple(s)) for o, n, s in zip(offsets, numels, shapes, strict=True)]
 
 
@@ -452,11 +453,14 @@ class PendingToOwners:
         shards: list[torch.Tensor],
         dtypes: list[torch.dtype],
         shapes: list[tuple[int, ...]],
+        sends: list[torch.Tensor],
     ) -> None:
         self._comm, self._layout, self._buckets = comm, layout, buckets
         self._works, self._shards, self._dtypes, self._shapes = works, shards, dtypes, shapes
+        self._sends = sends  # the reduce-scatters' inputs stay alive until they are waited on
         self._done = False
 
+    @torch.no_grad()
     def wait(self) -> list[torch.Tensor]:
         """The items this rank owns, summed over ranks, in item order, each in its input's shape and dtype."""
         if self._done:
@@ -535,6 +539,7 @@ class Communicator:
         dtype. One reduce-scatter + one all-to-all per bucket."""
         return self.to_owners_async(layout, tensors, dtype).wait()
 
+    @torch.no_grad()
     def to_owners_async(
         self, layout: OwnerLayout, tensors: Sequence[torch.Tensor], dtype: torch.dtype
     ) -> PendingToOwners:
@@ -547,6 +552,7 @@ class Communicator:
         flat = _concat([tensors[i] for i in order], layout.geometry.padded, dtype, self.device)
         works: list[Work] = []
         shards: list[torch.Tensor] = []
+        sends: list[torch.Tensor] = []
         for bucket in buckets:
             geo = bucket.geometry
             if geo.total == 0:
@@ -555,11 +561,14 @@ class Communicator:
             shard = torch.empty(geo.shard, dtype=dtype, device=self.device)
             works.append(self.reduce_scatter(shard, send, async_op=True))
             shards.append(shard)
+            sends.append(send)
         live = [b for b in buckets if b.geometry.total > 0]
         owned = layout.owned_items[self.rank]
         dtypes = [tensors[i].dtype for i in owned]
-        return PendingToOwners(self, layout, live, works, shards, dtypes, [tuple(tensors[i].shape) for i in owned])
+        shapes = [tuple(tensors[i].shape) for i in owned]
+        return PendingToOwners(self, layout, live, works, shards, dtypes, shapes, sends)
 
+    @torch.no_grad()
     def from_owners(
         self, layout: OwnerLayout, mine: Sequence[torch.Tensor], dtype: torch.dtype
     ) -> list[torch.Tensor]:
@@ -600,6 +609,7 @@ class Communicator:
                     flat[at : at + n].copy_(full[bucket.geometry.starts[q] : bucket.geometry.starts[q] + n])
         return _split(flat, layout.numels, layout.shapes, layout.offsets)
 
+    @torch.no_grad()
     def fragment_plan(self, layout: OwnerLayout, fragments: Sequence[tuple[int, int, int]]) -> FragmentPlan:
         """Every rank gives its ``(item, start, length)`` fragments; returns the validated
         :class:`FragmentPlan` (the same on every rank). A collective (one all-gather of counts, one
@@ -618,6 +628,7 @@ class Communicator:
         per_rank = tuple(tuple((i, s, ln) for i, s, ln in table[p][: int(counts[p])]) for p in range(n))
         return FragmentPlan(layout, per_rank)
 
+    @torch.no_grad()
     def fragments_to_owners(
         self, plan: FragmentPlan, fragments: Sequence[torch.Tensor], dtype: torch.dtype
     ) -> list[torch.Tensor]:
@@ -650,6 +661,7 @@ class Communicator:
             at += n
         return _split(flat, [lay.numels[i] for i in owned], [lay.shapes[i] for i in owned])
 
+    @torch.no_grad()
     def fragments_from_owners(
         self, plan: FragmentPlan, owned: Sequence[torch.Tensor], dtype: torch.dtype
     ) -> list[torch.Tensor]:

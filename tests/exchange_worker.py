@@ -6,7 +6,9 @@ every rank can regenerate), and checks the bytes three ways: ``torch.distributed
 wrapped to record what each rank hands to every collective, and that must equal the layer's own
 counter and the analytic :func:`spngd_ds.comm.layout_bytes` / ``FragmentPlan.sent_bytes``. The
 number of collectives per call is recorded too. Rank 0 writes a JSON summary to ``--out``; any
-failed check raises, so the launch fails.
+failed check raises, so the launch fails. The test forks the ranks (:func:`forked_rank`, no torch
+import per rank); ``python -m torch.distributed.run --nproc_per_node=N tests/exchange_worker.py
+--out summary.json`` runs the same cases by hand.
 
 Not collected by pytest (no test_ prefix).
 """
@@ -277,12 +279,9 @@ def case_device(comm: DistributedCommunicator, log: WireLog, summary: dict[str, 
     summary["device_checks"] = fired
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+def run_cases(out: str) -> None:
+    """Every case on this rank of the initialised default process group; rank 0 writes the summary."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     log = WireLog()
     log.install()
     comm = DistributedCommunicator()
@@ -295,8 +294,34 @@ def main() -> None:
     log.reference_all_reduce(flags)  # every rank got here
     summary["ranks_done"] = int(flags.item())
     if comm.rank == 0:
-        with open(args.out, "w") as f:
+        with open(out, "w") as f:
             json.dump(summary, f)
+
+
+def forked_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Entry point of one forked rank (tests/test_exchange_dist.py): exit code 0 on success."""
+    code = 1
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        run_cases(out)
+        dist.destroy_process_group()
+        code = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # skip the forked parent's atexit handlers (pytest's)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    run_cases(args.out)
     dist.destroy_process_group()
 
 

@@ -1,39 +1,40 @@
 """The exchange layer (spngd_ds.comm: to_owners / from_owners / fragments, async, buckets) on 2, 3
-and 4 gloo ranks without DeepSpeed: one launch of tests/exchange_worker.py per world size runs every
-case (unequal owners, a rank that owns nothing, empty and zero-sized items, several buckets, fp32 /
-bf16 / float64 wire dtypes, fragments cut anywhere, bytes by wrapping torch.distributed, the device
-check). The worker asserts; this test launches it and reads rank 0's summary."""
+and 4 gloo ranks without DeepSpeed: one group of ranks per world size, forked from this process
+(torch is imported once), runs every case of tests/exchange_worker.py (unequal owners, a rank that
+owns nothing, empty and zero-sized items, several buckets, fp32 / bf16 / float64 wire dtypes,
+fragments cut anywhere, bytes by wrapping torch.distributed, the device check). The ranks assert;
+this test checks their exit codes and rank 0's summary."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
+import multiprocessing as mp
 from pathlib import Path
 
 import pytest
 
-from tests.distributed import ROOT, free_port
+from tests.distributed import free_port
+from tests.exchange_worker import forked_rank
 
-WORKER = ROOT / "tests" / "exchange_worker.py"
+TIMEOUT_S = 60.0
 
 
-def launch(nproc: int, out: Path, timeout: float = 90.0) -> dict[str, object]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(WORKER), "--out", str(out)]
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          cwd=str(ROOT), start_new_session=True) as popen:
-        try:
-            stdout, stderr = popen.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)  # the launcher and every rank it started
-            popen.communicate()
-            raise
-    if popen.returncode != 0:
-        raise AssertionError(f"exchange worker failed ({popen.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
+def launch(world: int, out: Path) -> dict[str, object]:
+    ctx = mp.get_context("fork")
+    port = free_port()
+    procs = [ctx.Process(target=forked_rank, args=(r, world, port, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(TIMEOUT_S)
+    finally:
+        for p in procs:  # only the ranks started here, by their own handle
+            if p.is_alive():
+                p.kill()
+                p.join()
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"rank exit codes {codes} (tracebacks above, in the captured stderr)"
     return dict(json.loads(out.read_text()))
 
 

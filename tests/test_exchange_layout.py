@@ -321,6 +321,18 @@ def test_single_rank_exchange_round_trips(bucket_numel: int | None) -> None:
     assert comm.bytes_sent == 0
 
 
+def test_exchange_never_records_autograd() -> None:
+    """Parameters handed over outside torch.no_grad() come back as plain tensors."""
+    comm = Communicator()
+    lay = OwnerLayout.build([((2, 2), 0)], 1)
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    for out in (comm.from_owners(lay, [w], torch.float32)[0], comm.to_owners(lay, [w], torch.float32)[0]):
+        assert not out.requires_grad and out.grad_fn is None
+    plan = comm.fragment_plan(lay, [(0, 0, 4)])
+    assert not comm.fragments_to_owners(plan, [w.reshape(-1)], torch.float32)[0].requires_grad
+    assert not comm.fragments_from_owners(plan, [w], torch.float32)[0].requires_grad
+
+
 def test_single_rank_fragments_round_trip() -> None:
     comm = Communicator()
     lay = OwnerLayout.build([((2, 3), 0), (4, 0)], 1)
