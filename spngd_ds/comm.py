@@ -271,6 +271,13 @@ class OwnerLayout:
         """See :meth:`ShardGeometry.from_owner_splits` (unbucketed buffer)."""
         return self.geometry.from_owner_splits(rank)
 
+    def segments(self, bucket: Bucket) -> list[tuple[int, int, int]]:
+        """Per owner q, ``(start in the layout's flat buffer, start in the bucket's buffer, length)``
+        of q's elements in ``bucket`` (the bucket's buffer holds them in owner order)."""
+        geo = bucket.geometry
+        return [(self.geometry.starts[q] + bucket.offsets[q], geo.starts[q], geo.counts[q])
+                for q in range(self.world_size)]
+
     def buckets(self, bucket_numel: int | None = None) -> list[Bucket]:
         """Cut the exchange into K buckets whose padded buffers (N·S_k) hold <= ``bucket_numel``
         elements each; one bucket when ``bucket_numel`` is None or large enough.
@@ -604,9 +611,8 @@ class Communicator:
         else:
             flat = torch.empty(geo_all.total, dtype=dtype, device=self.device)
             for bucket, full in zip(buckets, gathered, strict=True):
-                for q in range(layout.world_size):
-                    n, at = bucket.geometry.counts[q], geo_all.starts[q] + bucket.offsets[q]
-                    flat[at : at + n].copy_(full[bucket.geometry.starts[q] : bucket.geometry.starts[q] + n])
+                for at, b_at, n in layout.segments(bucket):
+                    flat[at : at + n].copy_(full[b_at : b_at + n])
         return _split(flat, layout.numels, layout.shapes, layout.offsets)
 
     @torch.no_grad()
@@ -696,9 +702,7 @@ class Communicator:
 
     def _bucket_buffer(self, flat: torch.Tensor, layout: OwnerLayout, bucket: Bucket) -> torch.Tensor:
         """The padded owner-ordered buffer of one bucket, copied out of the layout's flat buffer."""
-        starts = layout.geometry.starts
-        pieces = [flat[starts[q] + bucket.offsets[q] : starts[q] + bucket.offsets[q] + c]
-                  for q, c in enumerate(bucket.geometry.counts)]
+        pieces = [flat[at : at + n] for at, _, n in layout.segments(bucket)]
         return _concat(pieces, bucket.geometry.padded, flat.dtype, flat.device)
 
     def reduce_to_owners(

@@ -154,8 +154,11 @@ def test_buckets_cover_each_owner_range_in_order(seed: int, world: int, bucket_n
     flat = labels_in_owner_order(lay)
     delivered: list[list[Label]] = [[] for _ in range(world)]
     for b in buckets:
-        pieces = [flat[lay.owner_range(q)[0] + b.offsets[q] :][: b.geometry.counts[q]] for q in range(world)]
-        bflat = [x for piece in pieces for x in piece]
+        segments = lay.segments(b)
+        assert segments == [
+            (lay.owner_range(q)[0] + b.offsets[q], b.geometry.starts[q], b.geometry.counts[q]) for q in range(world)
+        ]
+        bflat = [x for at, _, n in segments for x in flat[at : at + n]]
         bflat += [None] * (b.geometry.padded - len(bflat))
         for q, part in enumerate(simulate_to_owners(b.geometry, bflat)):
             delivered[q].extend(part)
