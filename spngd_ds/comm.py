@@ -626,6 +626,8 @@ class Communicator:
         counts = torch.empty(n, dtype=torch.int64, device=self.device)
         self.all_gather(counts, torch.tensor([len(mine)], dtype=torch.int64, device=self.device))
         most = int(counts.max())
+        if most == 0:  # no rank holds anything (an empty layout): nothing more to gather
+            return FragmentPlan(layout, ((),) * n)
         padded = torch.zeros(most, 3, dtype=torch.int64, device=self.device)
         padded[: len(mine)] = mine
         every = torch.empty(n * most * 3, dtype=torch.int64, device=self.device)
@@ -657,7 +659,8 @@ class Communicator:
         order = plan.send_order(rank)
         wire = _concat([fragments[j] for j in order], sum(send), dtype, self.device)
         got = torch.empty(sum(recv), dtype=dtype, device=self.device)
-        self.all_to_all(got, wire, send, recv)
+        if lay.total:  # every rank knows when there is nothing at all to move
+            self.all_to_all(got, wire, send, recv)
         owned = lay.owned_items[rank]
         flat = torch.empty(lay.geometry.counts[rank], dtype=dtype, device=self.device)
         base = {i: lay.offsets[i] - lay.geometry.starts[rank] for i in owned}
@@ -682,7 +685,8 @@ class Communicator:
         send, recv = plan.from_owner_splits(rank)
         wire = _concat([flat_of[i][s : s + n] for i, s, n in plan.placements(rank)], sum(send), dtype, self.device)
         got = torch.empty(sum(recv), dtype=dtype, device=self.device)
-        self.all_to_all(got, wire, send, recv)
+        if lay.total:
+            self.all_to_all(got, wire, send, recv)
         mine = plan.fragments[rank]
         out = [torch.zeros(0, dtype=dtype, device=self.device)] * len(mine)
         at = 0

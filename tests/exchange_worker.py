@@ -232,6 +232,15 @@ def case_fragments(comm: DistributedCommunicator, log: WireLog, summary: dict[st
             for (i, s, n), t in zip(mine, back, strict=True):
                 want = (full[i].reshape(-1)[s : s + n].to(wire).float() * 3).to(wire)
                 assert t.shape == (n,) and torch.equal(t, want), f"fragments_from_owners item {i} trial {trial}"
+    # nothing to route: no collective beyond the plan's count all-gather
+    empty = OwnerLayout.build([((0,), 0), ((2, 0), world - 1)], world)
+    fresh(log, comm)
+    plan = comm.fragment_plan(empty, [])
+    assert plan.fragments == ((),) * world
+    got_empty = comm.fragments_to_owners(plan, [], torch.float32)  # the owners' zero-sized items
+    assert [tuple(t.shape) for t in got_empty] == [empty.shapes[i] for i in empty.owned_items[rank]]
+    assert comm.fragments_from_owners(plan, got_empty, torch.float32) == []
+    assert log.calls == Counter({"all_gather_into_tensor": 1}), log.calls
     # a partition with a gap is refused on every rank (the all-gather ran, so no rank hangs)
     per = deal_fragments(lay, rng)
     victim = next(p for p in range(world) if any(n > 0 for _, _, n in per[p]))
