@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import spngd_ds  # noqa: E402
 from spngd_ds.distenv import ensure_single_process_env  # noqa: E402
 from spngd_ds.recipes import checkpoint  # noqa: E402
+from spngd_ds.recipes.client_optimizers import pop_client_optimizer  # noqa: E402
 from spngd_ds.recipes.data import DATASETS, build_datasets  # noqa: E402
 from spngd_ds.recipes.dsconfig import (  # noqa: E402
     batch_layout,
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = build_datasets(args.dataset, args.data_path, args.image_size)
         model = build_model(args.model, data.num_classes, data.in_channels, args.bn_gamma_init_std)
+        # Baselines DeepSpeed cannot build on the CPU (e.g. "pytorch_optimizer.Lamb") become client optimizers.
+        client_optimizer = pop_client_optimizer(config, model)
         if os.environ.get("WORLD_SIZE", "").isdigit():
             batch_layout(config, int(os.environ["WORLD_SIZE"]))
     except (ValueError, FileNotFoundError) as exc:
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_wandb_env(args.checkpoint_dir or ".")
     args.deepspeed_config = None  # the edited dict is passed instead (DeepSpeed refuses both)
     engine, optimizer, _, _ = spngd_ds.initialize(
-        args=args, model=model, model_parameters=model.parameters(), config=config
+        args=args, model=model, optimizer=client_optimizer, model_parameters=model.parameters(), config=config
     )
 
     state = checkpoint.TrainState(seed=args.seed, world_size=world)
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"train: {args.dataset} {len(data.train)}/{len(data.val)} samples, model {args.model}, "
             f"{world} rank(s), global batch {layout.global_batch} = {layout.micro_batch} x "
-            f"{layout.accumulation} x {world}, {steps_per_epoch} steps/epoch, running {total_steps} of {horizon} steps",
+            f"{layout.accumulation} x {world}, {steps_per_epoch} steps/epoch, running {total_steps} of {horizon} "
+            f"steps, optimizer {_optimizer_name(engine, optimizer)}",
             flush=True,
         )
     logger = WandbLogger(
@@ -231,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _optimizer_name(engine: Any, optimizer: Any) -> str:
+    """``module.Class`` of the optimizer that does the update (the client one inside DeepSpeed's wrappers)."""
+    inner = getattr(engine, "basic_optimizer", None) or optimizer
+    return f"{type(inner).__module__}.{type(inner).__qualname__}"
 
 
 def _plain(value: Any) -> bool:

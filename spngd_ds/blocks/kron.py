@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd_ds.blocks.base import Block, InversionReport, Statistic, robust_inverse
+from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.staleness import RefreshSchedule, wishart_rho
 
 #: Conv2d layers with fewer im2col columns than this gather their patches as rows (N·T, d) from a
@@ -55,8 +56,9 @@ class KronBlock(Block):
         super().__init__(name, module, params)
         self.is_conv = isinstance(module, nn.Conv2d)
         self.has_bias = module.bias is not None
-        self.d_G = int(module.weight.shape[0])
-        self.d_A = int(module.weight[0].numel()) + int(self.has_bias)
+        shape = full_shape(module.weight)  # (d_G, C_in, kh, kw) or (d_G, in); zero.Init-safe
+        self.d_G = int(shape[0])
+        self.d_A = int(shape[1:].numel()) + int(self.has_bias)
         self.stats = {
             "A": Statistic("A", schedule(), (self.d_A, self.d_A)),
             "G": Statistic("G", schedule(), (self.d_G, self.d_G)),
