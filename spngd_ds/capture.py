@@ -39,6 +39,8 @@ class CurvatureCapture:
         grad_scale: callable giving the factor described in the module docstring.
         stat_micro_batches: capture only the first k micro-batches (forwards) of a step, or all.
         feeds_bn: names of Linear/Conv2d modules whose output is the input of a BatchNorm.
+        got_grad: ids of the trainable parameters that received a gradient on this rank since
+            the last :meth:`start_step` (a parameter without one is left alone by the update).
         seconds: wall time spent inside capture hooks since the last :meth:`start_step`.
         last_seconds: the same for the step before (what the last optimizer step consumed).
     """
@@ -59,10 +61,16 @@ class CurvatureCapture:
         self._bn_snapshot: list[tuple[nn.Module, list[torch.Tensor]]] = []
         self._handles: list[RemovableHandle] = []
         self._probe_handles: list[RemovableHandle] = []
-        self._probe_outputs: dict[int, tuple[torch.Tensor, int, str]] = {}
+        self._probe_outputs: dict[tuple[int, tuple[int, ...], int], tuple[torch.Tensor, str]] = {}
+        self.got_grad: set[int] = set()
+        self._forward_index = 0
+        self._a_counted: dict[str, int] = {}
         modules = dict(model.named_modules())
         for name, block in self.blocks.items():
             self._handles.append(modules[name].register_forward_hook(self._forward_hook(block)))
+        for p in model.parameters():
+            if p.requires_grad:
+                self._handles.append(p.register_hook(self._presence_hook(id(p))))
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
         self._handles.append(model.register_forward_hook(self._root_hook))
         self._install_probe(modules)
@@ -72,6 +80,7 @@ class CurvatureCapture:
         """Set what is captured from now until the next optimizer step."""
         self.due = due
         self.micro_batch = 0
+        self.got_grad = set()
         self.last_seconds, self.seconds = self.seconds, 0.0
 
     def remove(self) -> None:
@@ -95,6 +104,7 @@ class CurvatureCapture:
             if self.micro_batch == 0:
                 self._snapshot_batchnorm()
             self.micro_batch += 1
+            self._forward_index += 1
             self._mc_targets = []
 
     def _snapshot_batchnorm(self) -> None:
@@ -115,6 +125,12 @@ class CurvatureCapture:
                     getattr(m, name).copy_(value)
         self._bn_snapshot = []
 
+    def _presence_hook(self, key: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            self.got_grad.add(key)
+
+        return hook
+
     def _forward_hook(self, block: Block) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             if not (module.training and self._capturing()):
@@ -122,8 +138,17 @@ class CurvatureCapture:
             due = self.due.get(block.name)
             if not due or not isinstance(output, torch.Tensor):
                 return None
+            if not output.requires_grad or not all(p.requires_grad for p in block.params):
+                return None  # a frozen layer (or a forward without autograd) is simply not captured
             start = time.perf_counter()
+            stat_a = block.stats.get("A")
+            count_before = stat_a.local_count if stat_a is not None else 0.0
             backward = block.capture_forward(inputs[0], due)
+            if stat_a is not None and "A" in due:
+                # rule 3: a module called several times in one forward adds locations, not samples
+                if self._a_counted.get(block.name) == self._forward_index:
+                    stat_a.local_count = count_before
+                self._a_counted[block.name] = self._forward_index
             result = None
             if backward is not None:
                 if self.fisher == "mc":
@@ -175,18 +200,26 @@ class CurvatureCapture:
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 self._probe_handles.append(m.register_forward_pre_hook(self._probe_consumer))
 
+    @staticmethod
+    def _probe_key(t: torch.Tensor) -> tuple[int, tuple[int, ...], int]:
+        # storage, shape and version rather than identity: ZeRO-3's module hooks hand the next
+        # module a detached alias of the output; an in-place op in between changes the version
+        return t.data_ptr(), tuple(t.shape), t._version
+
     def _probe_producer(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor):
-                # keep the tensor alive (its id cannot be reused) and its version (no in-place op since)
-                self._probe_outputs[id(output)] = (output, output._version, name)
+            if isinstance(output, torch.Tensor) and output.numel() > 0:
+                # keep the tensor alive so that its storage cannot be reused during the probe
+                self._probe_outputs[self._probe_key(output)] = (output, name)
 
         return hook
 
     def _probe_consumer(self, module: nn.Module, inputs: Any) -> None:
-        entry = self._probe_outputs.get(id(inputs[0]))
-        if entry is not None and entry[0] is inputs[0] and entry[0]._version == entry[1]:
-            self.feeds_bn.add(entry[2])
+        x = inputs[0] if inputs else None
+        if isinstance(x, torch.Tensor) and x.numel() > 0:
+            entry = self._probe_outputs.get(self._probe_key(x))
+            if entry is not None:
+                self.feeds_bn.add(entry[1])
 
     def _finish_probe(self) -> None:
         if self._probe_handles:

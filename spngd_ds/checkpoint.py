@@ -15,11 +15,14 @@ import glob
 import logging
 import os
 import re
+import zipfile
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from spngd_ds.batchnorm import average_batchnorm_buffers
+from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.optimizer import SPNGD
 from spngd_ds.partitions import gather_full, local_fragment, write_fragment
 
@@ -51,14 +54,14 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def full_momentum(opt: SPNGD) -> dict[str, torch.Tensor]:
     """Momentum of every parameter in full shape, keyed by name (a collective under ZeRO)."""
-    if not opt.elementwise:
+    if not opt.path.holds_flat_partitions:
         return dict(opt.state_dict()["momentum"])
     out: dict[str, torch.Tensor] = {}
     for b in opt.blocks.values():
         for p, name in zip(b.params, b.param_names, strict=True):
             frag = local_fragment(p, opt.param_groups, opt.comm.rank)
             buf = opt.state[frag.flat].get("momentum_buffer") if frag is not None else None
-            full = gather_full(frag, buf, torch.Size(getattr(p, "ds_shape", p.shape)))
+            full = gather_full(opt.comm, frag, buf, full_shape(p))
             if opt.assignment[b.name] == opt.comm.rank:
                 out[name] = full.cpu().clone()
     return out
@@ -120,6 +123,9 @@ def wrap_checkpointing(engine: Any, opt: SPNGD) -> None:
         **kwargs: Any,
     ) -> Any:
         tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+        # BatchNorm running statistics differ per rank (each normalised its own batches) and
+        # DeepSpeed saves rank 0's: save, and go on with, their average over ranks
+        average_batchnorm_buffers(engine.module, opt.comm)
         result = save_original(save_dir, tag=tag, client_state=client_state or {}, save_latest=False, **kwargs)
         state = opt.state_dict()
         state["momentum"] = full_momentum(opt)
@@ -138,29 +144,70 @@ def wrap_checkpointing(engine: Any, opt: SPNGD) -> None:
         tag_dir = os.path.join(load_dir, tag)
         if not os.path.isdir(tag_dir):
             raise FileNotFoundError(f"checkpoint directory not found: {tag_dir}")
+        check_model_states(tag_dir)
         states, saved_world = read_states(tag_dir)
+        flat = opt.path.holds_flat_partitions
         resharded = saved_world != opt.comm.world_size
         if resharded:
             logger.warning(
                 "SPNGD: resuming a checkpoint written by %d ranks on %d ranks: curvature re-assigned by name; "
                 "DeepSpeed optimizer partitions rebuilt from the weights", saved_world, opt.comm.world_size,
             )
-            if opt.elementwise:
+            if flat:  # DeepSpeed cannot re-partition its ZeRO optimizer state: load the module only
                 kwargs["load_module_only"] = True
         result = load_original(load_dir, tag=tag, **kwargs)
-        if resharded and opt.elementwise:
+        if resharded and flat:
             engine.optimizer.refresh_fp32_params()
+            result = _restore_engine_counters(engine, result, kwargs)
         merged = merge_states(states)
         # flat ZeRO partitions: DeepSpeed restored its own at the same world size; momentum comes
         # from the full-shape copy below in every case
         merged["elementwise_state"] = None
         opt.load_state_dict(merged)
-        if opt.elementwise:
+        if flat:
             _set_full_momentum(opt, merged["momentum"])
         return result
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
+
+
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+def _restore_engine_counters(engine: Any, result: Any, kwargs: dict[str, Any]) -> Any:
+    """After a module-only load (ZeRO at another world size), restore what a full load restores:
+    the learning-rate scheduler and the engine's step, sample and skipped-step counters (else the
+    schedule and the W&B axis would start again). They are in the client state DeepSpeed returns;
+    they are taken out of it, as a full load does."""
+    load_path, client_state = result if isinstance(result, tuple) else (result, None)
+    if not isinstance(client_state, dict):
+        return result
+    if kwargs.get("load_lr_scheduler_states", True) and engine.lr_scheduler is not None:
+        if "lr_scheduler" in client_state:
+            engine.lr_scheduler.load_state_dict(client_state.pop("lr_scheduler"))
+    for key in _ENGINE_COUNTERS:
+        if key in client_state:
+            setattr(engine, key, client_state.pop(key))
+    for key in ("dp_world_size", "mp_world_size", "optimizer"):
+        client_state.pop(key, None)
+    return load_path, client_state
+
+
+def check_model_states(tag_dir: str) -> None:
+    """A clear error naming the file when DeepSpeed's model-states file of ``tag_dir`` is missing or
+    truncated (DeepSpeed's own error does not say which file)."""
+    files = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
+    if not files:
+        raise FileNotFoundError(
+            f"checkpoint {tag_dir} has no DeepSpeed model states (mp_rank_00_model_states.pt or "
+            "zero_pp_rank_*_model_states.pt): it is incomplete"
+        )
+    for f in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
+        if _FILE.search(f):
+            continue  # SP-NGD's own files are checked by read_states
+        if not zipfile.is_zipfile(f):
+            raise RuntimeError(f"cannot read DeepSpeed checkpoint file {f}: truncated or not a torch.save archive")
 
 
 def _set_full_momentum(opt: SPNGD, momentum: dict[str, torch.Tensor]) -> None:

@@ -51,7 +51,8 @@ class SPNGDConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     _numbers = field_validator(
-        "lr", "momentum", "damping", "weight_decay", "bn_damping_scale", "stat_micro_batches", mode="before"
+        "lr", "momentum", "damping", "weight_decay", "bn_damping_scale", "stat_micro_batches", "clip_norm",
+        mode="before",
     )(_no_bool)
 
     lr: float = Field(0.1, ge=0.0, description="a float >= 0")
@@ -68,6 +69,10 @@ class SPNGDConfig(BaseModel):
     comm_dtype: CommDtype = Field("fp32", description="one of 'fp32', 'bf16', 'fp16'")
     stat_micro_batches: int | None = Field(
         None, ge=1, description="null (all micro-batches) or an integer >= 1"
+    )
+    clip_norm: float | None = Field(
+        None, gt=0.0, description="null (no clipping) or a float > 0: limit on the global L2 norm of the "
+        "preconditioned gradient (DeepSpeed's gradient_clipping maps here)",
     )
 
 

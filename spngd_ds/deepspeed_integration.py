@@ -16,9 +16,11 @@ Refused, with the combination that works instead: fp16 at stage 0 (broken inside
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +29,8 @@ from torch import nn
 
 from spngd_ds.config import SPNGDConfig, validate_spngd_params
 from spngd_ds.distenv import ensure_single_process_env
+
+logger = logging.getLogger("spngd_ds")
 
 SPNGD_TYPE = "spngd"
 SCHEDULER_TYPE = "spngdpolydecay"
@@ -82,8 +86,8 @@ def precision(cfg: dict[str, Any]) -> str:
     return "fp32"
 
 
-def check_combination(cfg: dict[str, Any]) -> None:
-    """Refuse stage/precision pairs that cannot work, naming what works instead."""
+def check_combination(cfg: dict[str, Any], params: SPNGDConfig | None = None) -> None:
+    """Refuse what SP-NGD cannot do right inside DeepSpeed, naming the key and what works instead."""
     stage, prec = zero_stage(cfg), precision(cfg)
     accum = (cfg.get("data_types") or {}).get("grad_accum_dtype")
     if stage == 0 and prec == "fp16":
@@ -96,6 +100,50 @@ def check_combination(cfg: dict[str, Any]) -> None:
             "SPNGD: bf16 with data_types.grad_accum_dtype 'fp32' needs zero_optimization.stage >= 1 "
             "(DeepSpeed does not support it at stage 0); drop grad_accum_dtype or use stage 1, 2 or 3"
         )
+    if _enabled(cfg, "torch_autocast"):
+        raise ValueError(
+            "SPNGD: torch_autocast.enabled = true is refused (its GradScaler scales the output gradients "
+            "SP-NGD captures and may skip a step on one rank only); use \"bf16\": {\"enabled\": true} or "
+            "\"fp16\": {\"enabled\": true} with zero_optimization.stage 1-3 instead"
+        )
+    if cfg.get("managed_gradient_accumulation", True) is not True:
+        raise ValueError(
+            "SPNGD: managed_gradient_accumulation = false is refused (DeepSpeed would step SP-NGD without the "
+            "boundary SP-NGD preconditions at); remove the key (default true)"
+        )
+    if params is not None and params.fisher == "mc" and stage == 3:
+        raise ValueError(
+            "SPNGD: optimizer.params.fisher = 'mc' is refused with zero_optimization.stage 3 (its extra "
+            "backward pass would run ZeRO-3's parameter hooks); use fisher 'empirical' or stage 0, 1 or 2"
+        )
+    clip = cfg.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or not clip >= 0):
+        raise ValueError(f"gradient_clipping = {clip!r} is invalid; allowed: a number >= 0 (0: no clipping)")
+    if params is not None and params.clip_norm is not None and clip not in (None, 0, params.clip_norm):
+        raise ValueError(
+            f"SPNGD: gradient_clipping = {clip!r} and optimizer.params.clip_norm = {params.clip_norm!r} disagree; "
+            "set one of them"
+        )
+
+
+def clip_norm_from_config(cfg: dict[str, Any], params: SPNGDConfig) -> float | None:
+    """SP-NGD's ``clip_norm`` for this config, and DeepSpeed's own clipping switched off.
+
+    DeepSpeed 0.19.8 clips at 1.0 when ``gradient_clipping`` is not set, and clips the raw (and at
+    stage 0 un-averaged) gradients behind the optimizer's back. Under SP-NGD ``gradient_clipping``
+    means one thing on every path: the preconditioned gradient's global L2 norm over all ranks is
+    clipped to it (0 or unset: no clipping). DeepSpeed itself is told 0.
+    """
+    clip = cfg.get("gradient_clipping")
+    cfg["gradient_clipping"] = 0.0
+    if clip is None and os.environ.get("RANK", "0") == "0":
+        logger.warning(
+            "SPNGD: gradient_clipping is not set: no clipping (DeepSpeed's implicit 1.0 is switched off; set "
+            "gradient_clipping to clip the preconditioned gradient's global norm)"
+        )
+    if clip is None:
+        return params.clip_norm
+    return float(clip) if clip > 0 else params.clip_norm
 
 
 def spngd_params_from_config(cfg: dict[str, Any]) -> SPNGDConfig | None:
@@ -154,7 +202,8 @@ def initialize(
         raise ValueError("spngd_ds.initialize: give either optimizer=... or an SPNGD optimizer block, not both")
     poly_params = _poly_params(sched_block) if wants_poly and isinstance(sched_block, dict) else None
     if params is not None:
-        check_combination(cfg)
+        check_combination(cfg, params)
+        params = params.model_copy(update={"clip_norm": clip_norm_from_config(cfg, params)})
     # -- from here on, collectives: every rank has passed the same validation above ----------------
     ensure_single_process_env()  # a plain `python train.py` is a world of one rank
     deepspeed.init_distributed(dist_backend=kwargs.pop("dist_backend", None))
@@ -178,15 +227,16 @@ def initialize(
 
         assert poly_params is not None
         lr_scheduler = SPNGDPolyDecay(optimizer, **poly_params)
-    engine, ds_opt, loader, sched = deepspeed.initialize(
-        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-        training_data=training_data, lr_scheduler=lr_scheduler, config=cfg, **kwargs,
-    )
+    with spngd.hold_steps() if spngd is not None else contextlib.nullcontext():
+        engine, ds_opt, loader, sched = deepspeed.initialize(
+            args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+            training_data=training_data, lr_scheduler=lr_scheduler, config=cfg, **kwargs,
+        )
     if spngd is None:
         return engine, ds_opt, loader, sched
     from spngd_ds.engine_hooks import attach
 
-    attach(engine, spngd, cfg)
+    attach(engine, spngd)
     return engine, spngd, loader, sched
 
 

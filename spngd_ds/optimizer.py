@@ -1,27 +1,23 @@
-"""The SP-NGD optimizer (DESIGN.md rules 5-8 and the fast path of section 3).
+"""The SP-NGD optimizer: rules 5-8 on the blocks this rank owns (DESIGN.md §2-§3).
 
-One step, on every rank, in this order:
-
-1. the gradients are checked: a non-finite gradient on any rank skips the step (statistics too);
-2. the statistics that were due are reduced to their owners (a reduce-scatter of packed triangles);
-3. owners normalise them, reject non-finite ones, update the refresh intervals (rule 6) and
-   re-invert what was refreshed (rule 5);
-4. gradients are reduced to owners (world size 1: nothing to do), owners precondition them and apply
-   momentum SGD (rule 7) and weight rescaling (rule 8) to their layers;
-5. updated parameters and refresh decisions are gathered from the owners by every rank.
+:class:`SPNGD` holds the curvature blocks, their owners, the capture hooks and the math of one
+step: refreshing and inverting due statistics, preconditioning owned gradients, clipping the
+preconditioned update by its global norm, momentum SGD with momentum correction, and weight
+rescaling. *How* gradients reach owners and updates come back is the job of a path object
+(:mod:`spngd_ds.paths`): the fast path (standalone and ZeRO stage 0) or the ZeRO-compatible
+path, chosen once by :func:`spngd_ds.initialize`. ``step()`` hands over to the path.
 
 With the default :class:`~spngd_ds.comm.Communicator` the world has one rank and the optimizer is
-an ordinary ``torch.optim.Optimizer``. The DeepSpeed integration swaps in a distributed one, and
-under ZeRO 1-3 switches the optimizer to *elementwise* mode where DeepSpeed hands it flat
-partitions of already-preconditioned gradients and only rule 7 is applied.
+an ordinary ``torch.optim.Optimizer``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -29,10 +25,12 @@ from torch.optim import Optimizer
 
 from spngd_ds.assignment import BlockCost, assign_owners
 from spngd_ds.blocks import Block, KronBlock, UnitwiseBlock, build_blocks
+from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.capture import CurvatureCapture
 from spngd_ds.comm import DTYPES, Communicator, pack_sym, unpack_sym
 from spngd_ds.config import DEFAULT_STALENESS, SPNGDConfig, validate_spngd_params
 from spngd_ds.metrics import StepMetrics
+from spngd_ds.reductions import all_reduce_sum
 from spngd_ds.staleness import RefreshSchedule, relative_change
 
 logger = logging.getLogger("spngd_ds")
@@ -46,9 +44,14 @@ EXPLOSION_RATIO = 1e6
 MAX_REJECTIONS = 3
 
 
-def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
-    """``p.grad``, or zeros of p's shape when the parameter received no gradient this step."""
-    return p.grad if p.grad is not None else torch.zeros_like(p)
+class StepPath(Protocol):
+    """How one optimizer step moves gradients to owners and updates back (see :mod:`spngd_ds.paths`)."""
+
+    #: whether ``param_groups`` hold DeepSpeed's flat fp32 partitions instead of the model's tensors
+    holds_flat_partitions: bool
+
+    def step(self, opt: SPNGD) -> None:
+        """Called by :meth:`SPNGD.step`."""
 
 
 class SPNGD(Optimizer):
@@ -71,6 +74,8 @@ class SPNGD(Optimizer):
         staleness: ``{"threshold": float, "max_interval": int}`` (rule 6) or ``None`` (every step).
         comm_dtype: "fp32", "bf16" or "fp16": dtype of statistics on the wire.
         stat_micro_batches: capture statistics from the first k forwards of a step only.
+        clip_norm: scale the preconditioned gradient of all layers (before weight decay) by
+            min(1, clip_norm / its global L2 norm over all ranks); ``None``: no clipping.
         communicator: how ranks talk (default: one rank). Set by :func:`spngd_ds.initialize`.
     """
 
@@ -87,6 +92,7 @@ class SPNGD(Optimizer):
         staleness: dict[str, Any] | None = _DEFAULT,
         comm_dtype: str = "fp32",
         stat_micro_batches: int | None = None,
+        clip_norm: float | None = None,
         *,
         communicator: Communicator | None = None,
     ) -> None:
@@ -99,7 +105,7 @@ class SPNGD(Optimizer):
             lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, fisher=fisher,
             bn_damping_scale=bn_damping_scale, weight_rescale=weight_rescale,
             staleness=DEFAULT_STALENESS if staleness is _DEFAULT else staleness,
-            comm_dtype=comm_dtype, stat_micro_batches=stat_micro_batches,
+            comm_dtype=comm_dtype, stat_micro_batches=stat_micro_batches, clip_norm=clip_norm,
         )
         self.config: SPNGDConfig = validate_spngd_params(params_in)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -112,8 +118,10 @@ class SPNGD(Optimizer):
         self.model = model
         self._params = params
         block_list, fallback = build_blocks(model, self._new_schedule, cfg.bn_damping_scale)
+        self.first_order_layers = fallback
         if fallback:
-            logger.info("SPNGD: first-order update (no curvature block) for: %s", ", ".join(fallback))
+            logger.warning("SPNGD: first-order update (no curvature) for %d layer(s): %s",
+                           len(fallback), "; ".join(fallback))
         self.blocks: dict[str, Block] = {b.name: b for b in block_list}
         self.comm = communicator or Communicator()
         self.assignment: dict[str, int] = assign_owners(
@@ -123,14 +131,16 @@ class SPNGD(Optimizer):
         self.capture.stat_micro_batches = cfg.stat_micro_batches
         self.stats_log = StepMetrics()
         self.step_count = 0
-        self.elementwise = False
-        self.elementwise_calls = 0
-        self.skip_elementwise = False
-        self.before_elementwise: Callable[[], None] | None = None
-        self.loss_scale_fn: Callable[[], float] = lambda: 1.0
-        self.path = "standalone"
+        from spngd_ds.paths.fast import FastPath
+
+        self.path: StepPath = FastPath()
+        #: read by DeepSpeed's engine after ``step()``: True when the step was skipped
+        self.overflow = False
+        self.last_clip_factor = 1.0
+        self._held = False
         self._prev_lr: list[float | None] = [None for _ in self.param_groups]
         self._last_refreshed = 0
+        self._never_captured_warned: set[str] = set()
         self.capture.start_step(self._due(0))
 
     # -- construction helpers -----------------------------------------------------------------------
@@ -174,33 +184,24 @@ class SPNGD(Optimizer):
     # -- the step -------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One SP-NGD step on the gradients in ``.grad`` (see the module docstring)."""
+        """One SP-NGD step on the gradients of this step (the path decides where they come from)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.elementwise:
-            self._elementwise_step()
-            return loss
-        self.stats_log.reset_timers()
-        self.comm.reset_bytes()
-        live = self._aligned()
-        grads = {b.name: [_grad_or_zeros(live[id(p)]) for p in b.params] for b in self.blocks.values()}
-        local_bad = any(not bool(torch.isfinite(g).all()) for gs in grads.values() for g in gs)
-        if self.comm.any_rank(local_bad):
-            self.skip_step("non-finite gradient")
-            return loss
-        owned_grads = self._reduce_gradients(grads)
-        self.refresh_curvature()
-        with self.stats_log.timer("precondition"):
-            owned: dict[str, list[torch.Tensor]] = {b.name: [live[id(p)] for p in b.params] for b in self.owned()}
-            updates = {b.name: self.precondition_block(b, owned_grads[b.name]) for b in self.owned()}
-            self._apply_updates(owned, updates)
-            self._rescale_weights(owned)
-        with self.stats_log.timer("comm"):
-            self._gather_parameters(live)
-        self.finish_step()
+        if not self._held:
+            self.path.step(self)
         return loss
+
+    @contextlib.contextmanager
+    def hold_steps(self) -> Iterator[None]:
+        """``step()`` does nothing inside this block (DeepSpeed's bf16 wrapper steps its client
+        optimizer once at construction with zero gradients; that is not a step of the run)."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
 
     def skip_step(self, reason: str) -> None:
         """Skip this step entirely: no update, and this step's statistics are discarded."""
@@ -215,43 +216,57 @@ class SPNGD(Optimizer):
                 s.take_local()
         self.capture.start_step(self._due(self.step_count))
 
-    def finish_step(self) -> None:
-        """Advance the step counter and tell the hooks what to capture next."""
-        self._prev_lr = [float(g["lr"]) for g in self.param_groups]
+    def finish_step(self, lrs: list[float] | None = None) -> None:
+        """Advance the step counter and tell the hooks what to capture next. ``lrs``: the learning
+        rate of each group that this step's update used (default: the groups' current ones), which
+        the momentum correction of the next step divides by (rule 7)."""
+        self._prev_lr = list(lrs if lrs is not None else self.current_lrs())
         self.step_count += 1
         self.capture.start_step(self._due(self.step_count))
 
+    def current_lrs(self) -> list[float]:
+        """The learning rate of each parameter group now."""
+        return [float(g["lr"]) for g in self.param_groups]
+
+    def received_gradient(self, params: list[nn.Parameter]) -> list[bool]:
+        """Whether each parameter received a gradient on this rank during this step."""
+        got = self.capture.got_grad
+        return [id(p) in got or p.grad is not None for p in params]
+
     # -- statistics -----------------------------------------------------------------------------------
     def refresh_curvature(self) -> None:
-        """Reduce due statistics to owners, refresh and re-invert them, share refresh decisions."""
+        """Reduce due statistics to owners, refresh and re-invert them, share refresh decisions.
+
+        Sample counts are summed over all ranks first (one small all-reduce), so that fp16 statistics
+        can be pre-scaled by the global count: exact whatever each rank's share of the samples.
+        """
         step = self.step_count
         due = [(b, s) for b in self.blocks.values() for s in b.stats.values() if s.schedule.is_due(step)]
         self._last_refreshed = len(due)
-        by_owner: list[list[torch.Tensor]] = [[] for _ in range(self.comm.world_size)]
-        counts: list[list[torch.Tensor]] = [[] for _ in range(self.comm.world_size)]
+        if not due:
+            return
+        local = [s.take_local() for _, s in due]
+        counts = torch.tensor([c for _, c in local], dtype=torch.float64, device=self.comm.device)
+        with self.stats_log.timer("comm"):
+            totals = all_reduce_sum(self.comm, counts).tolist()
         prescale = self.config.comm_dtype == "fp16"
-        for b, s in due:
-            total, count = s.take_local()
+        by_owner: list[list[torch.Tensor]] = [[] for _ in range(self.comm.world_size)]
+        for (b, s), (total, _), count in zip(due, local, totals, strict=True):
             if total is None:
                 total = torch.zeros(s.shape, dtype=b.dtype, device=self.comm.device)
             packed = pack_sym(total)
-            if prescale:  # send local mean / world so fp16 cannot overflow; count restores the sum
-                packed = packed / (max(count, 1.0) * self.comm.world_size)
-            owner = self.assignment[b.name]
-            by_owner[owner].append(packed)
-            counts[owner].append(torch.tensor([count], dtype=torch.float64, device=packed.device))
+            if prescale and count > 0:  # the global mean cannot overflow fp16; the owner multiplies back
+                packed = packed / count
+            by_owner[self.assignment[b.name]].append(packed)
         with self.stats_log.timer("comm"):
-            if any(by_owner):
-                sums = self.comm.reduce_to_owners(by_owner, DTYPES[self.config.comm_dtype])
-                totals = self.comm.reduce_to_owners(counts, torch.float64)
-            else:
-                sums, totals = [], []
-        mine = [(b, s) for b, s in due if self.assignment[b.name] == self.comm.rank]
+            sums = self.comm.reduce_to_owners(by_owner, DTYPES[self.config.comm_dtype])
+        rank = self.comm.rank
+        mine = [(b, s, n) for (b, s), n in zip(due, totals, strict=True) if self.assignment[b.name] == rank]
         refreshed: dict[str, set[str]] = {}
         with self.stats_log.timer("inversion"):
-            for (b, s), packed, count_t in zip(mine, sums, totals, strict=True):
-                count = float(count_t.item())
+            for (b, s, count), packed in zip(mine, sums, strict=True):
                 if count <= 0:
+                    self._warn_never_captured(b)
                     s.schedule.postpone(step)
                     continue
                 packed = packed.to(b.dtype) * (count if prescale else 1.0)
@@ -289,6 +304,16 @@ class SPNGD(Optimizer):
         with self.stats_log.timer("comm"):
             self._share_schedules([(b, s) for b, s in due])
 
+    def _warn_never_captured(self, block: Block) -> None:
+        """Once per layer: it has curvature statistics but none was ever captured."""
+        if block.name in self._never_captured_warned or any(s.refreshes for s in block.stats.values()):
+            return
+        self._never_captured_warned.add(block.name)
+        logger.warning(
+            "SPNGD: no statistics of %s were captured at step %d (its forward did not run in training mode "
+            "with autograd): it takes the first-order update until they are", block.name, self.step_count,
+        )
+
     def _share_schedules(self, due: list[tuple[Block, Any]]) -> None:
         """Owners' refresh decisions (interval, next step) reach every rank (rule 6: all agree)."""
         if self.comm.world_size == 1 or not due:
@@ -309,20 +334,15 @@ class SPNGD(Optimizer):
             cursor[owner] += 1
             s.schedule.load((int(state[0]), int(state[1])))
 
-    # -- gradients, preconditioning, update -----------------------------------------------------------
-    def _reduce_gradients(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-        """Average gradients over ranks, delivered to each block's owner only."""
-        if self.comm.world_size == 1:
-            return grads
-        by_owner: list[list[torch.Tensor]] = [[] for _ in range(self.comm.world_size)]
-        for b in self.blocks.values():
-            by_owner[self.assignment[b.name]].extend(grads[b.name])
-        with self.stats_log.timer("comm"):
-            mine = self.comm.reduce_to_owners(by_owner)
-        out: dict[str, list[torch.Tensor]] = {}
-        it = iter(mine)
-        for b in self.owned():
-            out[b.name] = [next(it).div_(self.comm.world_size) for _ in b.params]
+    # -- preconditioning, clipping, update -----------------------------------------------------------
+    def precondition_owned(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        """P(∇) of every owned block (``grads``: block name -> averaged gradients in ``params``
+        order), scaled by :meth:`clip_factor`. A collective when ``clip_norm`` is set."""
+        with self.stats_log.timer("precondition"):
+            out = {b.name: self.precondition_block(b, grads[b.name]) for b in self.owned()}
+        factor = self.clip_factor(out)
+        if factor != 1.0:
+            out = {name: [d * factor for d in ds] for name, ds in out.items()}
         return out
 
     def precondition_block(self, block: Block, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -331,14 +351,23 @@ class SPNGD(Optimizer):
             return grads
         return block.precondition(grads)
 
-    def _apply_updates(self, params: dict[str, list[torch.Tensor]], updates: dict[str, list[torch.Tensor]]) -> None:
-        group_of = self._group_of()
-        for name, ps in params.items():
-            for p, d in zip(ps, updates[name], strict=True):
-                self._momentum_update(p, d, self.param_groups[group_of[id(p)]], group_of[id(p)])
+    def clip_factor(self, directions: dict[str, list[torch.Tensor]]) -> float:
+        """min(1, clip_norm / ||P(∇)||) with the norm over every rank's owned directions (one
+        all-reduce, on every rank); 1 when ``clip_norm`` is unset."""
+        limit = self.config.clip_norm
+        if limit is None:
+            self.last_clip_factor = 1.0
+            return 1.0
+        local = sum(float(torch.sum(d.double() ** 2)) for ds in directions.values() for d in ds)
+        total = all_reduce_sum(self.comm, torch.tensor([local], dtype=torch.float64, device=self.comm.device))
+        norm = math.sqrt(float(total[0]))
+        self.last_clip_factor = min(1.0, limit / norm) if norm > 0 and math.isfinite(norm) else 1.0
+        return self.last_clip_factor
 
-    def _momentum_update(self, p: torch.Tensor, direction: torch.Tensor, group: dict[str, Any], gi: int) -> None:
-        """Rule 7: v <- m_eff v - lr (d + wd θ); θ <- θ + v."""
+    def momentum_update(self, p: torch.Tensor, direction: torch.Tensor, gi: int) -> None:
+        """Rule 7 on ``p`` of group ``gi``: v <- m_eff v - lr (d + wd θ); θ <- θ + v, with
+        m_eff = m · lr / lr_prev when the learning rate changed since the last update."""
+        group = self.param_groups[gi]
         lr, m, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
         prev = self._prev_lr[gi] if gi < len(self._prev_lr) else None
         m_eff = m * lr / prev if prev is not None and prev > 0 and prev != lr else m
@@ -352,48 +381,16 @@ class SPNGD(Optimizer):
         buf.mul_(m_eff).add_(d, alpha=-lr)
         p.add_(buf)
 
-    def _elementwise_step(self) -> None:
-        """ZeRO-compatible path: gradients were preconditioned before DeepSpeed's step; apply rule 7
-        to whatever (flat) partitions DeepSpeed holds (nothing when the step was skipped)."""
-        self.elementwise_calls += 1
-        if self.skip_elementwise:
-            self.skip_elementwise = False
-            return
-        if self.before_elementwise is not None:
-            self.before_elementwise()
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._momentum_update(p, p.grad, group, gi)
-
-    def _rescale_weights(self, params: dict[str, list[torch.Tensor]]) -> None:
-        """Rule 8: W <- W · min(1, sqrt(2 C_out)/||W||_F) for owned weights that feed a BatchNorm."""
+    def rescaled_blocks(self) -> list[Block]:
+        """Blocks whose weight rule 8 rescales (every rank computes the same list)."""
         if not self.config.weight_rescale:
-            return
-        for name, ps in params.items():
-            if name in self.capture.feeds_bn:
-                w = ps[0]
-                norm = float(torch.linalg.vector_norm(w.double()))
-                target = math.sqrt(2.0 * w.shape[0])
-                if norm > target:
-                    w.mul_(target / norm)
+            return []
+        return [b for b in self.blocks.values() if b.name in self.capture.feeds_bn]
 
-    def _gather_parameters(self, live: dict[int, nn.Parameter]) -> None:
-        """Every rank receives the owners' updated parameters (the fast path's all-gather)."""
-        if self.comm.world_size == 1:
-            return
-        shapes: list[list[torch.Size]] = [[] for _ in range(self.comm.world_size)]
-        for b in self.blocks.values():
-            shapes[self.assignment[b.name]].extend(p.shape for p in b.params)
-        mine = [live[id(p)].detach() for b in self.owned() for p in b.params]
-        dtype = self._params[0].dtype if not mine else mine[0].dtype
-        gathered = self.comm.gather_from_owners(mine, shapes, dtype)
-        cursor = [0] * self.comm.world_size
-        for b in self.blocks.values():
-            owner = self.assignment[b.name]
-            for p in b.params:
-                live[id(p)].copy_(gathered[owner][cursor[owner]])
-                cursor[owner] += 1
+    @staticmethod
+    def rescale_target(weight: torch.Tensor) -> float:
+        """Rule 8's bound sqrt(2·C_out) for a Conv2d/Linear weight."""
+        return math.sqrt(2.0 * full_shape(weight)[0])
 
     # -- introspection ----------------------------------------------------------------------------------
     @property
@@ -424,10 +421,18 @@ class SPNGD(Optimizer):
             "spngd/comm_bytes": float(self.comm_nbytes),
             "spngd/curvature_bytes": float(self.curvature_nbytes()),
             "spngd/time_capture": float(self.capture.last_seconds),
+            "spngd/first_order_layers": float(len(self.first_order_layers) + self._never_captured()),
+            "spngd/clip_factor": float(self.last_clip_factor),
         }
         for key in ("comm", "inversion", "precondition"):
             out[f"spngd/time_{key}"] = float(m.timers.get(key, 0.0))
         return out
+
+    def _never_captured(self) -> int:
+        """Blocks with statistics of which this rank has never captured one (after a first step)."""
+        if self.step_count == 0:
+            return 0
+        return sum(1 for b in self.blocks.values() if b.stats and all(s.captures == 0 for s in b.stats.values()))
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -436,7 +441,7 @@ class SPNGD(Optimizer):
         can be loaded at world size M once every rank's part is merged."""
         names = {id(p): n for b in self.blocks.values() for p, n in zip(b.params, b.param_names, strict=True)}
         momentum: dict[str, torch.Tensor] = {}
-        if not self.elementwise:
+        if not self.path.holds_flat_partitions:
             live = self._aligned()
             for b in self.owned():
                 for p in b.params:
@@ -463,7 +468,7 @@ class SPNGD(Optimizer):
             "schedules": {
                 f"{b.name}:{s.name}": s.schedule.state() for b in self.blocks.values() for s in b.stats.values()
             },
-            "elementwise_state": self._elementwise_state() if self.elementwise else None,
+            "elementwise_state": self._elementwise_state() if self.path.holds_flat_partitions else None,
             "config": self.config.model_dump(),
         }
 
@@ -490,11 +495,12 @@ class SPNGD(Optimizer):
             for b in self.blocks.values():
                 for st in b.stats.values():
                     st.schedule.load((1, self.step_count))
-        if self.elementwise and state_dict.get("elementwise_state") is not None:
+        holds_flat = self.path.holds_flat_partitions
+        if holds_flat and state_dict.get("elementwise_state") is not None:
             flat = [p for g in self.param_groups for p in g["params"]]
             for i, st in state_dict["elementwise_state"].items():
                 self.state[flat[int(i)]] = dict(st)
-        elif not self.elementwise:
+        elif not holds_flat:
             live = self._aligned()
             momentum = state_dict["momentum"]
             for b in self.owned():

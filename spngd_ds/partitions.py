@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from spngd_ds.comm import Communicator
+from spngd_ds.reductions import all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,12 @@ def write_fragment(frag: Fragment, target: torch.Tensor, full: torch.Tensor, sca
 
 
 def gather_full(
-    frag: Fragment | None, source: torch.Tensor | None, shape: torch.Size, group: Any = None
+    comm: Communicator, frag: Fragment | None, source: torch.Tensor | None, shape: torch.Size
 ) -> torch.Tensor:
-    """Assemble the full-shape tensor whose fragments ranks hold in ``source`` (same layout as
-    ``frag.flat``). A collective: every rank calls it for the same parameter in the same order."""
-    out = torch.zeros(int(torch.Size(shape).numel()), dtype=torch.float32,
-                      device=frag.flat.device if frag is not None else "cpu")
+    """Assemble the full-shape fp32 tensor whose fragments ranks hold in ``source`` (same layout as
+    ``frag.flat``; possibly on the CPU under offload). A collective over ``comm``: every rank calls
+    it for the same parameter in the same order. The buffer lives on ``comm.device``."""
+    out = torch.zeros(int(torch.Size(shape).numel()), dtype=torch.float32, device=comm.device)
     if frag is not None and source is not None and frag.numel > 0:
         out.narrow(0, frag.full_start, frag.numel).copy_(source.narrow(0, frag.flat_start, frag.numel))
-    if dist.is_initialized():
-        dist.all_reduce(out, group=group)
-    return out.reshape(shape)
+    return all_reduce_sum(comm, out).reshape(shape)

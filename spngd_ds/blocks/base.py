@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from spngd_ds.blocks.shapes import full_numel
 from spngd_ds.staleness import RefreshSchedule
 
 
@@ -145,7 +146,7 @@ class Block:
 
     def memory_cost(self) -> float:
         """Relative memory of this block's factors (sum of d^2)."""
-        return float(sum(p.numel() for p in self.params)) * 1e-6
+        return float(sum(full_numel(p) for p in self.params)) * 1e-6
 
 
 class PlainBlock(Block):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from spngd_ds.blocks.base import Block, InversionReport, Statistic
+from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.staleness import RefreshSchedule, wishart_rho
 
 
@@ -64,7 +65,7 @@ class UnitwiseBlock(Block):
     ):
         assert module.weight is not None and module.bias is not None
         super().__init__(name, module, [module.weight, module.bias])
-        self.channels = int(module.weight.shape[0])
+        self.channels = int(full_shape(module.weight)[0])
         self.damping_scale = damping_scale
         self.stats = {"F": Statistic("F", schedule(), (self.channels, 2, 2))}
         self.failed_channels = 0
