@@ -70,6 +70,10 @@ def ds_config(a: argparse.Namespace, world: int) -> dict:
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000}
     if a.offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if a.poly:
+        from tests.cells import POLY
+
+        cfg["scheduler"] = {"type": "SPNGDPolyDecay", "params": dict(POLY)}
     if a.config_override:
         cfg.update(json.loads(a.config_override))
     return cfg
@@ -135,6 +139,8 @@ def main() -> None:
     p.add_argument("--start_step", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--staleness", default="on")
+    p.add_argument("--poly", action="store_true", help="SPNGDPolyDecay: the learning rate changes every step")
+    p.add_argument("--nan_grad_step", type=int, default=-1, help="a NaN in one input of rank 0 at this step")
     p.add_argument("--comm_dtype", default="fp32")
     p.add_argument("--stat_micro_batches", type=int, default=0)
     p.add_argument("--save_dir", default="")
@@ -150,6 +156,8 @@ def main() -> None:
     p.add_argument("--crash_in_save_rank", type=int, default=-1,
                    help="this rank dies (os._exit) half-way through writing its SP-NGD checkpoint file, i.e. after "
                         "DeepSpeed's own files")
+    p.add_argument("--cells", default="",
+                   help="JSON file with a list of tests/cells.py Cell dicts: run each, write <out>/<cell name>.pt")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)
     a = p.parse_args()
@@ -161,6 +169,9 @@ def main() -> None:
         type(acc).supported_dtypes = lambda self: [torch.float, torch.bfloat16, torch.float16]  # type: ignore
     import spngd_ds
 
+    if a.cells:
+        run_cells(a.cells, a.out)
+        return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model = build_model(a.model)
     engine, opt, _, _ = spngd_ds.initialize(model=model, config=ds_config(a, world))
@@ -183,6 +194,8 @@ def main() -> None:
             loss = F.cross_entropy(out.float(), ys[k * micro : (k + 1) * micro].to(engine.device))
             if step == a.inject_overflow_step and k == 0:
                 loss = loss * float("inf")
+            if step == a.nan_grad_step and k == 0 and rank == 0:
+                loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
         losses.append(float(loss.detach()))
@@ -201,6 +214,11 @@ def main() -> None:
         "assignment": opt.assignment,
         "metrics": opt.metrics(),
         "schedules": {f"{b.name}:{s.name}": s.schedule.state() for b in opt.blocks.values() for s in b.stats.values()},
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "skipped_steps": engine.skipped_steps,
+        "lr": engine.get_lr(),
+        "step_count": opt.step_count,
     }
     if rank == 0 or a.out.endswith("{rank}"):
         torch.save({"params": params, "info": info}, a.out.replace("{rank}", str(rank)))
@@ -208,6 +226,64 @@ def main() -> None:
 
     dist.barrier()
     dist.destroy_process_group()  # a gloo group left alive at exit can abort the process
+
+
+def full_fp32_params(engine) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """Every parameter in full shape, fp32 master copy where DeepSpeed keeps one (a collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, prm in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(prm)
+        out[name] = (full if full is not None else prm.detach()).float().cpu().clone()
+    return out
+
+
+def run_cells(path: str, out_dir: str) -> None:
+    """Run every cell of the JSON list in ``path`` in this process group; rank 0 writes
+    ``out_dir/<cell name>.pt`` with the parameters and what the optimizer reports."""
+    import deepspeed
+    import torch.distributed as dist
+
+    import spngd_ds
+    from tests import cells as C
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    with open(path) as f:
+        todo = [C.Cell.from_json(d) for d in json.load(f)]
+    for cell in todo:
+        cfg = C.ds_config(cell, world)
+        if cell.zero_init:
+            with deepspeed.zero.Init(config_dict_or_path=cfg):
+                model = C.build_model(cell.model)
+        else:
+            model = C.build_model(cell.model)
+        engine, opt, _, _ = spngd_ds.initialize(model=model, config=cfg)
+        micro = C.GLOBAL_BATCH // (world * cell.gas)
+        dtype = torch.bfloat16 if cell.precision == "bf16" else torch.float32
+        for step in range(cell.steps):
+            x, y = C.global_batch(step)
+            xs = x[rank * micro * cell.gas : (rank + 1) * micro * cell.gas]
+            ys = y[rank * micro * cell.gas : (rank + 1) * micro * cell.gas]
+            for k in range(cell.gas):
+                loss = C.loss_of(engine(xs[k * micro : (k + 1) * micro].to(dtype)), ys[k * micro : (k + 1) * micro])
+                engine.backward(loss)
+                engine.step()
+        params = full_fp32_params(engine)
+        owned = [b.name for b in opt.owned()]
+        owned_counts = [None] * world
+        dist.all_gather_object(owned_counts, len(owned))
+        info = {"metrics": opt.metrics(), "assignment": dict(opt.assignment), "owned_counts": owned_counts,
+                "step_count": opt.step_count, "global_steps": engine.global_steps,
+                "skipped_steps": engine.skipped_steps, "lr": engine.get_lr()}
+        if rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            torch.save({"params": params, "info": info}, os.path.join(out_dir, f"{cell.name}.pt"))
+        engine.destroy() if hasattr(engine, "destroy") else None
+        dist.barrier()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -46,10 +46,13 @@ def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
             grads[r] += sum(p.numel() for p in module.parameters())
             packed[r] += triu_numel(module.in_features + 1) + triu_numel(module.out_features)
             nstats[r] += 2
-    expected = (world - 1) * (
+    nparams = sum(1 for _ in model.parameters())
+    ring = 2 * (world - 1) / world  # an all-reduce sends this times its bytes
+    expected = int(ring * 4 * (1 + nparams))  # flags: a non-finite gradient anywhere, who got a gradient
+    expected += int(ring * 8 * sum(nstats))  # sample counts of the due statistics (fp64)
+    expected += (world - 1) * (
         4 * max(grads)  # reduce-scatter of gradients (fp32)
         + 4 * max(packed)  # reduce-scatter of packed statistics (fp32)
-        + 8 * max(nstats)  # reduce-scatter of sample counts (fp64)
         + 8 * 2 * max(nstats)  # all-gather of refresh decisions (fp64 pairs)
         + 4 * max(grads)  # all-gather of updated parameters
     )

@@ -241,8 +241,6 @@ def test_missing_rank_file_is_named(straight: dict[str, Any], tmp_path: Path) ->
     assert RANK1_FILE in _last_line(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="protection missing in spngd_ds.checkpoint.wrap_checkpointing.load_checkpoint: "
-                   "DeepSpeed's own files are not checked, its errors do not name the file")
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_broken_deepspeed_file_is_named(straight: dict[str, Any], tmp_path: Path, damage: str) -> None:
     ck = _copy_ck(straight, tmp_path / "ck")

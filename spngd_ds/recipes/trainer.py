@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from spngd_ds.batchnorm import average_batchnorm_buffers
 from spngd_ds.recipes import checkpoint
 from spngd_ds.recipes.augment import BatchRandomErasing, MixedBatch, mixed_accuracy, mixup, mixup_cross_entropy, seeded
 from spngd_ds.recipes.checkpoint import TrainState
@@ -129,6 +130,7 @@ def evaluate(engine: Any, loader: DataLoader) -> EvalResult:
     """
     device, dtype = engine_device(engine), input_dtype(engine)
     was_training = engine.training
+    average_batchnorm_buffers(engine.module)  # every rank evaluates (and saves) the same model
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
     n_batches = torch.tensor([len(loader)], dtype=torch.int64, device=device)

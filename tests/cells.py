@@ -1,0 +1,192 @@
+"""The equivalence matrix (DESIGN.md §7): one cell = one way of running SP-NGD inside DeepSpeed,
+and the standalone run that must give the same parameters.
+
+A cell names a model, a ZeRO stage, a precision, a learning-rate schedule, weight rescaling,
+``gradient_clipping`` (unset, 0 or a limit below the update norm), gradient accumulation and
+whether the model is built under ``deepspeed.zero.Init``. ``tests/ds_worker.py --cells`` runs a
+list of cells on N gloo ranks; :func:`reference` runs the same cell in one standalone process fed
+the same per-rank passes (micro-batch k of every rank, in rank order), which is what N ranks x
+gas micro-batches compute. The loss is multiplied by ``LOSS_MULT`` so that raw gradient norms
+exceed 1, where DeepSpeed's implicit ``gradient_clipping`` of 1.0 would act.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSS_MULT = 4.0
+GLOBAL_BATCH = 48  # divisible by 2 and 3 ranks x 1 or 2 micro-batches
+CLASSES = 5
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str = "mlp"
+    stage: int = 0
+    precision: str = "fp32"
+    schedule: str = "const"  # "const" or "poly" (SPNGDPolyDecay: the lr changes every step)
+    rescale: bool = False
+    clip: float | None = None  # None: gradient_clipping unset; else its value
+    gas: int = 1
+    zero_init: bool = False
+    steps: int = 5
+    staleness: bool = True
+
+    @property
+    def name(self) -> str:
+        clip = "unset" if self.clip is None else f"{self.clip:g}"
+        parts = [self.model, f"z{self.stage}", self.precision, self.schedule, f"rescale{int(self.rescale)}",
+                 f"clip-{clip}", f"gas{self.gas}"]
+        if self.zero_init:
+            parts.append("zinit")
+        if not self.staleness:
+            parts.append("nostale")
+        return "-".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Cell:
+        return Cell(**d)
+
+    def but(self, **kw: Any) -> Cell:
+        return replace(self, **kw)
+
+
+def build_model(kind: str) -> nn.Module:
+    """Tiny models, deterministic init. Block counts: mlp 8, conv 3, convbn 3 (BatchNorm on split
+    batches), tied 1 curvature block + shared first-order weights, bnpool 2 (so 3 ranks leave one
+    rank without any block). The convolutions that feed a BatchNorm start 4x larger than torch's
+    default, so that rule 8's bound sqrt(2 C_out) binds and weight rescaling acts."""
+    torch.manual_seed(1234)
+    model = _build(kind)
+    if kind in ("convbn", "bnpool"):
+        with torch.no_grad():
+            model[0].weight.mul_(4.0)
+    return model
+
+
+def _build(kind: str) -> nn.Module:
+    if kind == "mlp":
+        layers: list[nn.Module] = [nn.Flatten()]
+        dims = [16, 24, 20, 18, 16, 14, 12, 10, CLASSES]
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                layers.append(nn.Tanh())
+        return nn.Sequential(*layers)
+    if kind == "conv":
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Tanh(),
+            nn.Flatten(), nn.Linear(4 * 2 * 2, CLASSES),
+        )
+    if kind == "convbn":
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+            nn.Flatten(), nn.Linear(4 * 4 * 4, CLASSES),
+        )
+    if kind == "bnpool":
+        return nn.Sequential(
+            nn.Conv2d(1, CLASSES, 3, padding=1, bias=False), nn.BatchNorm2d(CLASSES), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+    if kind == "tied":
+        return Tied()
+    raise ValueError(kind)
+
+
+class Tied(nn.Module):
+    """Two Linear layers sharing one weight (as tied embeddings do), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(16, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x.flatten(1)))
+        return self.head(torch.tanh(self.b(h)))
+
+
+def global_batch(step: int, n: int = GLOBAL_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def spngd_params(cell: Cell) -> dict[str, Any]:
+    stal = {"threshold": 0.5, "max_interval": 3} if cell.staleness else None
+    return {"lr": 0.05, "momentum": 0.9, "damping": 1e-2, "weight_decay": 1e-4, "staleness": stal,
+            "weight_rescale": cell.rescale, "bn_damping_scale": 64.0}
+
+
+POLY = {"steps_per_epoch": 1, "start_epoch": 0.0, "end_epoch": 12.0, "power": 2.0}
+
+
+def ds_config(cell: Cell, world: int) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // (world * cell.gas),
+        "gradient_accumulation_steps": cell.gas,
+        "optimizer": {"type": "SPNGD", "params": spngd_params(cell)},
+        "zero_optimization": {"stage": cell.stage, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 10**9,
+    }
+    if cell.schedule == "poly":
+        cfg["scheduler"] = {"type": "SPNGDPolyDecay", "params": dict(POLY)}
+    if cell.clip is not None:
+        cfg["gradient_clipping"] = cell.clip
+    if cell.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+        cfg["data_types"] = {"buffer_dtype": "bf16"}
+    return cfg
+
+
+def loss_of(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.float(), y) * LOSS_MULT
+
+
+def reference(cell: Cell, ranks: int, steps: int | None = None) -> dict[str, torch.Tensor]:
+    """Parameters after the cell's steps in one standalone SP-NGD process fed what ``ranks`` ranks
+    x ``cell.gas`` micro-batches compute (fp32; ``gradient_clipping`` > 0 becomes ``clip_norm``)."""
+    import spngd_ds
+
+    model = build_model(cell.model)
+    params = spngd_params(cell)
+    if cell.clip:
+        params["clip_norm"] = cell.clip
+    opt = spngd_ds.SPNGD(model, **params)
+    sched = spngd_ds.SPNGDPolyDecay(opt, **POLY) if cell.schedule == "poly" else None
+    splits = ranks * cell.gas
+    opt.capture.grad_scale = lambda: float(splits)
+    order = [r * cell.gas + k for k in range(cell.gas) for r in range(ranks)]
+    for step in range(cell.steps if steps is None else steps):
+        x, y = global_batch(step)
+        opt.zero_grad()
+        xs, ys = x.chunk(splits), y.chunk(splits)
+        for i in order:
+            (loss_of(model(xs[i]), ys[i]) / splits).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def rel_err(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """max over tensors of max|a - b| / max|b|."""
+    assert out.keys() == ref.keys(), (sorted(out), sorted(ref))
+    return max(float((out[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)) for k in ref)
+
+
+def motion_err(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+    """max over tensors of max|a - b| / max|b - start| (for bf16: error relative to how far it moved)."""
+    assert out.keys() == ref.keys()
+    return max(
+        float((out[k] - ref[k]).abs().max() / (ref[k] - start[k]).abs().max().clamp_min(1e-12)) for k in ref
+    )

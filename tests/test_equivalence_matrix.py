@@ -1,0 +1,171 @@
+"""The equivalence matrix (DESIGN.md §7, issue 11): N gloo ranks under DeepSpeed give what one
+standalone SP-NGD process gives when fed the same per-rank passes.
+
+Axes: models {MLP, conv, conv + BatchNorm on split batches, tied weights, a 2-block BatchNorm
+model that leaves the third of 3 ranks without any block} x ZeRO {0, 1, 2, 3} x {fp32, bf16} x
+{constant lr, SPNGDPolyDecay (changes every step)} x weight_rescale {off, on} x
+gradient_clipping {unset, 0, 0.5 (below the update norm)} x accumulation {1, 2} x zero.Init, at 2
+and 3 ranks (3 ranks: unequal owners, and a rank that owns nothing). The loss is scaled so that raw
+gradient norms exceed 1, where DeepSpeed's implicit clip of 1.0 would act.
+
+Which cells run here: every path branch is covered by at least one cell that fails when it breaks
+(fast fp32 / bf16 wrapper / ZeRO 1 / 2 / 3 / zero.Init; clipping set, 0 and unset on each stage;
+the momentum correction and rule 8 on each path; tied weights on each path; the empty rank on
+each stage and precision). Each launch runs a group of cells in one process group to pay
+DeepSpeed's start-up once. ``SPNGD_FULL_MATRIX=1`` adds the rest of the product at 2 ranks (slow).
+
+Tolerances: fp32 2e-5 relative to each tensor's largest entry (measured: 0 at 2 ranks, where sums
+of two numbers do not depend on order; <= 8e-6 at 3 ranks). bf16 runs round every forward, so
+they are held to 0.1 of the fp32 reference (measured 0.02-0.06), plus the exact checks that do not
+depend on rounding (steps counted, nothing skipped).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests import cells as C
+from tests.distributed import torchrun
+
+TOL = 2e-5
+BF16_TOL = 0.1
+Cell = C.Cell
+
+FP32_2 = [
+    Cell("convbn", 0),  # the original defect: DeepSpeed's implicit clip at stage 0
+    Cell("convbn", 0, clip=0.0),
+    Cell("convbn", 0, schedule="poly", rescale=True, clip=0.5),
+    Cell("convbn", 1, schedule="poly", rescale=True, clip=0.5),
+    Cell("convbn", 2, schedule="poly", rescale=True, clip=0.5),
+    Cell("convbn", 3, schedule="poly", rescale=True, clip=0.5),
+    Cell("convbn", 3, schedule="poly", rescale=True, zero_init=True),
+    Cell("convbn", 2, clip=0.0),
+    Cell("mlp", 0, schedule="poly"),
+    Cell("mlp", 2, schedule="poly", gas=2),
+    Cell("mlp", 3),
+    Cell("conv", 0, gas=2),
+    Cell("conv", 1, clip=0.5),
+    Cell("tied", 0, schedule="poly", clip=0.5),
+    Cell("tied", 1),
+    Cell("tied", 2, schedule="poly"),
+    Cell("tied", 3, clip=0.5),
+]
+FP32_3 = [
+    Cell("bnpool", 0, schedule="poly", rescale=True, clip=0.5),
+    Cell("bnpool", 1, schedule="poly", rescale=True, clip=0.5),
+    Cell("bnpool", 2, schedule="poly", rescale=True, clip=0.5),
+    Cell("bnpool", 3, schedule="poly", rescale=True, clip=0.5),
+    Cell("bnpool", 3, zero_init=True, rescale=True),
+    Cell("convbn", 0, schedule="poly", rescale=True, clip=0.5, gas=2),
+    Cell("convbn", 2, gas=2),
+    Cell("mlp", 0, schedule="poly", clip=0.5),
+    Cell("mlp", 1, schedule="poly", clip=0.5),
+    Cell("mlp", 3, schedule="poly"),
+    Cell("tied", 0),
+    Cell("tied", 3, schedule="poly", rescale=True),
+]
+BF16_3 = [
+    Cell("bnpool", 0, precision="bf16"),  # bf16 at stage 0 with a rank that owns nothing
+    Cell("bnpool", 0, precision="bf16", schedule="poly", clip=0.5, rescale=True),
+    Cell("bnpool", 1, precision="bf16"),
+    Cell("bnpool", 2, precision="bf16", schedule="poly", clip=0.5, rescale=True),
+    Cell("bnpool", 3, precision="bf16", schedule="poly", clip=0.5, rescale=True),
+]
+BF16_2 = [
+    Cell("convbn", 0, precision="bf16", schedule="poly", clip=0.5),
+    Cell("convbn", 2, precision="bf16", rescale=True),
+    Cell("mlp", 1, precision="bf16", schedule="poly"),
+]
+
+
+def _full_product() -> list[Cell]:
+    out = []
+    for model, stage, schedule, rescale, clip in itertools.product(
+        ["mlp", "conv", "convbn", "tied"], [0, 1, 2, 3], ["const", "poly"], [False, True], [None, 0.0, 0.5]
+    ):
+        cell = Cell(model, stage, schedule=schedule, rescale=rescale, clip=clip)
+        if cell not in FP32_2:
+            out.append(cell)
+    return out
+
+
+GROUPS: dict[str, tuple[int, list[Cell]]] = {
+    "fp32-2ranks": (2, FP32_2),
+    "fp32-3ranks": (3, FP32_3),
+    "bf16-3ranks": (3, BF16_3),  # bf16 cells run in their own process groups
+    "bf16-2ranks": (2, BF16_2),
+}
+if os.environ.get("SPNGD_FULL_MATRIX") == "1":
+    GROUPS["full-2ranks"] = (2, _full_product())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int]]:
+    """Launch every group once; cells read their results from the group's directory."""
+    return {}
+
+
+def _run_group(name: str, cache: dict[str, tuple[Path, int]], base: Path) -> tuple[Path, int]:
+    if name not in cache:
+        world, todo = GROUPS[name]
+        out = base / name
+        out.mkdir(parents=True, exist_ok=True)
+        spec = out / "cells.json"
+        spec.write_text(json.dumps([c.to_json() for c in todo]))
+        torchrun(world, ["--cells", str(spec), "--out", str(out)], timeout=900)
+        cache[name] = (out, world)
+    return cache[name]
+
+
+CASES = [(g, c) for g, (_, cells) in GROUPS.items() for c in cells]
+
+
+@pytest.mark.parametrize(("group", "cell"), CASES, ids=[f"{g}:{c.name}" for g, c in CASES])
+def test_cell_equals_standalone(
+    group: str, cell: Cell, results: dict[str, tuple[Path, int]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    out_dir, world = _run_group(group, results, tmp_path_factory.getbasetemp() / "matrix")
+    got: dict[str, Any] = torch.load(out_dir / f"{cell.name}.pt", weights_only=False)
+    info = got["info"]
+    ref = C.reference(cell, world)
+    assert info["step_count"] == cell.steps  # SP-NGD stepped once per DeepSpeed step, never at construction
+    assert info["skipped_steps"] == 0 and info["metrics"]["spngd/skipped_steps"] == 0
+    if cell.clip:
+        assert info["metrics"]["spngd/clip_factor"] < 1.0  # the limit is below the update norm: it acts
+    else:
+        assert info["metrics"]["spngd/clip_factor"] == 1.0
+    if world == 3 and cell.model == "bnpool":
+        assert sorted(info["owned_counts"]) == [0, 1, 1]  # one rank owns nothing
+    for value in got["params"].values():
+        assert torch.isfinite(value).all()
+    err = C.rel_err(got["params"], ref)
+    assert err < (BF16_TOL if cell.precision == "bf16" else TOL), err
+
+
+def test_the_matrix_axes_change_the_run() -> None:
+    """Each axis the cells vary changes the standalone result by far more than the tolerance, so a
+    path that ignored it would fail its cell (a test that cannot fail is no test)."""
+    base = Cell("convbn", 0)
+    ref = C.reference(base, 2)
+    for changed in (base.but(clip=0.5), base.but(schedule="poly"), base.but(rescale=True)):
+        assert C.rel_err(C.reference(changed, 2), ref) > 100 * TOL, changed
+    assert C.rel_err(ref, C.reference(base, 2, steps=0)) > 1e-2  # and the run moves
+    pool = Cell("bnpool", 0)  # rule 8 binds on the 3-rank model too
+    assert C.rel_err(C.reference(pool.but(rescale=True), 3), C.reference(pool, 3)) > 100 * TOL
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv", "convbn", "tied", "bnpool"])
+def test_raw_gradient_norm_exceeds_deepspeeds_default_clip(model: str) -> None:
+    """DeepSpeed's implicit gradient_clipping of 1.0 would act on every model of the matrix."""
+    net = C.build_model(model)
+    x, y = C.global_batch(0)
+    C.loss_of(net(x), y).backward()
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in net.parameters() if p.grad is not None))
+    assert float(norm) > 1.0, float(norm)
