@@ -4,8 +4,8 @@ hooks need, and the engine's ``step`` at the gradient-accumulation boundary.
 - ZeRO stage 0: :class:`~spngd_ds.paths.fast.FastPath`. The engine's gradient all-reduce is
   switched off (SP-NGD reduces to owners itself); DeepSpeed's engine calls SP-NGD's step (directly
   at fp32, through its bf16 wrapper otherwise).
-- ZeRO 1-3: :class:`~spngd_ds.paths.compatible.CompatiblePath`, which preconditions before
-  DeepSpeed's step and is called by it on the flat partitions.
+- ZeRO 1-3: :class:`~spngd_ds.paths.compatible.CompatiblePath`, called by DeepSpeed's step on
+  its flat partitions, where it routes this rank's gradient fragments to owners and back.
 
 Either way a step SP-NGD skips is reported to the engine as an overflow (counted in
 ``engine.skipped_steps``, learning-rate scheduler not advanced), and a step DeepSpeed skips (fp16
@@ -20,7 +20,7 @@ from typing import Any
 from spngd_ds.agreement import check_rank_agreement
 from spngd_ds.agreement import enabled as agreement_enabled
 from spngd_ds.optimizer import SPNGD
-from spngd_ds.paths.compatible import CompatiblePath, _loss_scale
+from spngd_ds.paths.compatible import CompatiblePath, loss_scale
 from spngd_ds.paths.fast import FastPath
 
 logger = logging.getLogger("spngd_ds")
@@ -29,7 +29,7 @@ logger = logging.getLogger("spngd_ds")
 def attach(engine: Any, opt: SPNGD) -> None:
     """Install SP-NGD's path and hooks on ``engine`` (called by :func:`spngd_ds.initialize`)."""
     stage = int(engine.zero_optimization_stage())
-    opt.capture.grad_scale = lambda: engine.gradient_accumulation_steps() / _loss_scale(engine)
+    opt.capture.grad_scale = lambda: engine.gradient_accumulation_steps() / loss_scale(engine)
     if stage == 0:
         engine.enable_backward_allreduce = False
         opt.path = FastPath(overflow_target=engine.optimizer)
@@ -73,7 +73,6 @@ def _compatible_step(engine: Any, opt: SPNGD, path: CompatiblePath) -> Any:
     def step(*args: Any, **kwargs: Any) -> Any:
         if not engine.is_gradient_accumulation_boundary():
             return original(*args, **kwargs)
-        path.before_engine_step(opt)
         result = original(*args, **kwargs)
         path.after_engine_step(opt)
         return result

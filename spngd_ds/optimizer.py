@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from spngd_ds.assignment import BlockCost, assign_owners
+from spngd_ds.assignment import assign_owners, block_cost
 from spngd_ds.blocks import Block, KronBlock, UnitwiseBlock, build_blocks
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.capture import CurvatureCapture
-from spngd_ds.comm import DTYPES, Communicator, pack_sym, unpack_sym
+from spngd_ds.comm import DTYPES, Communicator, OwnerLayout, pack_sym, unpack_sym
 from spngd_ds.config import DEFAULT_STALENESS, SPNGDConfig, validate_spngd_params
 from spngd_ds.metrics import StepMetrics
 from spngd_ds.reductions import all_reduce_sum
@@ -124,9 +124,7 @@ class SPNGD(Optimizer):
                            len(fallback), "; ".join(fallback))
         self.blocks: dict[str, Block] = {b.name: b for b in block_list}
         self.comm = communicator or Communicator()
-        self.assignment: dict[str, int] = assign_owners(
-            [BlockCost(b.name, b.inversion_cost(), b.memory_cost()) for b in block_list], self.comm.world_size
-        )
+        self.assignment: dict[str, int] = assign_owners([block_cost(b) for b in block_list], self.comm.world_size)
         self.capture = CurvatureCapture(model, block_list, cfg.fisher)
         self.capture.stat_micro_batches = cfg.stat_micro_batches
         self.stats_log = StepMetrics()
@@ -250,16 +248,19 @@ class SPNGD(Optimizer):
         with self.stats_log.timer("comm"):
             totals = all_reduce_sum(self.comm, counts).tolist()
         prescale = self.config.comm_dtype == "fp16"
-        by_owner: list[list[torch.Tensor]] = [[] for _ in range(self.comm.world_size)]
+        packed_all = []
         for (b, s), (total, _), count in zip(due, local, totals, strict=True):
             if total is None:
                 total = torch.zeros(s.shape, dtype=b.dtype, device=self.comm.device)
             packed = pack_sym(total)
             if prescale and count > 0:  # the global mean cannot overflow fp16; the owner multiplies back
                 packed = packed / count
-            by_owner[self.assignment[b.name]].append(packed)
+            packed_all.append(packed)
+        owners = [self.assignment[b.name] for b, _ in due]
+        items = [(p.numel(), o) for p, o in zip(packed_all, owners, strict=True)]
+        layout = OwnerLayout.build(items, self.comm.world_size)
         with self.stats_log.timer("comm"):
-            sums = self.comm.reduce_to_owners(by_owner, DTYPES[self.config.comm_dtype])
+            sums = self.comm.to_owners(layout, packed_all, DTYPES[self.config.comm_dtype])
         rank = self.comm.rank
         mine = [(b, s, n) for (b, s), n in zip(due, totals, strict=True) if self.assignment[b.name] == rank]
         refreshed: dict[str, set[str]] = {}
@@ -318,20 +319,13 @@ class SPNGD(Optimizer):
         """Owners' refresh decisions (interval, next step) reach every rank (rule 6: all agree)."""
         if self.comm.world_size == 1 or not due:
             return
-        shapes: list[list[torch.Size]] = [[] for _ in range(self.comm.world_size)]
-        for b, _ in due:
-            shapes[self.assignment[b.name]].append(torch.Size([2]))
+        layout = OwnerLayout.build([(2, self.assignment[b.name]) for b, _ in due], self.comm.world_size)
         mine = [
             torch.tensor(s.schedule.state(), dtype=torch.float64, device=self.comm.device)
             for b, s in due
             if self.assignment[b.name] == self.comm.rank
         ]
-        gathered = self.comm.gather_from_owners(mine, shapes, torch.float64)
-        cursor = [0] * self.comm.world_size
-        for b, s in due:
-            owner = self.assignment[b.name]
-            state = gathered[owner][cursor[owner]]
-            cursor[owner] += 1
+        for (_, s), state in zip(due, self.comm.from_owners(layout, mine, torch.float64), strict=True):
             s.schedule.load((int(state[0]), int(state[1])))
 
     # -- preconditioning, clipping, update -----------------------------------------------------------

@@ -100,7 +100,7 @@ class Block:
 
     Subclasses define the statistics they keep and how a gradient is preconditioned. Gradients are
     passed in explicitly (ordered as ``self.params``) because their source depends on the engine
-    path (``param.grad``, a reduced bucket, or DeepSpeed's ``safe_get_full_grad``).
+    path (``param.grad`` reduced to the owner, or DeepSpeed's partition fragments routed to it).
     """
 
     kind = "plain"

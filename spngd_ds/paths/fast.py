@@ -4,11 +4,13 @@ One step, on every rank:
 
 1. one small all-reduce: was any gradient non-finite on any rank (then the whole step, statistics
    included, is skipped), and which parameters received a gradient on some rank;
-2. gradients are reduced to the owners of their blocks, due statistics too (refreshed and
-   re-inverted there);
+2. gradients are reduced to the owners of their blocks through the exchange layout
+   (:class:`~spngd_ds.comm.OwnerLayout`: a reduce-scatter of equal shards and an all-to-all of
+   the parts another rank owns), due statistics too (refreshed and re-inverted there);
 3. owners precondition, clip by the global norm, and apply momentum SGD (rule 7) and weight
    rescaling (rule 8) to their layers; a parameter that received no gradient is left alone;
-4. every rank gathers the owners' updated parameters.
+4. every rank gathers the owners' updated parameters (the same layout in reverse: an all-to-all
+   and an all-gather of equal shards). Nothing is padded to the most-loaded owner.
 
 ``overflow_target`` is the object whose ``overflow`` attribute DeepSpeed's engine reads after the
 step (SP-NGD itself at fp32, DeepSpeed's bf16 wrapper otherwise): a skipped step sets it, so the
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from spngd_ds.comm import OwnerLayout
 from spngd_ds.reductions import any_rank_each
 
 if TYPE_CHECKING:
@@ -37,6 +40,7 @@ class FastPath:
 
     def __init__(self, overflow_target: Any = None) -> None:
         self.overflow_target = overflow_target
+        self._layout: OwnerLayout | None = None
 
     def step(self, opt: SPNGD) -> None:
         target = self.overflow_target if self.overflow_target is not None else opt
@@ -74,40 +78,39 @@ class FastPath:
             self._gather_parameters(opt, live)
         opt.finish_step(opt.current_lrs())
 
-    @staticmethod
-    def _reduce_gradients(opt: SPNGD, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-        """Average gradients over ranks, delivered to each block's owner only."""
+    def _param_layout(self, opt: SPNGD) -> OwnerLayout:
+        """Every parameter of every block, in block order, owned by its block's owner (built once)."""
+        if self._layout is None:
+            self._layout = OwnerLayout.build(
+                [(tuple(p.shape), opt.assignment[b.name]) for b in opt.blocks.values() for p in b.params],
+                opt.comm.world_size,
+            )
+        return self._layout
+
+    def _reduce_gradients(self, opt: SPNGD, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        """Average gradients over ranks, delivered to each block's owner only (the exchange layout:
+        reduce-scatter of equal shards + all-to-all to owners)."""
         if opt.comm.world_size == 1:
             return grads
-        by_owner: list[list[torch.Tensor]] = [[] for _ in range(opt.comm.world_size)]
-        for b in opt.blocks.values():
-            by_owner[opt.assignment[b.name]].extend(grads[b.name])
+        flat = [g for b in opt.blocks.values() for g in grads[b.name]]
         with opt.stats_log.timer("comm"):
-            mine = opt.comm.reduce_to_owners(by_owner)
-        out: dict[str, list[torch.Tensor]] = {}
+            mine = opt.comm.to_owners(self._param_layout(opt), flat, flat[0].dtype)
         it = iter(mine)
-        for b in opt.owned():
-            out[b.name] = [next(it).div_(opt.comm.world_size) for _ in b.params]
-        return out
+        return {b.name: [next(it).div_(opt.comm.world_size) for _ in b.params] for b in opt.owned()}
 
-    @staticmethod
-    def _gather_parameters(opt: SPNGD, live: dict[int, nn.Parameter]) -> None:
-        """Every rank receives the owners' updated parameters (the fast path's all-gather), in the
-        dtype of the tensors the optimizer updates (the same on owners and ranks that own nothing)."""
+    def _gather_parameters(self, opt: SPNGD, live: dict[int, nn.Parameter]) -> None:
+        """Every rank receives the owners' updated parameters (all-to-all back + all-gather of equal
+        shards), in the dtype of the tensors the optimizer updates (the same on every rank)."""
         if opt.comm.world_size == 1:
             return
-        shapes: list[list[torch.Size]] = [[] for _ in range(opt.comm.world_size)]
-        for b in opt.blocks.values():
-            shapes[opt.assignment[b.name]].extend(p.shape for p in b.params)
+        layout = self._param_layout(opt)
         mine = [live[id(p)].detach() for b in opt.owned() for p in b.params]
         dtype = live[id(opt._params[0])].dtype
-        gathered = opt.comm.gather_from_owners(mine, shapes, dtype)
-        cursor = [0] * opt.comm.world_size
-        for b in opt.blocks.values():
-            owner = opt.assignment[b.name]
-            for p in b.params:
-                live[id(p)].copy_(gathered[owner][cursor[owner]])
-                cursor[owner] += 1
+        every = opt.comm.from_owners(layout, mine, dtype)
+        params = [p for b in opt.blocks.values() for p in b.params]
+        for p, owner, value in zip(params, layout.owners, every, strict=True):
+            if owner != opt.comm.rank:
+                live[id(p)].copy_(value)
 
 
 def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
