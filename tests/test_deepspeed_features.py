@@ -3,6 +3,7 @@ fp16 overflow, checkpoints across world sizes, bad configs (2 gloo ranks on the 
 
 from __future__ import annotations
 
+import math
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import spngd_ds
-from spngd_ds.comm import triu_numel
+from spngd_ds.comm import OwnerLayout, layout_bytes, triu_numel
 from tests.distributed import max_rel_err, run_worker, torchrun
 from tests.ds_reference import reference_params
 from tests.ds_worker import build_model
@@ -20,7 +21,10 @@ TOL = 2e-5
 
 def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
     """Each of 2 ranks holds <= 60% of the 1-rank curvature bytes (8 blocks), and the bytes a
-    fast-path step sends match the ring formula computed here from the assignment alone."""
+    fast-path step sends (every statistic due: staleness off) are exactly those of the exchange
+    layout (DESIGN.md §3), computed here from the assignment alone: gradients to owners and
+    parameters back (reduce-scatter of equal shards + all-to-all, both ways), the packed due
+    statistics to owners, the owners' refresh decisions back, and the two small all-reduces."""
     torchrun(2, ["--stage", "0", "--staleness", "off", "--out", str(tmp_path / "r{rank}")])
     infos = [torch.load(tmp_path / f"r{r}", weights_only=False)["info"] for r in range(2)]
     model = build_model("mlp")
@@ -37,30 +41,31 @@ def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
     owners = infos[0]["assignment"]
     assert owners == infos[1]["assignment"]
     world = 2
-    grads = [0] * world
-    packed = [0] * world
-    nstats = [0] * world
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            r = owners[name]
-            grads[r] += sum(p.numel() for p in module.parameters())
-            packed[r] += triu_numel(module.in_features + 1) + triu_numel(module.out_features)
-            nstats[r] += 2
-    nparams = sum(1 for _ in model.parameters())
-    ring = 2 * (world - 1) / world  # an all-reduce sends this times its bytes
-    expected = int(ring * 4 * (1 + nparams))  # flags: a non-finite gradient anywhere, who got a gradient
-    expected += int(ring * 8 * sum(nstats))  # sample counts of the due statistics (fp64)
-    expected += (world - 1) * (
-        4 * max(grads)  # reduce-scatter of gradients (fp32)
-        + 4 * max(packed)  # reduce-scatter of packed statistics (fp32)
-        + 8 * 2 * max(nstats)  # all-gather of refresh decisions (fp64 pairs)
-        + 4 * max(grads)  # all-gather of updated parameters
+    blocks = list(total.blocks.values())
+    grads = OwnerLayout.build([(tuple(p.shape), owners[b.name]) for b in blocks for p in b.params], world)
+    due = [(b, s) for b in blocks for s in b.stats.values()]  # staleness off: every statistic, every step
+    stats = OwnerLayout.build(
+        [(triu_numel(s.shape[-1]) * math.prod(s.shape[:-2]), owners[b.name]) for b, s in due], world
     )
-    for info in infos:
-        assert info["comm_nbytes"] == expected
-    # against a first-order all-reduce of the same gradients: 2 (N-1)/N * 4 bytes per element
-    allreduce = 2 * (world - 1) / world * 4 * sum(grads)
-    assert expected < 3.0 * allreduce
+    decisions = OwnerLayout.build([(2, owners[b.name]) for b, _ in due], world)
+    nparams = sum(1 for p in model.parameters() if p.requires_grad)
+
+    def all_reduce(nbytes: int) -> int:  # what the library counts for an all-reduce (ring)
+        return int(2 * (world - 1) / world * nbytes)
+
+    sent_grads = layout_bytes(grads, 4, "both")  # gradients to owners, updated parameters back (fp32)
+    sent_stats = layout_bytes(stats, 4, "to")  # packed statistics to owners (comm_dtype fp32)
+    sent_decisions = layout_bytes(decisions, 8, "from")  # (interval, next step) float64 pairs back
+    small = all_reduce(4 * (1 + nparams)) + all_reduce(8 * len(due))  # flags (fp32), sample counts (fp64)
+    for r, info in enumerate(infos):
+        assert info["comm_nbytes"] == sent_grads[r] + sent_stats[r] + sent_decisions[r] + small, r
+    # nothing padded to the most-loaded owner: the gradient exchange is a first-order all-reduce of
+    # the same gradients (2 (N-1)/N * 4 bytes per element, up to the rounding of equal shards) plus
+    # at most what the all-to-alls move (a shard to owners, the owned range back)
+    allreduce = 2 * (world - 1) / world * 4 * grads.total
+    for r in range(world):
+        assert sent_grads[r] <= allreduce + 4 * 2 * (world - 1) + 4 * (grads.shard + grads.geometry.counts[r])
+        assert sent_stats[r] <= 4 * world * stats.shard
 
 
 @pytest.mark.parametrize(
