@@ -39,7 +39,7 @@ SPNGD_PARAMS: dict[str, Any] = {
     "bn_damping_scale": 64.0,
 }
 #: The default stale-statistics setting (DESIGN.md section 4).
-DEFAULT_STALENESS: dict[str, Any] = {"threshold": 0.1, "max_interval": 20}
+DEFAULT_STALENESS: dict[str, Any] = {"threshold": 0.1, "max_interval": 20, "noise_scale": 1.0}
 #: Momentum SGD as DeepSpeed builds it from ``"type": "SGD"`` (torch.optim.SGD).
 SGD_PARAMS: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
 
@@ -81,10 +81,11 @@ def ensure_launcher_env() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
-def spngd_block(staleness: bool, comm_dtype: str = "fp32") -> dict[str, Any]:
-    """The ``"optimizer"`` block for SP-NGD, with the default staleness or with it switched off."""
+def spngd_block(staleness: bool, comm_dtype: str = "fp32", **extra: Any) -> dict[str, Any]:
+    """The ``"optimizer"`` block for SP-NGD, with the default staleness or with it switched off
+    (``extra``: further SP-NGD keyword arguments, e.g. ``stat_micro_batches``)."""
     params = dict(SPNGD_PARAMS, staleness=dict(DEFAULT_STALENESS) if staleness else None, comm_dtype=comm_dtype)
-    return {"type": "SPNGD", "params": params}
+    return {"type": "SPNGD", "params": params | extra}
 
 
 def sgd_block() -> dict[str, Any]:
@@ -92,11 +93,11 @@ def sgd_block() -> dict[str, Any]:
     return {"type": "SGD", "params": dict(SGD_PARAMS)}
 
 
-def ds_config(optimizer: dict[str, Any], micro_batch: int, stage: int = 0) -> dict[str, Any]:
-    """A fp32 DeepSpeed config at ZeRO ``stage`` with one micro-batch per step."""
+def ds_config(optimizer: dict[str, Any], micro_batch: int, stage: int = 0, gas: int = 1) -> dict[str, Any]:
+    """A fp32 DeepSpeed config at ZeRO ``stage`` with ``gas`` micro-batches per step."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": gas,
         "steps_per_print": 10**9,
         "optimizer": optimizer,
         "zero_optimization": {"stage": stage},

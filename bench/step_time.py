@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -64,8 +65,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=150, help="measured steps of SGD and SP-NGD with staleness (>= 50)")
     p.add_argument("--steps_off", type=int, default=30, help="measured steps of SP-NGD without staleness")
     p.add_argument("--profile_steps", type=int, default=3, help="profiled SP-NGD steps (0: no profile)")
-    p.add_argument("--noise_sizes", type=int, nargs="*", default=[32, 128, 512],
+    p.add_argument("--noise_sizes", type=int, nargs="*", default=[32, 64, 128, 256, 512, 896],
                    help="global batch sizes of the statistic-noise diagnostic (none: skip)")
+    p.add_argument("--regime", default="small", choices=["small", "accum", "capture", "noise"],
+                   help="small: 64 samples a step (gas 1); accum: --gas micro-batches a step, a whole run; "
+                   "capture: capture cost before/after (one process); noise: r against samples (one process)")
+    p.add_argument("--gas", type=int, default=16, help="accum: micro-batches per step (32 x 2 ranks x 16 = 1,024)")
+    p.add_argument("--accum_steps", type=int, default=15, help="accum: steps of the run (15 = 10 digits epochs)")
+    p.add_argument("--smb", type=int, nargs="*", default=[1],
+                   help="accum: extra SP-NGD engines with these stat_micro_batches (none: only the default)")
+    p.add_argument("--noise_in_small", action="store_true", help="small: also the old noise diagnostic")
+    p.add_argument("--reps", type=int, default=3, help="capture: repetitions (best of)")
+    p.add_argument("--r50_batch", type=int, default=2, help="capture: ResNet-50 224x224 batch (0: skip)")
     p.add_argument("--local_rank", type=int, default=0)
     return p.parse_args()
 
@@ -450,11 +461,363 @@ def plot_split(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------------
+# Regime "accum": thousands of samples a step through ranks x gradient accumulation
+# ------------------------------------------------------------------------------------------------
+
+ACCUM_TARGET = 1.10
+SMALL_TARGET = 2.0
+
+
+@dataclass
+class AccumTrace:
+    """One engine over a whole accumulation run (this rank's view)."""
+
+    times: list[float] = field(default_factory=list)
+    split: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SPLIT_KEYS})
+    due: dict[str, list[float]] = field(default_factory=dict)
+    ratios: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # kind -> (step, r, floor)
+
+
+def accum_engines(a: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
+    """SGD and SP-NGD engines (same initial model, one DeepSpeed config each, ZeRO 0, fp32)."""
+    import spngd_ds
+
+    base = common.build_model(a.model, seed=0)
+    blocks = {"sgd": common.sgd_block(), "spngd": common.spngd_block(staleness=True)}
+    for k in a.smb:
+        blocks[f"spngd_smb{k}"] = common.spngd_block(staleness=True, stat_micro_batches=k)
+    out: dict[str, tuple[Any, Any]] = {}
+    for name, block in blocks.items():
+        cfg = common.ds_config(block, a.micro_batch, stage=0, gas=a.gas)
+        model = copy.deepcopy(base)
+        engine, opt, _, _ = spngd_ds.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        out[name] = (engine, opt if name != "sgd" else None)
+    return out
+
+
+def accum_step(engine: Any, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, a: argparse.Namespace, rank: int,
+               world: int, device: torch.device) -> float:
+    """Wall seconds of one optimizer step: ``gas`` micro-batches of forward + backward + engine.step."""
+    sync(device)
+    dist.barrier()
+    start = time.perf_counter()
+    for mb in range(a.gas):
+        lo = (mb * world + rank) * a.micro_batch
+        sub = idx[lo : lo + a.micro_batch]
+        loss = F.cross_entropy(engine(x[sub].to(device)), y[sub].to(device))
+        engine.backward(loss)
+        engine.step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def owned_refresh_counts(opt: Any) -> dict[tuple[str, str], int]:
+    return {(b.name, s.name): s.refreshes for b in opt.owned() for s in b.stats.values()}
+
+
+def run_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    """A whole run from step 0 for every engine in turn on the same global batches (the order
+    alternates every step); amortized ratio = total SP-NGD time / total SGD time."""
+    engines = accum_engines(a)
+    x, y = common.digits_rgb(a.image_size)
+    glob = a.micro_batch * world * a.gas
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+    traces = {n: AccumTrace() for n in engines}
+    names = list(engines)
+    for step in range(a.accum_steps):
+        idx = order[(torch.arange(glob) + step * glob) % order.numel()]
+        for k in range(len(names)):
+            name = names[(step + k) % len(names)]
+            engine, opt = engines[name]
+            tr = traces[name]
+            before = owned_refresh_counts(opt) if opt is not None else {}
+            if opt is not None:
+                for kind, v in due_by_kind(opt).items():
+                    tr.due.setdefault(kind, []).append(v)
+            tr.times.append(accum_step(engine, x, y, idx, a, rank, world, device))
+            if opt is None:
+                continue
+            m = opt.metrics()
+            for key in SPLIT_KEYS:
+                tr.split[key].append(m[f"spngd/time_{key}"])
+            for b in opt.owned():
+                for s in b.stats.values():
+                    if s.refreshes > before[(b.name, s.name)] and step > 0:
+                        sch = s.schedule
+                        tr.ratios.setdefault(s.name, []).append((step, float(sch.last_ratio), float(sch.last_floor)))
+        if rank == 0:
+            print(f"accum step {step + 1}/{a.accum_steps}", flush=True)
+    out: dict[str, Any] = {"engines": {}}
+    sgd = slowest_rank(traces["sgd"].times, world)
+    for name, tr in traces.items():
+        times = slowest_rank(tr.times, world)
+        entry: dict[str, Any] = {"steps": len(times), "total_s": sum(times), "mean_step_s": mean(times),
+                                 "per_step_s": times, "ratio_to_sgd": sum(times) / sum(sgd)}
+        if name != "sgd":
+            split = {k: mean(slowest_rank(tr.split[k], world)) for k in SPLIT_KEYS}
+            split["rest"] = entry["mean_step_s"] - sum(split.values())
+            entry["split_mean_s"] = split
+            entry["sgd_mean_step_s"] = mean(sgd)
+            entry["refresh_fraction_by_kind"] = {k: mean(v) for k, v in tr.due.items()}
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, tr.ratios)
+            kinds: dict[str, list[tuple[int, float, float]]] = {}
+            for part in gathered:
+                for kind, vals in part.items():
+                    kinds.setdefault(kind, []).extend(vals)
+            entry["r_by_kind"] = {
+                kind: {"median_r": median([v[1] for v in vals]), "median_noise_floor": median([v[2] for v in vals]),
+                       "refreshes_after_step0": len(vals),
+                       "share_r_below_threshold": mean([float(v[1] < THRESHOLD) for v in vals])}
+                for kind, vals in kinds.items()
+            }
+            entry["r_per_refresh"] = kinds
+        out["engines"][name] = entry
+    return out
+
+
+def median(v: list[float]) -> float:
+    """Median (upper middle); nan for an empty list."""
+    finite = sorted(x for x in v if math.isfinite(x))
+    return finite[len(finite) // 2] if finite else math.nan
+
+
+THRESHOLD = common.DEFAULT_STALENESS["threshold"]
+
+
+def print_accum(res: dict[str, Any]) -> None:
+    eng = res["engines"]
+    s = res["setup"]
+    print(f"accumulation regime: {s['model']} {s['image_size']}x{s['image_size']}, {s['micro_batch']} per rank per "
+          f"micro-batch x {s['gas']} micro-batches x {s['world_size']} ranks = {s['global_batch']} samples a step, "
+          f"{s['accum_steps']} steps from step 0")
+    rows = []
+    for name, e in eng.items():
+        sp = e.get("split_mean_s", {})
+        parts = (sp.get(k, 0.0) * 1e3 for k in (*SPLIT_KEYS, "rest"))
+        rows.append([name, e["mean_step_s"] * 1e3, e["ratio_to_sgd"], *parts])
+    print(common.format_table(["engine", "mean step ms", "amortized ratio", "capture ms", "comm ms", "invert ms",
+                               "precond ms", "rest ms"], rows))
+    for name, e in eng.items():
+        if name == "sgd":
+            continue
+        verdict = "met" if e["ratio_to_sgd"] <= ACCUM_TARGET else "MISSED"
+        print(f"{name}: amortized {e['ratio_to_sgd']:.3f}x SGD (target <= {ACCUM_TARGET}: {verdict})")
+        rows = [[k, e["refresh_fraction_by_kind"].get(k, 0.0), v["median_r"], v["median_noise_floor"],
+                 v["share_r_below_threshold"], v["refreshes_after_step0"]] for k, v in e["r_by_kind"].items()]
+        print(common.format_table(["kind", "refresh fraction", "median r", "median noise floor", "share r < 0.1",
+                                   "refreshes"], rows))
+
+
+def main_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
+    wall = time.perf_counter()
+    load_before = list(os.getloadavg())
+    res = run_accum(a, rank, world, device)
+    res["setup"] = {"model": a.model, "image_size": a.image_size, "micro_batch": a.micro_batch, "gas": a.gas,
+                    "world_size": world, "global_batch": a.micro_batch * a.gas * world, "accum_steps": a.accum_steps,
+                    "device": device.type, "zero_stage": 0, "precision": "fp32", "spngd": common.SPNGD_PARAMS,
+                    "staleness": common.DEFAULT_STALENESS, "sgd": common.SGD_PARAMS,
+                    "stat_micro_batches_variants": a.smb}
+    res["target"] = {"ratio_max": ACCUM_TARGET,
+                     "met_default": res["engines"]["spngd"]["ratio_to_sgd"] <= ACCUM_TARGET}
+    res["machine"] = common.machine_info() | {"load_average_at_start": load_before}
+    res["wall_s"] = time.perf_counter() - wall
+    if rank == 0:
+        print_accum(res)
+        path = common.write_json(f"step_time_accum_{device.type}", res)
+        print(f"wrote {path}; wall {res['wall_s']:.0f} s")
+
+
+# ------------------------------------------------------------------------------------------------
+# Regime "capture": cost of capturing every statistic once, this code against the previous one
+# ------------------------------------------------------------------------------------------------
+
+
+def legacy_capture(block: Any, inputs: torch.Tensor, grad: torch.Tensor, kind: str) -> torch.Tensor:
+    """The capture code before issue 13 (F.unfold + transpose copy + column of ones; rows scaled
+    before the Gram; x.mean + x.var + x-hat), kept here to time it against the blocks' own."""
+    m = block.module
+    if kind == "A":
+        if block.is_conv:
+            cols = F.unfold(inputs, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        else:
+            rows = inputs.reshape(-1, inputs.shape[-1])
+        rows = rows.to(block.dtype)
+        if block.has_bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows.t() @ rows
+    n = grad.shape[0]
+    if kind == "G":
+        if block.is_conv:
+            rows = grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])
+        else:
+            rows = grad.reshape(-1, grad.shape[-1])
+        rows = rows.to(block.dtype) * n
+        return (rows.t() @ rows) / (rows.shape[0] // n)
+    x = inputs.detach().to(block.dtype)
+    dims = [d for d in range(x.dim()) if d != 1]
+    xhat = (x - x.mean(dim=dims, keepdim=True)) / torch.sqrt(x.var(dim=dims, unbiased=False, keepdim=True) + m.eps)
+    g = grad.to(block.dtype) * n
+    sd = list(range(2, x.dim()))
+    u = torch.stack([(xhat * g).sum(dim=sd), g.sum(dim=sd)], dim=-1)
+    return torch.einsum("nci,ncj->cij", u, u)
+
+
+def new_capture(block: Any, inputs: torch.Tensor, grad: torch.Tensor, kind: str) -> None:
+    """The blocks' own capture of one statistic (forward part, then the backward part if any)."""
+    back = block.capture_forward(inputs, {kind})
+    if back is not None:
+        back(grad, 1.0)
+
+
+def capture_before_after(model_kind: str, image_size: int, batch_size: int, reps: int) -> dict[str, Any]:
+    """Milliseconds to capture every A, G and BatchNorm F once for one micro-batch (one process, on
+    recorded layer inputs and output gradients), previous code against this code, interleaved
+    layer by layer (best of ``reps``); and the plain forward + backward of that micro-batch."""
+    import spngd_ds
+    from spngd_ds.blocks import KronBlock
+
+    torch.manual_seed(0)
+    model = common.build_model(model_kind)
+    opt = spngd_ds.SPNGD(model, staleness=None)
+    opt.capture.remove()
+    blocks = {n: b for n, b in opt.blocks.items() if b.stats}
+    if model_kind == "resnet20":
+        x, y = common.digits_rgb(image_size)
+        xb, yb = x[:batch_size], y[:batch_size]
+    else:
+        xb = torch.randn(batch_size, 3, image_size, image_size)
+        yb = torch.randint(0, 1000, (batch_size,))
+    inputs, grads = record_layer_io(model, list(blocks), xb, yb)
+    n = xb.shape[0]
+
+    def best(fn: Any) -> float:
+        ts = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+        return min(ts) * 1e3
+
+    cost = {f"{k} {w}": 0.0 for k in ("A", "G", "F") for w in ("before", "after")}
+    for name, b in blocks.items():
+        g = grads[name] / n  # recorded for the mean loss; the hooks expect it times 1/n (scale n)
+        inp = inputs[name]
+        kinds = ("A", "G") if isinstance(b, KronBlock) else ("F",)
+        for kind in kinds:
+            cost[f"{kind} before"] += best(lambda b=b, inp=inp, g=g, kind=kind: legacy_capture(b, inp, g, kind))
+            cost[f"{kind} after"] += best(lambda b=b, inp=inp, g=g, kind=kind: new_capture(b, inp, g, kind))
+        for s in b.stats.values():
+            s.take_local()
+    plain = common.build_model(model_kind)
+    cost["forward + backward, no capture"] = best(lambda: F.cross_entropy(plain(xb), yb).backward())
+    for w in ("before", "after"):
+        cost[f"all {w}"] = sum(cost[f"{k} {w}"] for k in ("A", "G", "F"))
+    return {k: round(v, 2) for k, v in cost.items()}
+
+
+def main_capture(a: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    res: dict[str, Any] = {"setup": {"threads": 1, "reps": a.reps, "dtype": "fp32"}}
+    shapes = [("resnet20", 32, a.micro_batch)] + ([("resnet50", 224, a.r50_batch)] if a.r50_batch > 0 else [])
+    for kind, size, bs in shapes:
+        key = f"{kind}_{size}px_batch{bs}"
+        res[key] = capture_before_after(kind, size, bs, a.reps)
+        print(key, res[key], flush=True)
+    res["machine"] = common.machine_info()
+    path = common.write_json("capture_cost_cpu", res)
+    print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Regime "noise": r between two independent batches of n samples at fixed weights, against n
+# ------------------------------------------------------------------------------------------------
+
+
+def noise_vs_samples(model_kind: str, image_size: int, sizes: list[int], micro: int) -> dict[str, Any]:
+    """For each n: A, G, F of every layer from two disjoint batches of n samples of digits (train
+    and validation images, 1,797 in all) at the initial weights; r = ||X1 - X2|| / ||X1|| and the
+    floor ν = sqrt(ρ (1/n + 1/n)) the staleness rule predicts for it (ρ of X1, spngd_ds.staleness)."""
+    import spngd_ds
+    from spngd_ds.recipes.data import load_digits_split
+    from spngd_ds.staleness import relative_change, wishart_rho
+
+    train, val = load_digits_split(image_size=image_size)
+    x = torch.cat([train.tensors[0], val.tensors[0]]).expand(-1, 3, -1, -1).contiguous()
+    y = torch.cat([train.tensors[1], val.tensors[1]])
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))
+    model = common.build_model(model_kind)
+    opt = spngd_ds.SPNGD(model, staleness=None)
+    out: dict[str, Any] = {}
+    for n in sizes:
+        if 2 * n > x.shape[0]:
+            continue
+        values: list[dict[tuple[str, str], tuple[torch.Tensor, float]]] = []
+        for k in range(2):
+            idx = order[k * n : (k + 1) * n]
+            for c in range(0, n, micro):
+                sub = idx[c : c + micro]
+                F.cross_entropy(model(x[sub]), y[sub]).backward()  # g = N_mb · dL_mb/ds: per sample
+            model.zero_grad()
+            vals = {}
+            for b in opt.blocks.values():
+                for st in b.stats.values():
+                    total, count = st.take_local()
+                    assert total is not None
+                    v = b.normalise(st.name, total, count)
+                    vpp = getattr(b, "vectors_per_sample", {}).get(st.name, 1.0)
+                    vals[(b.name, st.name)] = (v, wishart_rho(v, vpp))
+            values.append(vals)
+        per_kind: dict[str, list[tuple[float, float]]] = {}
+        for key, (v1, rho) in values[0].items():
+            r = relative_change(v1, values[1][key][0])
+            per_kind.setdefault(key[1], []).append((r, math.sqrt(rho * 2.0 / n)))
+        out[str(n)] = {
+            kind: {"median_r": median([r for r, _ in v]), "median_floor": median([f for _, f in v]),
+                   "median_r_over_floor": median([r / f for r, f in v if f > 0]),
+                   "share_r_below_threshold": mean([float(r < THRESHOLD) for r, _ in v]),
+                   "share_rule_grows": mean([float(r * r < THRESHOLD**2 + f * f) for r, f in v]),
+                   "c_median": median([r for r, _ in v]) * math.sqrt(n), "count": len(v)}
+            for kind, v in per_kind.items()
+        }
+        brief = {k: (round(v["median_r"], 4), round(v["median_floor"], 4)) for k, v in out[str(n)].items()}
+        print(n, brief, flush=True)
+    return out
+
+
+def main_noise(a: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    res = {"setup": {"model": a.model, "image_size": a.image_size, "micro_batch": a.micro_batch,
+                     "threshold": THRESHOLD, "weights": "initial (seed 0)"},
+           "by_samples": noise_vs_samples(a.model, a.image_size, a.noise_sizes, a.micro_batch),
+           "machine": common.machine_info()}
+    rows = [[n, kind, v["median_r"], v["median_floor"], v["median_r_over_floor"], v["c_median"],
+             v["share_r_below_threshold"], v["share_rule_grows"]]
+            for n, kinds in res["by_samples"].items() for kind, v in kinds.items()]
+    print(common.format_table(["n", "kind", "median r", "median floor", "r/floor", "c = r sqrt(n)", "r < 0.1",
+                               "rule grows"], rows))
+    path = common.write_json("statistic_noise_cpu", res)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     """Measure on every rank, summarise, and on rank 0 print, write JSON and the plot."""
     a = parse_args()
     common.prepare_environment()
+    if a.regime == "capture":
+        main_capture(a)
+        return
+    if a.regime == "noise":
+        main_noise(a)
+        return
     rank, world, device = init_distributed()
+    if a.regime == "accum":
+        main_accum(a, rank, world, device)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     wall = time.perf_counter()
     load_before = list(os.getloadavg())
     traces, prof, intervals = run(a, rank, world, device)
@@ -466,7 +829,7 @@ def main() -> None:
     if rank == 0:
         x, y = common.digits_rgb(a.image_size)
         res["capture_breakdown_ms"] = capture_breakdown(a, x, y, device)
-        if a.noise_sizes:
+        if a.noise_sizes and a.noise_in_small:
             order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))
             res["statistic_noise"] = statistic_noise(a, x, y, order, device, tuple(a.noise_sizes))
     dist.barrier()

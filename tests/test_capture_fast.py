@@ -98,15 +98,23 @@ def test_linear_activation_and_output_grams(bias: bool, shape: tuple[int, ...]) 
     torch.testing.assert_close(ggram, grows.t() @ grows, rtol=1e-12, atol=1e-12)
 
 
-def test_conv_output_gram_and_scaled_capture() -> None:
+@pytest.mark.parametrize("cout,hw", [(4, 6), (40, 2)], ids=["per_sample_grams", "one_product"])
+def test_conv_output_gram(cout: int, hw: int) -> None:
+    torch.manual_seed(3)
+    block = KronBlock("c", nn.Conv2d(2, cout, 3, padding=1).double(), _schedule)
+    grad = torch.randn(5, cout, hw, hw, dtype=torch.float64)
+    gram, t = block.output_gram(grad)
+    rows = grad.flatten(2).transpose(1, 2).reshape(-1, cout)
+    assert t == hw * hw
+    torch.testing.assert_close(gram, rows.t() @ rows, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_scaled_G_capture() -> None:
     torch.manual_seed(3)
     m = nn.Conv2d(2, 4, 3, padding=1).double()
     block = KronBlock("c", m, _schedule)
     grad = torch.randn(5, 4, 6, 6, dtype=torch.float64)
-    gram, t = block.output_gram(grad)
     rows = grad.flatten(2).transpose(1, 2).reshape(-1, 4)
-    assert t == 36
-    torch.testing.assert_close(gram, rows.t() @ rows, rtol=1e-12, atol=1e-12)
     back = block.capture_forward(torch.randn(5, 2, 6, 6, dtype=torch.float64), {"G"})
     assert back is not None
     back(grad, 0.25)

@@ -27,6 +27,26 @@ from spngd_ds.staleness import RefreshSchedule, wishart_rho
 _ROWS_LAYOUT_MAX_D = 256
 
 
+def symmetric_gram(cols: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``cols @ cols.T`` for a wide ``cols`` (d, K), computing only the blocks on and above the
+    diagonal (row blocks of at least ``block``; at most 8 of them) and mirroring the rest: about
+    (b + 1)/(2b) of the products for b blocks."""
+    d = cols.shape[0]
+    nb = max(1, min(8, d // block))
+    if nb == 1:
+        return cols @ cols.t()
+    cuts = [round(i * d / nb) for i in range(nb + 1)]
+    out = cols.new_empty(d, d)
+    for i in range(nb):
+        rows_i = cols[cuts[i] : cuts[i + 1]]
+        for j in range(i, nb):
+            prod = rows_i @ cols[cuts[j] : cuts[j + 1]].t()
+            out[cuts[i] : cuts[i + 1], cuts[j] : cuts[j + 1]] = prod
+            if j != i:
+                out[cuts[j] : cuts[j + 1], cuts[i] : cuts[i + 1]] = prod.t()
+    return out
+
+
 def conv_supported(module: nn.Module) -> bool:
     """Conv2d with groups=1, zero padding given as numbers (rule 3); others fall back to first order."""
     return (
@@ -141,7 +161,7 @@ class KronBlock(Block):
                 (c, kh, kw, n, ho, wo), (s[1], s[2] * dh, s[3] * dw, s[0], s[2] * sh, s[3] * sw), xp.storage_offset()
             )
             cols = patches.reshape(d, n * ho * wo)
-            gram = cols @ cols.t()
+            gram = symmetric_gram(cols)
             if self.has_bias:
                 colsum = cols.sum(1)
         return gram, colsum, n * ho * wo
@@ -153,7 +173,11 @@ class KronBlock(Block):
             if grad.dim() == 3:
                 grad = grad.unsqueeze(0)
             per_sample = grad.flatten(2).to(self.dtype)  # (N, C_out, T): no transpose copy
-            return torch.bmm(per_sample, per_sample.transpose(1, 2)).sum(0), per_sample.shape[2]
+            c, t = per_sample.shape[1], per_sample.shape[2]
+            if t >= c:  # per-sample Grams (C x C each) cost no more to write than their inputs
+                return torch.bmm(per_sample, per_sample.transpose(1, 2)).sum(0), t
+            cols = per_sample.transpose(0, 1).reshape(c, -1)  # wide and few locations: one product
+            return cols @ cols.t(), t
         rows = grad.reshape(-1, grad.shape[-1]).to(self.dtype)
         n = grad.shape[0] if grad.dim() > 1 else 1
         return rows.t() @ rows, rows.shape[0] // n
