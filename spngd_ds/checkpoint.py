@@ -153,12 +153,15 @@ def wrap_checkpointing(engine: Any, opt: SPNGD) -> None:
                 "SPNGD: resuming a checkpoint written by %d ranks on %d ranks: curvature re-assigned by name; "
                 "DeepSpeed optimizer partitions rebuilt from the weights", saved_world, opt.comm.world_size,
             )
-            if flat:  # DeepSpeed cannot re-partition its ZeRO optimizer state: load the module only
-                kwargs["load_module_only"] = True
+        want_scheduler = bool(kwargs.get("load_lr_scheduler_states", True))
+        if resharded and flat:
+            # DeepSpeed cannot re-partition its ZeRO optimizer state: load the module only, and keep
+            # the scheduler's state in the returned client state (restored below)
+            kwargs.update(load_module_only=True, load_lr_scheduler_states=False)
         result = load_original(load_dir, tag=tag, **kwargs)
         if resharded and flat:
             engine.optimizer.refresh_fp32_params()
-            result = _restore_engine_counters(engine, result, kwargs)
+            result = _restore_engine_counters(engine, result, want_scheduler)
         merged = merge_states(states)
         # flat ZeRO partitions: DeepSpeed restored its own at the same world size; momentum comes
         # from the full-shape copy below in every case
@@ -175,7 +178,7 @@ def wrap_checkpointing(engine: Any, opt: SPNGD) -> None:
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
-def _restore_engine_counters(engine: Any, result: Any, kwargs: dict[str, Any]) -> Any:
+def _restore_engine_counters(engine: Any, result: Any, want_scheduler: bool) -> Any:
     """After a module-only load (ZeRO at another world size), restore what a full load restores:
     the learning-rate scheduler and the engine's step, sample and skipped-step counters (else the
     schedule and the W&B axis would start again). They are in the client state DeepSpeed returns;
@@ -183,9 +186,9 @@ def _restore_engine_counters(engine: Any, result: Any, kwargs: dict[str, Any]) -
     load_path, client_state = result if isinstance(result, tuple) else (result, None)
     if not isinstance(client_state, dict):
         return result
-    if kwargs.get("load_lr_scheduler_states", True) and engine.lr_scheduler is not None:
-        if "lr_scheduler" in client_state:
-            engine.lr_scheduler.load_state_dict(client_state.pop("lr_scheduler"))
+    scheduler_state = client_state.pop("lr_scheduler", None)
+    if want_scheduler and engine.lr_scheduler is not None and scheduler_state is not None:
+        engine.lr_scheduler.load_state_dict(scheduler_state)
     for key in _ENGINE_COUNTERS:
         if key in client_state:
             setattr(engine, key, client_state.pop(key))

@@ -444,7 +444,8 @@ class SPNGD(Optimizer):
                         momentum[names[id(p)]] = buf.detach().clone()
         curvature = {
             b.name: {
-                s.name: {"value": s.value, "inverse": s.inverse}
+                # the sample count behind the value: the owner's noise floor for the next refresh
+                s.name: {"value": s.value, "inverse": s.inverse, "samples": s.schedule.last_samples}
                 for s in b.stats.values()
                 if s.value is not None
             }
@@ -508,6 +509,7 @@ class SPNGD(Optimizer):
                 if s.name in saved:
                     s.value = saved[s.name]["value"]
                     s.inverse = saved[s.name]["inverse"]
+                    s.schedule.last_samples = saved[s.name].get("samples")
             if isinstance(b, KronBlock) and "pi" in saved:
                 b.pi = float(saved["pi"])
         self.capture.start_step(self._due(self.step_count))
