@@ -48,6 +48,7 @@ DIGITS_VARIANTS = {
     # file: (zero stage, precision, accumulation)
     "digits_cpu.json": (0, "fp32", 1),
     "digits_cpu_sgd.json": (0, "fp32", 1),
+    "digits_cpu_lamb.json": (0, "fp32", 1),
     "digits_cpu_zero1.json": (1, "fp32", 1),
     "digits_cpu_zero2.json": (2, "fp32", 1),
     "digits_cpu_zero3.json": (3, "fp32", 1),
@@ -84,7 +85,7 @@ def test_config_parses_with_required_keys(path: Path) -> None:
     cfg = load(path.name)
     assert "train_micro_batch_size_per_gpu" in cfg
     assert isinstance(cfg.get("gradient_accumulation_steps", 1), int)
-    assert cfg["optimizer"]["type"] in {"SPNGD", "SGD", "Lamb"}
+    assert cfg["optimizer"]["type"] in {"SPNGD", "SGD", "pytorch_optimizer.Lamb"}
     assert isinstance(cfg["optimizer"]["params"], dict)
     assert cfg["zero_optimization"]["stage"] in {0, 1, 2, 3}
     assert cfg["wandb"] == {"enabled": True, "project": "spngd_ds"}
@@ -160,7 +161,8 @@ def test_imagenet_spngd_matches_paper(name: str) -> None:
 
 def test_baselines_are_the_same_job() -> None:
     spngd = load("imagenet_resnet50_32k.json")
-    for name, kind in (("imagenet_resnet50_32k_sgd.json", "SGD"), ("imagenet_resnet50_32k_lamb.json", "Lamb")):
+    lamb = ("imagenet_resnet50_32k_lamb.json", "pytorch_optimizer.Lamb")
+    for name, kind in (("imagenet_resnet50_32k_sgd.json", "SGD"), lamb):
         cfg = load(name)
         assert cfg["optimizer"]["type"] == kind
         for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16"):
