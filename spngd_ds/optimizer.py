@@ -146,7 +146,7 @@ class SPNGD(Optimizer):
         st = self.config.staleness
         if st is None:
             return RefreshSchedule(threshold=None)
-        return RefreshSchedule(threshold=st.threshold, max_interval=st.max_interval)
+        return RefreshSchedule(threshold=st.threshold, max_interval=st.max_interval, noise_scale=st.noise_scale)
 
     def _due(self, step: int) -> dict[str, set[str]]:
         return {
@@ -259,8 +259,10 @@ class SPNGD(Optimizer):
         owners = [self.assignment[b.name] for b, _ in due]
         items = [(p.numel(), o) for p, o in zip(packed_all, owners, strict=True)]
         layout = OwnerLayout.build(items, self.comm.world_size)
+        # a float64 model keeps float64 statistics on the wire (the references are exact)
+        wire = torch.float64 if any(p.dtype == torch.float64 for p in packed_all) else DTYPES[self.config.comm_dtype]
         with self.stats_log.timer("comm"):
-            sums = self.comm.to_owners(layout, packed_all, DTYPES[self.config.comm_dtype])
+            sums = self.comm.to_owners(layout, packed_all, wire)
         rank = self.comm.rank
         mine = [(b, s, n) for (b, s), n in zip(due, totals, strict=True) if self.assignment[b.name] == rank]
         refreshed: dict[str, set[str]] = {}
@@ -290,7 +292,7 @@ class SPNGD(Optimizer):
                 s.value = value
                 s.rejections = 0
                 s.refreshes += 1
-                s.schedule.observe(step, ratio)
+                s.schedule.observe(step, ratio, samples=count)
                 refreshed.setdefault(b.name, set()).add(s.name)
             for name, names in refreshed.items():
                 block = self.blocks[name]
