@@ -1,33 +1,61 @@
-"""Bytes each rank sends per step: SP-NGD's fast path (ZeRO 0), its compatible path (ZeRO 1 and 2)
-and the first-order all-reduce of the same model, with fp32 and bf16 statistics on the wire.
+"""Bytes each rank sends per step under the exchange layout (DESIGN.md §3), against the issue-12
+targets, counted outside the project by wrapping every ``torch.distributed`` collective.
 
-Three figures per step, all under the ring model ((N-1)·chunk per reduce-scatter or all-gather,
-2(N-1)/N·bytes per all-reduce):
+Parts (each merges its section into ``bench/results/comm_volume.json`` and redraws
+``docs/comm_volume.png`` from whatever sections the file holds):
 
-- **ours**: ``opt.comm_nbytes``, what spngd_ds's communicator counted for the step;
-- **analytic**: the same predicted here from the assignment, the parameter shapes and the set of
-  statistics due that step (plus, for the compatible path, DeepSpeed's own part, which our code does
-  not count: its gradient all-reduce and parameter all-gather, and the all-reduce behind
-  ``safe_get_full_grad`` that the compatible path calls for every parameter; see
-  :func:`analytic_deepspeed`);
-- **intercepted**: every ``torch.distributed`` collective issued during the step (forward,
-  backward and step; DeepSpeed's and ours), counted by wrapping the functions.
+``fast`` (run under torchrun at 2 and at 4 gloo ranks): SP-NGD's fast path (ZeRO stage 0), fp32,
+on the ResNet-20 of :func:`common.build_model`. Staleness ``threshold=1e9`` makes every statistic
+go stale at once, so one short run has steps that refresh every statistic (0, 1, 3) and steps that
+refresh none (2, 4, 5):
 
-CPU, 2 gloo ranks, the ResNet-20 of bench/step_time.py at 32 samples per rank, default staleness::
+- (a) a step that refreshes nothing, per rank, as a ratio to a first-order ring all-reduce of the
+  same gradients, 2(N-1)/N·4·P (target <= 1.10 at 2 and 4 ranks);
+- (b) a step that refreshes every statistic, minus the no-refresh bytes of the same rank, against
+  (N-1)/N of the packed (upper-triangle) statistics: no padding to the most-loaded owner;
+- (c) the number of collectives per step: must not grow with N.
 
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/comm_volume.py
+``compatible`` (torchrun at 2, or 4): the ZeRO-compatible path at ZeRO 1, 2 and 3 on the same
+model: everything the rank sends during a no-refresh step (forward, backward and step; DeepSpeed's
+traffic and ours) against what DeepSpeed sends for ``"optimizer": {"type": "SGD"}`` under the
+same config, run and intercepted in the same script (target <= 1.15).
 
-Writes ``bench/results/comm_volume.json`` and ``docs/comm_volume.png``.
+``analytic`` (plain python, no ranks): torchvision ResNet-50 at N = 2, 8, 64, 256, 1024 from the
+real code (``build_blocks``, ``block_cost`` + ``assign_owners``, the fast path's gradient
+``OwnerLayout``, ``layout_bytes`` with the communicator's default bucket size, and the two small
+all-reduces), no-refresh ratio (target <= 1.10 at every N), and the refresh step with every
+statistic due (fp32 and bf16 on the wire).
+
+Counting (what a rank *sends*, ring model): all-reduce 2(N-1)/N·bytes; reduce-scatter and
+all-gather (N-1)/N·(the full buffer); all-to-all the split sizes that go to other ranks;
+reduce and broadcast (N-1)/N·bytes (the per-rank average of a pipelined tree or ring; DeepSpeed's
+ZeRO 1/2 in 0.19.8 does not call them during a step here). A collective this script has no formula
+for raises during a measured step, and on the fast path anything but all_reduce,
+reduce_scatter_tensor, all_gather_into_tensor and all_to_all_single raises. Calls are attributed
+to SP-NGD when the caller of the ``torch.distributed`` function is a file of ``spngd_ds/``; the
+fast path's intercepted bytes are compared with ``opt.comm_nbytes`` (the library's own count).
+
+Commands (CPU, about 1-2 min each; OMP_NUM_THREADS=1)::
+
+    export OMP_NUM_THREADS=1 WANDB_MODE=offline SPNGD_CHECK_AGREEMENT=0
+    torchrun --nproc_per_node 2 bench/comm_volume.py fast
+    torchrun --nproc_per_node 4 bench/comm_volume.py fast
+    torchrun --nproc_per_node 2 bench/comm_volume.py compatible
+    torchrun --nproc_per_node 4 bench/comm_volume.py compatible
+    python bench/comm_volume.py analytic
+    python bench/comm_volume.py report      # tables and plot from the JSON only
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import inspect
+import json
+import math
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,36 +66,40 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-TARGET = 1.3
+TARGET_FAST = 1.10  # issue 12: a no-refresh fast-path step vs the first-order all-reduce
+TARGET_COMPATIBLE = 1.15  # issue 12: SP-NGD's ZeRO step vs DeepSpeed's SGD step, same config
 FP32, FP64 = 4, 8
-WIRE = {"fp32": 4, "bf16": 2, "fp16": 2}
+WIRE = {"fp32": 4, "bf16": 2}
+RESULTS = common.RESULTS_DIR / "comm_volume.json"
+PLOT = common.DOCS_DIR / "comm_volume.png"
+ANALYTIC_WORLDS = (2, 8, 64, 256, 1024)
+#: staleness that lets every statistic go stale together: refresh at steps 0, 1, 3, 6, ...
+ALL_STALE = {"threshold": 1e9, "max_interval": 1000, "noise_scale": 0.0}
+FAST_STEPS = 6
+COMPATIBLE_STEPS = 5
+IMAGE, MICRO = 16, 8  # bytes do not depend on the batch: keep the CPU work small
+
+# -- counting every collective ----------------------------------------------------------------------
+
+#: every collective and point-to-point function of torch.distributed; those mapped to None have no
+#: byte formula here and raise when called during a measured step
+FUNCS: dict[str, str | None] = {
+    "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",
+    "reduce_scatter_tensor": "reduce_scatter", "_reduce_scatter_base": "reduce_scatter",
+    "reduce_scatter": "reduce_scatter_list",
+    "all_gather_into_tensor": "all_gather", "_all_gather_base": "all_gather", "all_gather": "all_gather_list",
+    "all_to_all_single": "all_to_all",
+    "reduce": "reduce", "broadcast": "reduce",
+    "barrier": "none", "monitored_barrier": "none",
+    "all_gather_coalesced": None, "all_gather_object": None, "gather": None, "gather_object": None,
+    "scatter": None, "scatter_object_list": None, "broadcast_object_list": None, "all_to_all": None,
+    "send": None, "recv": None, "isend": None, "irecv": None, "batch_isend_irecv": None,
+    "_all_gather_base_coalesced": None, "_reduce_scatter_base_coalesced": None,
+}
+#: what the fast path may call during a step
+FAST_ALLOWED = frozenset({"all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_to_all_single"})
 
 
-@dataclass(frozen=True)
-class Case:
-    """One configuration to measure."""
-
-    name: str
-    optimizer: str  # "sgd" or "spngd"
-    stage: int = 0
-    staleness: bool = True
-    comm_dtype: str = "fp32"
-    steps: int | None = None  # None: --steps
-    bucket_allreduce: bool = True  # DeepSpeed's zero_optimization.use_multi_rank_bucket_allreduce
-
-
-CASES = (
-    Case("first_order_allreduce", "sgd"),
-    Case("fast_fp32", "spngd"),
-    Case("fast_bf16", "spngd", comm_dtype="bf16"),
-    Case("fast_fp32_staleness_off", "spngd", staleness=False, steps=8),
-    Case("compatible_zero1_fp32", "spngd", stage=1, steps=10),
-    Case("compatible_zero2_fp32", "spngd", stage=2),
-    Case("compatible_zero2_fp32_reduce", "spngd", stage=2, steps=10, bucket_allreduce=False),
-)
-
-
-# -- counting every collective ------------------------------------------------------------------------
 def _nbytes(t: Any) -> int:
     if isinstance(t, torch.Tensor):
         return t.numel() * t.element_size()
@@ -76,406 +108,628 @@ def _nbytes(t: Any) -> int:
     return 0
 
 
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, *names: str) -> Any:
-    for n in names:
-        if n in kwargs:
-            return kwargs[n]
-    return args[i] if len(args) > i else None
-
-
-def ring_bytes(fn: str, args: tuple[Any, ...], kwargs: dict[str, Any], rank: int, world: int) -> float:
-    """Bytes this rank sends for one collective under the ring model (point-to-point for reduce and
-    broadcast: the root receives, the others send the whole tensor)."""
+def sent_bytes(kind: str, a: dict[str, Any], rank: int, world: int) -> float:
+    """Bytes one rank sends in one collective of ``kind`` (bound arguments ``a``), ring model."""
     n = world
-    if fn in ("all_reduce", "all_reduce_coalesced"):
-        return 2 * (n - 1) / n * _nbytes(_arg(args, kwargs, 0, "tensor", "tensors"))
-    if fn in ("reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter"):
-        return (n - 1) * _nbytes(_arg(args, kwargs, 0, "output"))
-    if fn in ("all_gather_into_tensor", "_all_gather_base"):
-        return (n - 1) * _nbytes(_arg(args, kwargs, 1, "input_tensor"))
-    if fn == "all_gather":
-        return (n - 1) * _nbytes(_arg(args, kwargs, 1, "tensor"))
-    if fn == "reduce":
-        return 0 if _arg(args, kwargs, 1, "dst") == rank else _nbytes(_arg(args, kwargs, 0, "tensor"))
-    if fn == "broadcast":
-        return (n - 1) * _nbytes(_arg(args, kwargs, 0, "tensor")) if _arg(args, kwargs, 1, "src") == rank else 0
-    return 0
+    if n == 1 or kind == "none":
+        return 0.0
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n * _nbytes(a.get("tensor", a.get("tensors")))
+    if kind == "reduce_scatter":  # the full input buffer, (N-1)/N of it leaves each rank
+        return (n - 1) / n * _nbytes(a.get("input"))
+    if kind == "reduce_scatter_list":
+        return (n - 1) / n * _nbytes(a.get("input_list"))
+    if kind == "all_gather":  # (N-1)/N of the full output buffer
+        return (n - 1) / n * _nbytes(a.get("output_tensor"))
+    if kind == "all_gather_list":
+        return (n - 1) * _nbytes(a.get("tensor"))
+    if kind == "all_to_all":
+        inp = a["input"]
+        splits = a.get("input_split_sizes")
+        row = inp.element_size() * (math.prod(inp.shape[1:]) if inp.dim() > 1 else 1)
+        if not splits:
+            return (n - 1) / n * _nbytes(inp)
+        return float(sum(s for q, s in enumerate(splits) if q != rank) * row)
+    if kind == "reduce":
+        return (n - 1) / n * _nbytes(a.get("tensor"))
+    raise KeyError(kind)
 
 
 class CollectiveCounter:
-    """Wraps ``torch.distributed`` collectives (and DeepSpeed's cached references to them) and
-    adds up :func:`ring_bytes` per call; nested calls count once."""
-
-    FUNCS = ("all_reduce", "all_reduce_coalesced", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter",
-             "all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce", "broadcast")
+    """Replaces every function of :data:`FUNCS` in ``torch.distributed`` and
+    ``torch.distributed.distributed_c10d`` (and DeepSpeed's cached all-gather / reduce-scatter
+    functions) by a wrapper that adds up :func:`sent_bytes` per call. Nested calls (one c10d
+    function calling another) count once, as the outermost."""
 
     def __init__(self) -> None:
-        self.bytes = 0.0
-        self.calls: dict[str, int] = {}
-        self.bytes_by_fn: dict[str, float] = {}
-        self._depth = 0
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        for fn in self.FUNCS:
-            if hasattr(dist, fn):
-                setattr(dist, fn, self._wrap(fn, getattr(dist, fn)))
-        from deepspeed.comm import comm as ds_comm
+        import deepspeed.comm.comm as ds_comm
+        from torch.distributed import distributed_c10d as c10d
 
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.measuring = False
+        self.allowed: frozenset[str] | None = None
+        self.log: list[dict[str, Any]] = []
+        self.outside: dict[str, int] = {}  # calls outside measured windows (engine setup)
+        self._depth = 0
+        self._wrapped: dict[int, Callable[..., Any]] = {}
+        for name in FUNCS:
+            for mod in (dist, c10d):
+                orig = getattr(mod, name, None)
+                if orig is not None:
+                    setattr(mod, name, self._wrap(name, orig))
         cdb = ds_comm.cdb
-        for attr in ("all_gather_function", "reduce_scatter_function"):
+        for attr, name in (("all_gather_function", "all_gather_into_tensor"),
+                           ("reduce_scatter_function", "reduce_scatter_tensor")):
             orig = getattr(cdb, attr, None)
             if orig is not None:
-                setattr(cdb, attr, self._wrap(orig.__name__, orig))
+                setattr(cdb, attr, self._wrap(getattr(orig, "__name__", name), orig))
 
-    def _wrap(self, fn: str, orig: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(orig)
+    def _wrap(self, name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        inner = getattr(orig, "__wrapped_by_counter__", orig)
+        if id(inner) in self._wrapped:
+            return self._wrapped[id(inner)]
+        sig = inspect.signature(inner)
+        kind = FUNCS.get(name)
+
+        @functools.wraps(inner)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if self._depth == 0:
-                nbytes = ring_bytes(fn, args, kwargs, self.rank, self.world)
-                self.bytes += nbytes
-                self.calls[fn] = self.calls.get(fn, 0) + 1
-                self.bytes_by_fn[fn] = self.bytes_by_fn.get(fn, 0.0) + nbytes
+                self._record(name, kind, sig, args, kwargs, sys._getframe(1).f_code.co_filename)
             self._depth += 1
             try:
-                return orig(*args, **kwargs)
+                return inner(*args, **kwargs)
             finally:
                 self._depth -= 1
 
+        wrapper.__wrapped_by_counter__ = inner  # type: ignore[attr-defined]
+        self._wrapped[id(inner)] = wrapper
         return wrapper
 
-    def take(self) -> float:
-        out, self.bytes = self.bytes, 0.0
-        return out
+    def _record(self, name: str, kind: str | None, sig: inspect.Signature, args: tuple[Any, ...],
+                kwargs: dict[str, Any], caller: str) -> None:
+        if not self.measuring:
+            self.outside[name] = self.outside.get(name, 0) + 1
+            return
+        if kind is None or (self.allowed is not None and name not in self.allowed):
+            raise RuntimeError(f"comm_volume: unexpected collective torch.distributed.{name} during a measured step "
+                               f"(called from {caller}); allowed: {sorted(self.allowed or FUNCS)}")
+        bound = sig.bind_partial(*args, **kwargs).arguments
+        group = bound.get("group")
+        world = dist.get_world_size(group) if group is not None else self.world
+        rank = dist.get_rank(group) if group is not None else self.rank
+        self.log.append({"fn": name, "bytes": sent_bytes(kind, bound, rank, world),
+                         "ours": "/spngd_ds/" in caller.replace("\\", "/")})
+
+    def window(self, allowed: frozenset[str] | None = None) -> _Window:
+        """``with counter.window() as w:`` counts the calls inside; ``w.calls`` afterwards."""
+        return _Window(self, allowed)
 
 
-# -- the analytic formula --------------------------------------------------------------------------------
-def packed_numel(shape: tuple[int, ...]) -> int:
-    """Elements of a symmetric statistic of ``shape`` (d, d) or (C, 2, 2) as its packed upper triangle."""
-    d = shape[-1]
-    lead = 1
-    for s in shape[:-2]:
-        lead *= s
-    return lead * d * (d + 1) // 2
+class _Window:
+    def __init__(self, counter: CollectiveCounter, allowed: frozenset[str] | None) -> None:
+        self.counter, self.allowed = counter, allowed
+        self.calls: list[dict[str, Any]] = []
+
+    def __enter__(self) -> _Window:
+        c = self.counter
+        c.log, c.measuring, c.allowed = [], True, self.allowed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        c = self.counter
+        self.calls, c.log, c.measuring, c.allowed = c.log, [], False, None
 
 
-def by_owner(opt: Any, size: Callable[[Any], int], world: int) -> list[int]:
-    """Sum of ``size(block)`` over the blocks each rank owns."""
-    out = [0] * world
-    for b in opt.blocks.values():
-        out[opt.assignment[b.name]] += size(b)
-    return out
+def summarise_calls(calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bytes (total, SP-NGD's, DeepSpeed's) and call counts by function of one measured step."""
+    by_fn: dict[str, dict[str, float]] = {}
+    for c in calls:
+        row = by_fn.setdefault(c["fn"], {"calls": 0, "bytes": 0.0})
+        row["calls"] += 1
+        row["bytes"] += c["bytes"]
+    return {
+        "bytes": sum(c["bytes"] for c in calls),
+        "ours_bytes": sum(c["bytes"] for c in calls if c["ours"]),
+        "deepspeed_bytes": sum(c["bytes"] for c in calls if not c["ours"]),
+        "calls": len(calls),
+        "ours_calls": sum(1 for c in calls if c["ours"]),
+        "by_function": by_fn,
+    }
 
 
-def analytic_ours(opt: Any, due: list[tuple[Any, Any]], world: int, compatible: bool) -> float:
-    """Bytes spngd_ds's communicator sends in one step (ring model, one bucket per collective)."""
-    n1 = world - 1
-    grads = by_owner(opt, lambda b: sum(p.numel() for p in b.params), world)
-    stats, count = [0] * world, [0] * world
-    for b, s in due:
-        r = opt.assignment[b.name]
-        stats[r] += packed_numel(tuple(s.shape))
-        count[r] += 1
-    total = 0.0
-    if due:
-        total += n1 * max(stats) * WIRE[opt.config.comm_dtype]  # reduce-scatter of packed statistics
-        total += n1 * max(count) * FP64  # reduce-scatter of sample counts
-        total += n1 * max(count) * 2 * FP64  # all-gather of refresh decisions
-    if compatible:
-        return total + n1 * max(grads) * FP32  # all-gather of preconditioned gradients
-    return total + 2 * n1 * max(grads) * FP32  # reduce-scatter of gradients + all-gather of parameters
+# -- analytic counts from the real code ---------------------------------------------------------------
 
 
-def analytic_deepspeed(n_params: int, world: int, stage: int, bucket_allreduce: bool = True) -> float:
-    """DeepSpeed's own bytes per step that our code does not count. Fast path (ZeRO 0): none (the
-    engine's all-reduce is off). ZeRO 1/2 in DeepSpeed 0.19.8: the gradient buckets are all-reduced
-    when ``use_multi_rank_bucket_allreduce`` is true, its default (2(N-1)/N), else reduced to the rank
-    owning each partition ((N-1)/N); the updated partitions are all-gathered ((N-1)/N); and
-    ``safe_get_full_grad``, which the compatible path calls for every parameter on every rank, is one
-    all-reduce per parameter (2(N-1)/N)."""
-    if stage == 0:
-        return 0.0
-    grads = 2 if bucket_allreduce else 1
-    return (grads + 1 + 2) * (world - 1) / world * n_params * FP32
+def default_bucket_numel() -> int:
+    """The bucket size (elements) that :class:`spngd_ds.comm.DistributedCommunicator` uses by default."""
+    from spngd_ds.comm import DistributedCommunicator
+
+    return int(inspect.signature(DistributedCommunicator.__init__).parameters["bucket_numel"].default)
+
+
+def all_reduce_count(nbytes: int, world: int) -> int:
+    """What the library counts for one all-reduce (``spngd_ds.reductions``)."""
+    return int(2 * (world - 1) * nbytes / world) if world > 1 else 0
 
 
 def first_order_bytes(n_params: int, world: int) -> float:
-    """The first-order all-reduce of fp32 gradients: 2(N-1)/N · 4 · P."""
-    return 2 * (world - 1) / world * n_params * FP32
+    """A first-order ring all-reduce of fp32 gradients: 2(N-1)/N · 4 · P."""
+    return 2 * (world - 1) / world * FP32 * n_params
 
 
-# -- running one case -------------------------------------------------------------------------------------
-@dataclass
-class Series:
-    """Per-step bytes of one case on this rank."""
+def layouts(blocks: Sequence[Any], owners: dict[str, int], world: int) -> dict[str, Any]:
+    """The fast path's layouts for ``blocks`` under ``owners``: gradients (as paths/fast.py builds
+    it), the packed statistics when every one is due and the refresh decisions (as
+    ``SPNGD.refresh_curvature`` / ``_share_schedules`` build them)."""
+    from spngd_ds.blocks.shapes import full_shape
+    from spngd_ds.comm import OwnerLayout, triu_numel
 
-    ours: list[float] = field(default_factory=list)
-    analytic: list[float] = field(default_factory=list)
-    intercepted: list[float] = field(default_factory=list)
-    refresh: list[float] = field(default_factory=list)
-    by_fn: dict[str, float] = field(default_factory=dict)
-    calls: dict[str, float] = field(default_factory=dict)
+    due = [(b, s) for b in blocks for s in b.stats.values()]
+    return {
+        "grads": OwnerLayout.build([(tuple(full_shape(p)), owners[b.name]) for b in blocks for p in b.params], world),
+        "stats": OwnerLayout.build(
+            [(triu_numel(s.shape[-1]) * math.prod(s.shape[:-2]), owners[b.name]) for b, s in due], world
+        ),
+        "decisions": OwnerLayout.build([(2, owners[b.name]) for b, _ in due], world),
+        "n_params": sum(1 for b in blocks for _ in b.params),
+        "n_stats": len(due),
+    }
 
 
-def build(case: Case, micro: int) -> tuple[Any, Any]:
-    """A fresh engine (and SPNGD, or None for SGD) for ``case`` on the seeded ResNet-20."""
+def predicted(lay: dict[str, Any], world: int, itemsize: int = FP32, bucket: int | None = None) -> dict[str, list[int]]:
+    """Per rank, what the fast path sends on a step that refreshes nothing and the extra on a step
+    that refreshes every statistic (``itemsize``: comm_dtype on the wire), from ``layout_bytes``."""
+    from spngd_ds.comm import layout_bytes
+
+    grads = layout_bytes(lay["grads"], FP32, "both", bucket)
+    flags = all_reduce_count(FP32 * (1 + lay["n_params"]), world)
+    stats = layout_bytes(lay["stats"], itemsize, "to", bucket)
+    dec = layout_bytes(lay["decisions"], FP64, "from", bucket)
+    counts = all_reduce_count(FP64 * lay["n_stats"], world)
+    return {
+        "no_refresh": [g + flags for g in grads],
+        "grads": grads,
+        "flags": [flags] * world,
+        "refresh_extra": [s + d + counts for s, d in zip(stats, dec, strict=True)],
+        "stats": stats,
+        "decisions": dec,
+        "counts": [counts] * world,
+    }
+
+
+def stats_bounds(lay: dict[str, Any], world: int, itemsize: int) -> dict[str, Any]:
+    """The refresh-step yardsticks: the ideal (N-1)/N of the packed statistics, what the all-to-all
+    moves per rank (shard parts owned elsewhere), and what a layout padded to the most-loaded
+    owner (the old one) would send."""
+    geo = lay["stats"].geometry
+    ideal = (world - 1) / world * itemsize * geo.total
+    moved = []
+    for r in range(world):
+        send, _ = geo.to_owner_splits(r)
+        moved.append(itemsize * sum(x for q, x in enumerate(send) if q != r))
+    return {"packed_elements": geo.total, "ideal_bytes": ideal, "a2a_moved_bytes": moved,
+            "padded_old_bytes": (world - 1) * itemsize * max(geo.counts)}
+
+
+# -- the distributed parts -------------------------------------------------------------------------------
+
+
+def batches(steps: int, rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Seeded random images and labels, this rank's share of each step's global batch."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(MICRO * world, 3, IMAGE, IMAGE, generator=g)
+        y = torch.randint(0, 10, (MICRO * world,), generator=g)
+        out.append((x[rank * MICRO : (rank + 1) * MICRO], y[rank * MICRO : (rank + 1) * MICRO]))
+    return out
+
+
+def ds_config(optimizer: dict[str, Any], stage: int) -> dict[str, Any]:
+    cfg = common.ds_config(optimizer, MICRO, stage=stage)
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    cfg["zero_allow_untested_optimizer"] = True  # torch.optim.SGD under ZeRO; initialize adds it for SP-NGD
+    return cfg
+
+
+def spngd_optimizer() -> dict[str, Any]:
+    return {"type": "SPNGD", "params": dict(common.SPNGD_PARAMS, staleness=dict(ALL_STALE), comm_dtype="fp32")}
+
+
+def train(counter: CollectiveCounter, optimizer: dict[str, Any], stage: int, steps: int,
+          allowed: frozenset[str] | None) -> tuple[list[dict[str, Any]], Any, int]:
+    """A fresh engine on the seeded ResNet-20; per step (forward, backward, step) the intercepted
+    summary plus, for SP-NGD, ``comm_nbytes`` and the number of statistics refreshed."""
     import spngd_ds
 
-    block = common.sgd_block() if case.optimizer == "sgd" else common.spngd_block(case.staleness, case.comm_dtype)
     model = common.build_model("resnet20", seed=0)
-    cfg = common.ds_config(block, micro, stage=case.stage)
-    if not case.bucket_allreduce:
-        cfg["zero_optimization"]["use_multi_rank_bucket_allreduce"] = False
-    engine, opt, _, _ = spngd_ds.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    return engine, opt if case.optimizer == "spngd" else None
-
-
-def run_case(case: Case, steps: int, micro: int, counter: CollectiveCounter) -> Series:
-    """Train ``steps`` steps on the digits batches; record the three byte counts of every step."""
-    engine, opt = build(case, micro)
+    n_params = common.param_count(model)
+    engine, opt, _, _ = spngd_ds.initialize(model=model, model_parameters=model.parameters(),
+                                            config=ds_config(optimizer, stage))
+    spngd = opt if optimizer["type"] == "SPNGD" else None
     rank, world = dist.get_rank(), dist.get_world_size()
-    n_params = common.param_count(engine.module)
-    x, y = common.digits_rgb(32)
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
-    series = Series()
-    bytes0, calls0 = dict(counter.bytes_by_fn), dict(counter.calls)
-    for step in range(steps):
-        idx = order[(torch.arange(micro * world) + step * micro * world) % order.numel()]
-        mine = idx[rank * micro : (rank + 1) * micro]
-        due = [] if opt is None else [
-            (b, s) for b in opt.blocks.values() for s in b.stats.values() if s.schedule.is_due(opt.step_count)
-        ]
-        counter.take()
-        loss = F.cross_entropy(engine(x[mine]), y[mine])
-        engine.backward(loss)
-        engine.step()
-        series.intercepted.append(counter.take())
-        if opt is None:
-            series.ours.append(0.0)
-            series.analytic.append(first_order_bytes(n_params, world))
-            continue
-        series.ours.append(float(opt.comm_nbytes))
-        series.analytic.append(
-            analytic_ours(opt, due, world, case.stage > 0)
-            + analytic_deepspeed(n_params, world, case.stage, case.bucket_allreduce)
-        )
-        series.refresh.append(opt.metrics()["spngd/refresh_fraction"])
-    series.by_fn = {k: (v - bytes0.get(k, 0.0)) / steps for k, v in counter.bytes_by_fn.items()}
-    series.calls = {k: (v - calls0.get(k, 0)) / steps for k, v in counter.calls.items()}
-    return series
-
-
-def mean(v: list[float]) -> float:
-    """Arithmetic mean; 0 for an empty list."""
-    return sum(v) / len(v) if v else 0.0
-
-
-def rank_mean(values: list[float]) -> list[float]:
-    """Element-wise mean over ranks (a collective)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
-
-
-def summarise(case: Case, s: Series, window: int, n_params: int, world: int) -> dict[str, Any]:
-    """Steady-state means (last ``window`` steps, averaged over ranks) and ratios to first order."""
-    fo = first_order_bytes(n_params, world)
-    ours, ana, inter = rank_mean(s.ours), rank_mean(s.analytic), rank_mean(s.intercepted)
-    w = min(window, len(ours))
-    ds_part = 0.0
-    if case.optimizer == "spngd":
-        ds_part = analytic_deepspeed(n_params, world, case.stage, case.bucket_allreduce)
-    out: dict[str, Any] = {
-        "case": case.__dict__,
-        "steps": len(ours),
-        "window": w,
-        "ours_mean": mean(ours[-w:]),
-        "deepspeed_analytic": ds_part,
-        "analytic_mean": mean(ana[-w:]),
-        "intercepted_mean": mean(inter[-w:]),
-        "first_order_bytes": fo,
-        "refresh_fraction_mean": mean(s.refresh[-w:]),
-        "intercepted_by_function_per_step": s.by_fn,
-        "intercepted_calls_per_step": s.calls,
-        "per_step": {"ours": ours, "analytic": ana, "intercepted": inter, "refresh_fraction": s.refresh},
-    }
-    total = out["intercepted_mean"] if case.optimizer == "sgd" else out["ours_mean"] + ds_part
-    out["total_mean"] = total
-    out["ratio_to_first_order"] = total / fo
-    if case.optimizer == "sgd":  # nothing of ours to count: check DeepSpeed's all-reduce against the formula
-        out["analytic_matches"] = all(abs(i - a) <= 1e-3 * a for i, a in zip(inter, ana, strict=True))
-    else:
-        out["analytic_matches"] = all(abs(o + ds_part - a) <= 1e-9 * a for o, a in zip(ours, ana, strict=True))
-    return out
-
-
-def print_report(res: dict[str, Any]) -> None:
-    """The results table, the verdict against the target and the analytic projections."""
     rows = []
-    for r in res["cases"].values():
-        rows.append([r["case"]["name"], r["steps"], r["window"], common.mib(r["ours_mean"]),
-                     common.mib(r["deepspeed_analytic"]), common.mib(r["total_mean"]), common.mib(r["analytic_mean"]),
-                     common.mib(r["intercepted_mean"]), r["ratio_to_first_order"], r["refresh_fraction_mean"],
-                     "yes" if r["analytic_matches"] else "NO"])
-    heads = ["case", "steps", "window", "ours MiB", "+DS MiB", "total MiB", "analytic MiB", "intercepted MiB",
-             "x first-order", "refresh frac", "matches formula"]
-    print(common.format_table(heads, rows))
-    if res["target"]["met"] is not None:
-        fast = res["cases"]["fast_fp32"]["ratio_to_first_order"]
-        print(f"fast path, fp32, staleness on, steady window: {fast:.3f}x first-order "
-              f"(target <= {TARGET}: {'met' if res['target']['met'] else 'MISSED'})")
-    f = res["floor"]
-    print(f"fast path, analytic: no statistic due {f['no_statistics_ratio']:.3f}x; every statistic every step "
-          f"{f['all_statistics_ratio']:.3f}x; all at max_interval {f['max_interval_ratio']:.3f}x; G and F every "
-          f"step, A at max_interval {f['a_stale_ratio']:.3f}x first-order")
-    print(f"gradient elements owned per rank: {res['grad_elements_per_rank']} of {res['params']}")
-    print("ResNet-50, fast path, analytic under the real assignment (x first-order all-reduce):")
-    rows = [[r["N"], r["grad_imbalance"], r["no_statistics_ratio"], r["max_interval_ratio"], r["a_stale_ratio"],
-             r["all_statistics_ratio"]] for r in res["resnet50_projection"]]
-    print(common.format_table(["N", "N*max P_r/P", "no statistics", "all at max_interval", "A stale, G/F every step",
-                               "every statistic"], rows))
+    for step, (x, y) in enumerate(batches(steps, rank, world)):
+        dist.barrier()
+        with counter.window(allowed) as w:
+            loss = F.cross_entropy(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+        row = {"step": step} | summarise_calls(w.calls)
+        if spngd is not None:
+            row["comm_nbytes"] = int(spngd.comm_nbytes)
+            row["refreshed"] = int(spngd._last_refreshed)
+        rows.append(row)
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    return rows, spngd, n_params
 
 
-def steady_floor(opt: Any, n_params: int, world: int, max_interval: int) -> dict[str, float]:
-    """Analytic fast-path bytes per step for a few refresh patterns: no statistic due (the floor, set
-    by the gradient bytes of the most-loaded owner), every statistic every step, every statistic
-    once per ``max_interval`` steps, and G and F every step with A once per ``max_interval``
-    (what the measured intervals tend to). Each collective is padded to the most-loaded owner."""
-    stats = [(b, s) for b in opt.blocks.values() for s in b.stats.values()]
-    fo = first_order_bytes(n_params, world)
-
-    def avg(interval: dict[str, int]) -> float:
-        # statistics of kind k refresh in turn, a 1/interval share each step: average over one period
-        period = max(interval.values())
-        total = 0.0
-        for t in range(period):
-            due = [(b, s) for i, (b, s) in enumerate(stats) if (i + t) % interval[s.name] == 0]
-            total += analytic_ours(opt, due, world, False)
-        return total / period
-
-    every = {"A": 1, "G": 1, "F": 1}
-    stale = {k: max_interval for k in every}
-    out = {"no_statistics_bytes": analytic_ours(opt, [], world, False), "all_statistics_bytes": avg(every),
-           "max_interval_bytes": avg(stale), "a_stale_bytes": avg({"A": max_interval, "G": 1, "F": 1})}
-    for key in list(out):
-        out[key.replace("_bytes", "_ratio")] = out[key] / fo
+def gather_rows(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Every rank's rows, on every rank (indexed [rank][step])."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, rows)
     return out
 
 
-def resnet50_projection(worlds: tuple[int, ...] = (2, 4, 8, 16, 64)) -> list[dict[str, Any]]:
-    """The fast path's analytic bytes for torchvision ResNet-50 under the real assignment at N ranks
-    (built on the meta device, no ranks needed), in units of the first-order all-reduce."""
+def part_fast(counter: CollectiveCounter) -> dict[str, Any]:
+    """Targets (a), (b), (c) on the fast path at this world size."""
+    world = dist.get_world_size()
+    rows, opt, n_params = train(counter, spngd_optimizer(), 0, FAST_STEPS, FAST_ALLOWED)
+    per_rank = gather_rows(rows)
+    lay = layouts(list(opt.blocks.values()), opt.assignment, world)
+    pred = predicted(lay, world, FP32, opt.comm.bucket_numel)
+    bounds = stats_bounds(lay, world, FP32)
+    n_stats = lay["n_stats"]
+    fo = first_order_bytes(n_params, world)
+    steps_none = [r["step"] for r in rows if r["refreshed"] == 0]
+    steps_all = [r["step"] for r in rows if r["refreshed"] == n_stats and r["step"] > 0]
+    ranks = []
+    for r in range(world):
+        mine = per_rank[r]
+        none = [mine[s] for s in steps_none]
+        full = [mine[s] for s in steps_all]
+        base = sum(x["bytes"] for x in none) / len(none)
+        extra = [x["bytes"] - base for x in full]
+        ranks.append({
+            "rank": r,
+            "owned_grad_elements": lay["grads"].geometry.counts[r],
+            "owned_packed_elements": lay["stats"].geometry.counts[r],
+            "no_refresh_bytes": base,
+            "no_refresh_ratio": base / fo,
+            "no_refresh_predicted": pred["no_refresh"][r],
+            "no_refresh_comm_nbytes": [x["comm_nbytes"] for x in none],
+            "no_refresh_intercepted": [x["bytes"] for x in none],
+            "no_refresh_calls": [x["calls"] for x in none],
+            "refresh_extra_bytes": extra,
+            "refresh_extra_predicted": pred["refresh_extra"][r],
+            "refresh_extra_parts_predicted": {k: pred[k][r] for k in ("stats", "decisions", "counts")},
+            "refresh_comm_nbytes": [x["comm_nbytes"] for x in full],
+            "refresh_intercepted": [x["bytes"] for x in full],
+            "refresh_calls": [x["calls"] for x in full],
+            "refresh_extra_over_ideal": max(extra) / bounds["ideal_bytes"],
+            "refresh_bound_bytes": bounds["ideal_bytes"] + bounds["a2a_moved_bytes"][r]
+            + pred["decisions"][r] + pred["counts"][r] + FP32 * (world - 1),
+            "by_function_no_refresh": none[0]["by_function"],
+            "by_function_refresh": full[0]["by_function"],
+        })
+    # the library's own count against the interception (an all-reduce it rounds down to a byte)
+    agree = all(abs(c - i) <= 2 for rk in ranks for c, i in
+                zip(rk["no_refresh_comm_nbytes"] + rk["refresh_comm_nbytes"],
+                    rk["no_refresh_intercepted"] + rk["refresh_intercepted"], strict=True))
+    exact = all(abs(rk["no_refresh_bytes"] - rk["no_refresh_predicted"]) <= 2
+                and all(abs(e - rk["refresh_extra_predicted"]) <= 3 for e in rk["refresh_extra_bytes"])
+                for rk in ranks)
+    worst = max(rk["no_refresh_ratio"] for rk in ranks)
+    return {
+        "world_size": world,
+        "model": "resnet20",
+        "params": n_params,
+        "blocks": len(opt.blocks),
+        "statistics": n_stats,
+        "assignment": opt.assignment,
+        "first_order_bytes": fo,
+        "steps_no_refresh": steps_none,
+        "steps_refresh_all": steps_all,
+        "ranks": ranks,
+        "no_refresh_ratio_max": worst,
+        "target_no_refresh": TARGET_FAST,
+        "met_no_refresh": worst <= TARGET_FAST,
+        "refresh": bounds | {"extra_max": max(max(rk["refresh_extra_bytes"]) for rk in ranks),
+                             "met_no_padding": all(max(rk["refresh_extra_bytes"]) <= rk["refresh_bound_bytes"] + 2
+                                                   for rk in ranks)},
+        "collectives_per_step": {"no_refresh": sorted({c for rk in ranks for c in rk["no_refresh_calls"]}),
+                                 "refresh_all": sorted({c for rk in ranks for c in rk["refresh_calls"]})},
+        "comm_nbytes_matches_interception": agree,
+        "layout_prediction_matches": exact,
+        "micro_batch": MICRO,
+        "image": IMAGE,
+        "staleness": ALL_STALE,
+    }
+
+
+def part_compatible(counter: CollectiveCounter, stages: Sequence[int]) -> dict[str, Any]:
+    """SP-NGD's ZeRO step (no statistic due) against DeepSpeed's SGD step, per stage."""
+    world = dist.get_world_size()
+    out: dict[str, Any] = {"world_size": world, "model": "resnet20", "stages": {}}
+    for stage in stages:
+        sgd_rows, _, n_params = train(counter, common.sgd_block(), stage, COMPATIBLE_STEPS, None)
+        sp_rows, opt, _ = train(counter, spngd_optimizer(), stage, COMPATIBLE_STEPS, None)
+        sgd_all, sp_all = gather_rows(sgd_rows), gather_rows(sp_rows)
+        steps = [r["step"] for r in sp_rows if r["refreshed"] == 0 and r["step"] > 0]
+        ranks = []
+        for r in range(world):
+            sgd = [sgd_all[r][s] for s in range(1, COMPATIBLE_STEPS)]
+            sp = [sp_all[r][s] for s in steps]
+            sgd_b = sum(x["bytes"] for x in sgd) / len(sgd)
+            sp_b = sum(x["bytes"] for x in sp) / len(sp)
+            ranks.append({
+                "rank": r,
+                "sgd_bytes": sgd_b,
+                "spngd_bytes": sp_b,
+                "spngd_ours_bytes": sum(x["ours_bytes"] for x in sp) / len(sp),
+                "spngd_deepspeed_bytes": sum(x["deepspeed_bytes"] for x in sp) / len(sp),
+                "comm_nbytes": [x["comm_nbytes"] for x in sp],
+                "ratio": sp_b / sgd_b,
+                "sgd_calls": [x["calls"] for x in sgd],
+                "spngd_calls": [x["calls"] for x in sp],
+                "spngd_ours_calls": [x["ours_calls"] for x in sp],
+                "sgd_by_function": sgd[-1]["by_function"],
+                "spngd_by_function": sp[-1]["by_function"],
+            })
+        worst = max(rk["ratio"] for rk in ranks)
+        out["stages"][str(stage)] = {
+            "params": n_params,
+            "first_order_bytes": first_order_bytes(n_params, world),
+            "steps_measured_spngd": steps,
+            "ranks": ranks,
+            "ratio_max": worst,
+            "target": TARGET_COMPATIBLE,
+            "met": worst <= TARGET_COMPATIBLE,
+            "comm_nbytes_matches_interception": all(
+                abs(c - rk["spngd_ours_bytes"]) <= 2 for rk in ranks for c in rk["comm_nbytes"]),
+        }
+        if dist.get_rank() == 0:
+            print(f"compatible ZeRO {stage}: done", flush=True)
+    out |= {"micro_batch": MICRO, "image": IMAGE, "staleness": ALL_STALE}
+    return out
+
+
+# -- the analytic part -------------------------------------------------------------------------------------
+
+
+def part_analytic(worlds: Sequence[int] = ANALYTIC_WORLDS) -> dict[str, Any]:
+    """ResNet-50 under the real assignment at each N (no ranks needed)."""
     import torchvision
 
-    import spngd_ds
+    from spngd_ds.assignment import assign_owners, block_cost
+    from spngd_ds.blocks import build_blocks
+    from spngd_ds.staleness import RefreshSchedule
 
     with torch.device("meta"):
         model = torchvision.models.resnet50(weights=None)
+    blocks, _ = build_blocks(model, lambda: RefreshSchedule(threshold=None), 64.0)
+    costs = [block_cost(b) for b in blocks]
     n_params = common.param_count(model)
+    bucket = default_bucket_numel()
     rows = []
     for n in worlds:
-        probe = spngd_ds.SPNGD(model, communicator=OfflineWorld(n))
-        probe.capture.remove()
-        grads = by_owner(probe, lambda b: sum(q.numel() for q in b.params), n)
-        f = steady_floor(probe, n_params, n, common.DEFAULT_STALENESS["max_interval"])
-        rows.append({"N": n, "max_owned_grad_elements": max(grads), "grad_imbalance": max(grads) * n / n_params}
-                    | {k: v for k, v in f.items() if k.endswith("_ratio")})
-    return rows
+        t0 = time.perf_counter()
+        owners = assign_owners(costs, n)
+        lay = layouts(blocks, owners, n)
+        fo = first_order_bytes(n_params, n)
+        row: dict[str, Any] = {"N": n, "assign_s": time.perf_counter() - t0,
+                               "owning_ranks": len(set(owners.values())),
+                               "grad_max_over_share": max(lay["grads"].geometry.counts) * n / n_params}
+        for dtype, size in WIRE.items():
+            pred = predicted(lay, n, size, bucket)
+            bounds = stats_bounds(lay, n, size)
+            no_ref = pred["no_refresh"]
+            full = [a + b for a, b in zip(no_ref, pred["refresh_extra"], strict=True)]
+            if dtype == "fp32":
+                row |= {"no_refresh_ratio_max": max(no_ref) / fo, "no_refresh_ratio_mean": sum(no_ref) / n / fo,
+                        "flags_bytes": pred["flags"][0]}
+            row[dtype] = {
+                "refresh_extra_max": max(pred["refresh_extra"]),
+                "refresh_extra_over_ideal_max": max(pred["refresh_extra"]) / bounds["ideal_bytes"],
+                "refresh_step_ratio_max": max(full) / fo,
+                "padded_old_over_ideal": bounds["padded_old_bytes"] / bounds["ideal_bytes"],
+                "ideal_bytes": bounds["ideal_bytes"],
+                "packed_elements": bounds["packed_elements"],
+            }
+        rows.append(row)
+    worst = max(r["no_refresh_ratio_max"] for r in rows)
+    return {"model": "torchvision resnet50", "params": n_params, "blocks": len(blocks),
+            "statistics": sum(len(b.stats) for b in blocks), "bucket_numel": bucket, "rows": rows,
+            "target": TARGET_FAST, "met": worst <= TARGET_FAST, "no_refresh_ratio_max": worst}
 
 
-def rolling(v: list[float], k: int) -> list[float]:
-    """Trailing mean over up to ``k`` values."""
-    return [sum(v[max(0, i - k + 1) : i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(v))]
+# -- output ------------------------------------------------------------------------------------------------------
 
 
-def plot(res: dict[str, Any], path: Path) -> None:
-    """Bytes per step in units of the first-order all-reduce, per case (thin: each step; thick: the
-    trailing mean over 10 steps), with the target and the fast path's analytic floors."""
+def load() -> dict[str, Any]:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+
+def merge(key: str, sub: str | None, payload: dict[str, Any], argv: list[str], wall: float) -> dict[str, Any]:
+    """Put ``payload`` (with the command, machine and load average) into the JSON under key[/sub]."""
+    res = load()
+    if res.get("format") != "comm_volume/2":  # the old layout's file: start afresh
+        res = {"format": "comm_volume/2"}
+    payload = payload | {"command": " ".join(argv), "wall_s": wall, "machine": common.machine_info(),
+                         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if sub is None:
+        res[key] = payload
+    else:
+        res.setdefault(key, {})[sub] = payload
+    res["targets"] = {"fast_no_refresh_max": TARGET_FAST, "compatible_vs_sgd_max": TARGET_COMPATIBLE}
+    common.write_json("comm_volume", res)
+    return res
+
+
+def report(res: dict[str, Any]) -> None:
+    """Print every table the JSON allows."""
+    fast = res.get("fast", {})
+    if fast:
+        print("Fast path (ZeRO 0), ResNet-20 fp32, intercepted bytes per rank per step:")
+        rows = []
+        for n, f in sorted(fast.items(), key=lambda kv: int(kv[0])):
+            for rk in f["ranks"]:
+                rows.append([n, rk["rank"], rk["owned_grad_elements"], round(rk["no_refresh_bytes"]),
+                             rk["no_refresh_predicted"], rk["no_refresh_ratio"], round(max(rk["refresh_extra_bytes"])),
+                             rk["refresh_extra_predicted"], rk["refresh_extra_over_ideal"],
+                             f"{rk['no_refresh_calls'][0]}/{rk['refresh_calls'][0]}"])
+        print(common.format_table(["N", "rank", "owned grads", "no-refresh B", "predicted", "x first-order",
+                                   "refresh extra B", "predicted", "extra / ideal", "collectives"], rows))
+        for n, f in sorted(fast.items(), key=lambda kv: int(kv[0])):
+            r = f["refresh"]
+            print(f"  N={n}: P={f['params']:,}; no-refresh max {f['no_refresh_ratio_max']:.4f}x first-order "
+                  f"(target <= {TARGET_FAST}: {'met' if f['met_no_refresh'] else 'MISSED'}); refresh extra max "
+                  f"{r['extra_max']:,.0f} B vs ideal (N-1)/N·packed {r['ideal_bytes']:,.0f} B (padded layout would "
+                  f"send {r['padded_old_bytes']:,} B; no padding: {'met' if r['met_no_padding'] else 'MISSED'}); "
+                  f"collectives {f['collectives_per_step']}; comm_nbytes == interception: "
+                  f"{f['comm_nbytes_matches_interception']}; layout_bytes == interception: "
+                  f"{f['layout_prediction_matches']}")
+    comp = res.get("compatible", {})
+    if comp:
+        print("Compatible path (no-refresh step, all collectives of forward+backward+step), vs DeepSpeed SGD:")
+        rows = []
+        for n, c in sorted(comp.items(), key=lambda kv: int(kv[0])):
+            for st, s in c["stages"].items():
+                for rk in s["ranks"]:
+                    rows.append([n, st, rk["rank"], round(rk["sgd_bytes"]), round(rk["spngd_bytes"]),
+                                 round(rk["spngd_deepspeed_bytes"]), round(rk["spngd_ours_bytes"]), rk["ratio"],
+                                 f"{rk['sgd_calls'][0]}/{rk['spngd_calls'][0]}"])
+        print(common.format_table(["N", "ZeRO", "rank", "SGD B", "SP-NGD B", "of it DS", "of it ours", "ratio",
+                                   "calls SGD/SP-NGD"], rows))
+        for n, c in sorted(comp.items(), key=lambda kv: int(kv[0])):
+            for st, s in c["stages"].items():
+                print(f"  N={n} ZeRO {st}: {s['ratio_max']:.3f}x SGD (target <= {TARGET_COMPATIBLE}: "
+                      f"{'met' if s['met'] else 'MISSED'}); first-order all-reduce {s['first_order_bytes']:,.0f} B")
+    ana = res.get("analytic")
+    if ana:
+        print(f"ResNet-50 analytic ({ana['params']:,} parameters, {ana['blocks']} blocks, {ana['statistics']} "
+              f"statistics), fast path per rank, max over ranks:")
+        rows = [[r["N"], r["owning_ranks"], r["grad_max_over_share"], r["no_refresh_ratio_max"],
+                 r["no_refresh_ratio_mean"], r["fp32"]["refresh_extra_over_ideal_max"],
+                 r["fp32"]["refresh_step_ratio_max"],
+                 r["bf16"]["refresh_extra_over_ideal_max"], r["bf16"]["refresh_step_ratio_max"],
+                 r["fp32"]["padded_old_over_ideal"]] for r in ana["rows"]]
+        print(common.format_table(["N", "owners", "max grads/share", "no-refresh x FO", "mean", "fp32 extra/ideal",
+                                   "fp32 refresh x FO", "bf16 extra/ideal", "bf16 refresh x FO",
+                                   "padded/ideal (old)"], rows))
+        print(f"  no-refresh max {ana['no_refresh_ratio_max']:.4f}x (target <= {TARGET_FAST} at every N: "
+              f"{'met' if ana['met'] else 'MISSED'})")
+
+
+def plot(res: dict[str, Any], path: Path = PLOT) -> None:
+    """Three panels: no-refresh fast-path step / first-order all-reduce vs N; refresh-step extra /
+    (N-1)/N packed statistics vs N; compatible path / DeepSpeed SGD per ZeRO stage."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fo = first_order_bytes(res["params"], res["setup"]["world_size"])
-    fig, ax = plt.subplots(figsize=(9.5, 4.8))
-    for i, (name, r) in enumerate((k, v) for k, v in res["cases"].items() if k != "first_order_allreduce"):
-        color = f"C{i}"
-        ys = [(o + r["deepspeed_analytic"]) / fo for o in r["per_step"]["ours"]]
-        xs = range(1, len(ys) + 1)
-        if len(ys) < 20:  # a short check run: markers, drawn on top
-            ax.plot(xs, ys, color=color, lw=1.2, marker="o", ms=3, zorder=3, label=f"{name.replace('_', ' ')} (check)")
-            continue
-        ax.plot(xs, ys, color=color, lw=0.6, alpha=0.45)
-        ax.plot(xs, rolling(ys, 10), color=color, lw=2.0, label=name.replace("_", " "))
-    floor = res["floor"]
-    ax.axhline(1.0, color="k", lw=1, label="first-order all-reduce (1.0)")
-    ax.axhline(TARGET, color="k", ls="--", lw=1, label=f"target {TARGET}x")
-    ax.axhline(floor["no_statistics_ratio"], color="0.5", ls=":", lw=1.2, label="fast path, no statistic due")
-    ax.axhline(floor["max_interval_ratio"], color="0.5", ls="-.", lw=1.2, label="fast path, all at max_interval")
-    ax.set_ylim(0, None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("bytes sent per rank per step / first-order")
-    s = res["setup"]
-    ax.set_title(f"{s['model']} ({s['params']:,} parameters), {s['world_size']} ranks, staleness "
-                 f"{s['staleness']['threshold']}/{s['staleness']['max_interval']}; thick: 10-step mean", fontsize=10)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
+    ax = axes[0]
+    ana, fast, comp = res.get("analytic"), res.get("fast", {}), res.get("compatible", {})
+    if ana:
+        ns = [r["N"] for r in ana["rows"]]
+        ax.plot(ns, [r["no_refresh_ratio_max"] for r in ana["rows"]], "o-", color="C0",
+                label="ResNet-50, analytic, max rank")
+        ax.plot(ns, [r["no_refresh_ratio_mean"] for r in ana["rows"]], "o--", color="C0", alpha=0.6,
+                label="ResNet-50, analytic, mean")
+    if fast:
+        ns = sorted(int(n) for n in fast)
+        ax.plot(ns, [fast[str(n)]["no_refresh_ratio_max"] for n in ns], "s", ms=8, color="C3",
+                label="ResNet-20, measured (gloo), max rank")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(TARGET_FAST, color="k", ls="--", lw=1, label=f"target {TARGET_FAST}x")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("ranks N")
+    ax.set_ylabel("bytes per rank / first-order all-reduce")
+    ax.set_title("fast path, step refreshing nothing", fontsize=10)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    if ana:
+        ns = [r["N"] for r in ana["rows"]]
+        for dtype, color in (("fp32", "C0"), ("bf16", "C2")):
+            ax.plot(ns, [r[dtype]["refresh_extra_over_ideal_max"] for r in ana["rows"]], "o-", color=color,
+                    label=f"ResNet-50, {dtype}, analytic")
+        ax.plot(ns, [r["fp32"]["padded_old_over_ideal"] for r in ana["rows"]], "x:", color="0.5",
+                label="padded to most-loaded owner (old)")
+    if fast:
+        ns = sorted(int(n) for n in fast)
+        ax.plot(ns, [max(rk["refresh_extra_over_ideal"] for rk in fast[str(n)]["ranks"]) for n in ns], "s", ms=8,
+                color="C3", label="ResNet-20, fp32, measured")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("ranks N")
+    ax.set_ylabel("refresh extra / ((N-1)/N · packed statistics)")
+    ax.set_title("fast path, every statistic due", fontsize=10)
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    labels, vals = [], []
+    for n, c in sorted(comp.items(), key=lambda kv: int(kv[0])):
+        for st, s in sorted(c["stages"].items()):
+            labels.append(f"ZeRO {st}\nN={n}")
+            vals.append(s["ratio_max"])
+    if vals:
+        ax.bar(range(len(vals)), vals, color=["C1" if v > TARGET_COMPATIBLE else "C2" for v in vals])
+        ax.set_xticks(range(len(vals)), labels, fontsize=8)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(TARGET_COMPATIBLE, color="k", ls="--", lw=1, label=f"target {TARGET_COMPATIBLE}x")
+    ax.set_ylabel("bytes per rank / DeepSpeed SGD step (max rank)")
+    ax.set_title("compatible path, ResNet-20, step refreshing nothing", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main() -> None:
-    """Run every case on 2 ranks, summarise, print, write JSON and the plot (rank 0)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--window", type=int, default=30, help="steady state: the last this many steps")
-    p.add_argument("--micro_batch", type=int, default=32)
-    p.add_argument("--cases", nargs="*", default=[c.name for c in CASES], help="a subset of the cases")
+    p.add_argument("part", choices=["fast", "compatible", "analytic", "report"])
+    p.add_argument("--stages", type=int, nargs="*", default=[1, 2, 3], help="compatible: ZeRO stages")
+    p.add_argument("--worlds", type=int, nargs="*", default=list(ANALYTIC_WORLDS), help="analytic: world sizes")
     p.add_argument("--local_rank", type=int, default=0)
     a = p.parse_args()
-    common.prepare_environment()
-    from step_time import init_distributed
-
-    rank, world, _ = init_distributed()
     wall = time.perf_counter()
-    counter = CollectiveCounter()
-    model = common.build_model("resnet20")
-    n_params = common.param_count(model)
-    res: dict[str, Any] = {"cases": {}, "params": n_params}
-    for case in (c for c in CASES if c.name in a.cases):
-        series = run_case(case, case.steps or a.steps, a.micro_batch, counter)
-        res["cases"][case.name] = summarise(case, series, a.window, n_params, world)
-        if rank == 0:
-            print(f"{case.name}: done ({time.perf_counter() - wall:.0f} s)", flush=True)
-    import spngd_ds
+    argv = ["torchrun", f"--nproc_per_node {dist_world()}"] if a.part in ("fast", "compatible") else ["python"]
+    argv += ["bench/comm_volume.py", *sys.argv[1:]]
+    if a.part in ("analytic", "report"):
+        if a.part == "analytic":
+            res = merge("analytic", None, part_analytic(a.worlds), argv, time.perf_counter() - wall)
+        else:
+            res = load()
+        report(res)
+        plot(res)
+        print(f"wrote {RESULTS} and {PLOT}")
+        return
+    common.prepare_environment()
+    import deepspeed
 
-    probe = spngd_ds.SPNGD(common.build_model("resnet20"), communicator=OfflineWorld(world))
-    res["floor"] = steady_floor(probe, n_params, world, common.DEFAULT_STALENESS["max_interval"])
-    res["grad_elements_per_rank"] = by_owner(probe, lambda b: sum(q.numel() for q in b.params), world)
-    res["assignment"] = probe.assignment
-    res["resnet50_projection"] = resnet50_projection()
-    res["setup"] = {"model": "resnet20", "params": n_params, "world_size": world, "micro_batch": a.micro_batch,
-                    "steps": a.steps, "window": a.window, "staleness": common.DEFAULT_STALENESS,
-                    "spngd": common.SPNGD_PARAMS, "precision": "fp32"}
-    res["collective_calls_total"] = counter.calls
-    fast = res["cases"].get("fast_fp32")
-    res["target"] = {"ratio_max": TARGET, "met": None if fast is None else fast["ratio_to_first_order"] <= TARGET}
-    res["machine"] = common.machine_info()
-    res["wall_s"] = time.perf_counter() - wall
-    if rank == 0:
-        print_report(res)
-        path = common.write_json("comm_volume", res)
-        plot(res, common.DOCS_DIR / "comm_volume.png")
-        print(f"wrote {path} and docs/comm_volume.png; wall {res['wall_s']:.0f} s")
+    deepspeed.init_distributed(dist_backend="gloo")
+    counter = CollectiveCounter()
+    payload = part_fast(counter) if a.part == "fast" else part_compatible(counter, a.stages)
+    payload["calls_outside_steps"] = counter.outside
+    if dist.get_rank() == 0:
+        res = merge(a.part, str(dist.get_world_size()), payload, argv, time.perf_counter() - wall)
+        report({a.part: res[a.part]})
+        plot(res)
+        print(f"wrote {RESULTS} and {PLOT} ({time.perf_counter() - wall:.0f} s)")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def OfflineWorld(world: int) -> Any:  # noqa: N802 - a factory that reads like the class it builds
-    """A communicator that only states a world size: enough for SPNGD to build its assignment."""
-    from spngd_ds.comm import Communicator
+def dist_world() -> int:
+    import os
 
-    comm = Communicator()
-    comm.world_size = world
-    return comm
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 if __name__ == "__main__":
