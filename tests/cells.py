@@ -65,11 +65,17 @@ def build_model(kind: str) -> nn.Module:
     rank without any block). The convolutions that feed a BatchNorm start 4x larger than torch's
     default, so that rule 8's bound sqrt(2 C_out) binds and weight rescaling acts."""
     torch.manual_seed(1234)
-    model = _build(kind)
-    if kind in ("convbn", "bnpool"):
+    return _build(kind)
+
+
+class LargeConv2d(nn.Conv2d):
+    """A Conv2d initialised 4x larger than torch's default, inside its own ``__init__`` so that
+    ``deepspeed.zero.Init`` (which partitions a module when its ``__init__`` returns) sees it too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         with torch.no_grad():
-            model[0].weight.mul_(4.0)
-    return model
+            self.weight.mul_(4.0)
 
 
 def _build(kind: str) -> nn.Module:
@@ -88,12 +94,12 @@ def _build(kind: str) -> nn.Module:
         )
     if kind == "convbn":
         return nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+            LargeConv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
             nn.Flatten(), nn.Linear(4 * 4 * 4, CLASSES),
         )
     if kind == "bnpool":
         return nn.Sequential(
-            nn.Conv2d(1, CLASSES, 3, padding=1, bias=False), nn.BatchNorm2d(CLASSES), nn.ReLU(inplace=True),
+            LargeConv2d(1, CLASSES, 3, padding=1, bias=False), nn.BatchNorm2d(CLASSES), nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
     if kind == "tied":
