@@ -7,7 +7,7 @@ whether the model is built under ``deepspeed.zero.Init``. ``tests/ds_worker.py -
 list of cells on N gloo ranks; :func:`reference` runs the same cell in one standalone process fed
 the same per-rank passes (micro-batch k of every rank, in rank order), which is what N ranks x
 gas micro-batches compute. The loss is multiplied by ``LOSS_MULT`` so that raw gradient norms
-exceed 1, where DeepSpeed's implicit ``gradient_clipping`` of 1.0 would act.
+exceed 1 on every model, where DeepSpeed's implicit ``gradient_clipping`` of 1.0 would act.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSS_MULT = 4.0
+LOSS_MULT = 16.0
 GLOBAL_BATCH = 48  # divisible by 2 and 3 ranks x 1 or 2 micro-batches
 CLASSES = 5
 
