@@ -19,27 +19,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_model(kind: str) -> nn.Module:
+    """The matrix's models (tests/cells.py), except "convbn" with torch's default initialisation."""
+    from tests.cells import build_model as matrix_model
+
+    if kind != "convbn":
+        return matrix_model(kind)
     torch.manual_seed(1234)
-    if kind == "mlp":
-        # 8 curvature blocks, no BatchNorm: exact equivalence of any batch split
-        layers: list[nn.Module] = [nn.Flatten()]
-        dims = [16, 24, 20, 18, 16, 14, 12, 10, 5]
-        for i in range(len(dims) - 1):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < len(dims) - 2:
-                layers.append(nn.Tanh())
-        return nn.Sequential(*layers)
-    if kind == "conv":
-        return nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Tanh(),
-            nn.Flatten(), nn.Linear(4 * 2 * 2, 5),
-        )
-    if kind == "convbn":
-        return nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-            nn.Flatten(), nn.Linear(4 * 4 * 4, 5),
-        )
-    raise ValueError(kind)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 5),
+    )
 
 
 def global_batch(step: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
