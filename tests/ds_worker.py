@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,11 +74,11 @@ def _perturb_after_update(engine, opt, step: int) -> None:  # type: ignore[no-un
     only: a silent divergence that only a rank-agreement check can see."""
     finish = opt.finish_step
 
-    def finish_step() -> None:
+    def finish_step(*args: Any, **kwargs: Any) -> None:
         if opt.step_count == step:
             with torch.no_grad():
                 next(engine.module.parameters()).add_(1e-3)
-        finish()
+        finish(*args, **kwargs)
 
     opt.finish_step = finish_step
 

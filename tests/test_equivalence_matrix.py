@@ -16,8 +16,8 @@ DeepSpeed's start-up once. ``SPNGD_FULL_MATRIX=1`` adds the rest of the product 
 
 Tolerances: fp32 2e-5 relative to each tensor's largest entry (measured: 0 at 2 ranks, where sums
 of two numbers do not depend on order; <= 8e-6 at 3 ranks). bf16 runs round every forward, so
-they are held to 0.1 of the fp32 reference (measured 0.02-0.06), plus the exact checks that do not
-depend on rounding (steps counted, nothing skipped).
+they are held to 0.25 of the fp32 reference (measured up to 0.17 with the loss scaled by 16), plus
+the exact checks that do not depend on rounding (steps counted, nothing skipped).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tests import cells as C
 from tests.distributed import torchrun
 
 TOL = 2e-5
-BF16_TOL = 0.1
+BF16_TOL = 0.25
 Cell = C.Cell
 
 FP32_2 = [
