@@ -16,11 +16,6 @@ each. Every collective goes through the primitives ``reduce_scatter``, ``all_gat
 first two: (N-1)·shard·itemsize; all-to-all: what goes to other ranks). :func:`layout_bytes` gives
 the same count analytically.
 
-*The per-owner lists* (:meth:`Communicator.reduce_to_owners`, :meth:`Communicator.gather_from_owners`),
-used by the optimizer today: each rank gives, for every owner r, a list of tensors r owns; owners get
-the sum over ranks (a reduce-scatter padded to the longest list) and every rank can gather what every
-owner produced.
-
 Symmetric statistics travel as their packed upper triangle (:func:`pack_sym`).
 """
 
@@ -58,21 +53,6 @@ def unpack_sym(packed: torch.Tensor, d: int) -> torch.Tensor:
     out[..., rows, cols] = packed
     out[..., cols, rows] = packed
     return out
-
-
-def split_rounds(numels: Sequence[int], bucket_numel: int) -> list[list[int]]:
-    """Indices of consecutive tensors of ``numels`` elements grouped greedily so that each group
-    holds <= bucket_numel elements (a single larger tensor forms its own group)."""
-    rounds: list[list[int]] = []
-    size = 0
-    for i, n in enumerate(numels):
-        if rounds and size + n <= bucket_numel:
-            rounds[-1].append(i)
-            size += n
-        else:
-            rounds.append([i])
-            size = n
-    return rounds
 
 
 # --------------------------------------------------------------------------------------------------
@@ -709,22 +689,6 @@ class Communicator:
         pieces = [flat[at : at + n] for at, _, n in layout.segments(bucket)]
         return _concat(pieces, bucket.geometry.padded, flat.dtype, flat.device)
 
-    def reduce_to_owners(
-        self, by_owner: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype | None = None
-    ) -> list[torch.Tensor]:
-        """Sum over ranks of ``by_owner[self.rank]`` (each rank gives every owner's list)."""
-        return [t.clone() for t in by_owner[self.rank]]
-
-    def gather_from_owners(
-        self, mine: Sequence[torch.Tensor], shapes_by_owner: Sequence[Sequence[torch.Size]], dtype: torch.dtype
-    ) -> list[list[torch.Tensor]]:
-        """Every owner's list of tensors (shapes given per owner), on every rank."""
-        return [list(mine)]
-
-    def any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any rank (a tiny all-reduce)."""
-        return flag
-
     def reset_bytes(self) -> None:
         self.bytes_sent = 0
 
@@ -768,68 +732,3 @@ class DistributedCommunicator(Communicator):
         )
         others = sum(x for q, x in enumerate(input_splits) if q != self.rank)
         self.bytes_sent += others * input.element_size()
-
-    # -- per-owner lists (the optimizer's current calls) ----------------------------------------------
-    def reduce_to_owners(
-        self, by_owner: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype | None = None
-    ) -> list[torch.Tensor]:
-        mine = by_owner[self.rank]
-        out: list[torch.Tensor | None] = [None] * len(mine)
-        rounds = [split_rounds([t.numel() for t in lst], self.bucket_numel) for lst in by_owner]
-        for j in range(max((len(r) for r in rounds), default=0)):
-            pieces = [
-                [by_owner[r][i] for i in rounds[r][j]] if j < len(rounds[r]) else [] for r in range(self.world_size)
-            ]
-            ref = next(t for p in pieces for t in p)
-            wire = dtype or ref.dtype
-            flats = [
-                torch.cat([t.reshape(-1).to(wire) for t in p]) if p else ref.new_zeros(0, dtype=wire) for p in pieces
-            ]
-            chunk = max(f.numel() for f in flats)
-            send = torch.zeros(self.world_size * chunk, dtype=wire, device=ref.device)
-            for r, f in enumerate(flats):
-                send[r * chunk : r * chunk + f.numel()] = f
-            recv = torch.empty(chunk, dtype=wire, device=ref.device)
-            dist.reduce_scatter_tensor(recv, send, op=dist.ReduceOp.SUM, group=self.group)
-            self.bytes_sent += (self.world_size - 1) * chunk * recv.element_size()
-            if j < len(rounds[self.rank]):
-                offset = 0
-                for i in rounds[self.rank][j]:
-                    n = mine[i].numel()
-                    out[i] = recv[offset : offset + n].reshape(mine[i].shape).to(mine[i].dtype)
-                    offset += n
-        return [t for t in out if t is not None]
-
-    def gather_from_owners(
-        self, mine: Sequence[torch.Tensor], shapes_by_owner: Sequence[Sequence[torch.Size]], dtype: torch.dtype
-    ) -> list[list[torch.Tensor]]:
-        numels = [[int(torch.Size(s).numel()) for s in shapes] for shapes in shapes_by_owner]
-        out: list[list[torch.Tensor]] = [[] for _ in range(self.world_size)]
-        rounds = [split_rounds(lst, self.bucket_numel) for lst in numels]
-        device = mine[0].device if mine else self.device
-        for j in range(max((len(r) for r in rounds), default=0)):
-            sizes = [
-                sum(numels[r][i] for i in rounds[r][j]) if j < len(rounds[r]) else 0 for r in range(self.world_size)
-            ]
-            chunk = max(sizes)
-            send = torch.zeros(chunk, dtype=dtype, device=device)
-            if j < len(rounds[self.rank]):
-                flat = torch.cat([mine[i].reshape(-1).to(dtype) for i in rounds[self.rank][j]])
-                send[: flat.numel()] = flat
-            recv = torch.empty(self.world_size * chunk, dtype=dtype, device=device)
-            dist.all_gather_into_tensor(recv, send, group=self.group)
-            self.bytes_sent += (self.world_size - 1) * chunk * recv.element_size()
-            for r in range(self.world_size):
-                if j >= len(rounds[r]):
-                    continue
-                offset = r * chunk
-                for i in rounds[r][j]:
-                    n = numels[r][i]
-                    out[r].append(recv[offset : offset + n].reshape(shapes_by_owner[r][i]))
-                    offset += n
-        return out
-
-    def any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item() > 0)

@@ -13,19 +13,11 @@ import torch.distributed as dist
 from spngd_ds.comm import Communicator
 
 
-def _check_device(comm: Communicator, t: torch.Tensor, op: str) -> None:
-    if t.device != torch.device(comm.device):
-        raise RuntimeError(
-            f"SPNGD: {op} was handed a tensor on {t.device}, but the communicator works on {comm.device} "
-            "(NCCL takes only tensors on the GPU)"
-        )
-
-
 def all_reduce_sum(comm: Communicator, values: torch.Tensor) -> torch.Tensor:
     """The sum over ranks of ``values`` (any shape, on ``comm.device``), in place, returned."""
     if comm.world_size == 1:
         return values
-    _check_device(comm, values, "all_reduce_sum")
+    comm.check_device("all_reduce_sum", values)
     dist.all_reduce(values, op=dist.ReduceOp.SUM, group=getattr(comm, "group", None))
     comm.bytes_sent += int(2 * (comm.world_size - 1) * values.numel() * values.element_size() / comm.world_size)
     return values
@@ -36,7 +28,7 @@ def any_rank_each(comm: Communicator, flags: Sequence[bool]) -> list[bool]:
     if comm.world_size == 1 or not flags:
         return list(flags)
     t = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float32, device=comm.device)
-    _check_device(comm, t, "any_rank_each")
+    comm.check_device("any_rank_each", t)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=getattr(comm, "group", None))
     comm.bytes_sent += int(2 * (comm.world_size - 1) * t.numel() * t.element_size() / comm.world_size)
     return [bool(v > 0) for v in t.tolist()]

@@ -12,7 +12,8 @@ from torch import nn
 
 import spngd_ds
 from spngd_ds.assignment import BlockCost, assign_owners, load_per_rank
-from spngd_ds.comm import Communicator, pack_sym, triu_numel, unpack_sym
+from spngd_ds.comm import Communicator, OwnerLayout, pack_sym, triu_numel, unpack_sym
+from spngd_ds.reductions import any_rank_each
 
 # --------------------------------------------------------------------------------------------------
 # packing
@@ -68,13 +69,14 @@ def test_unpack_keeps_dtype_and_ignores_lower_triangle() -> None:
 def test_single_rank_communicator() -> None:
     comm = Communicator()
     a, b = torch.randn(3), torch.randn(2, 2)
-    out = comm.reduce_to_owners([[a, b]])
+    layout = OwnerLayout.build([(a.numel(), 0), (tuple(b.shape), 0)], 1)
+    out = comm.to_owners(layout, [a, b], torch.float32)
     assert len(out) == 2 and torch.equal(out[0], a) and torch.equal(out[1], b)
     out[0].zero_()
     assert not torch.equal(a, out[0])  # a copy, not an alias
-    gathered = comm.gather_from_owners([a], [[a.shape]], a.dtype)
-    assert len(gathered) == 1 and len(gathered[0]) == 1 and torch.equal(gathered[0][0], a)
-    assert comm.any_rank(True) and not comm.any_rank(False)
+    gathered = comm.from_owners(layout, [a, b], a.dtype)
+    assert len(gathered) == 2 and torch.equal(gathered[0], a) and torch.equal(gathered[1], b)
+    assert any_rank_each(comm, [True, False]) == [True, False]
     assert (comm.rank, comm.world_size, comm.bytes_sent) == (0, 1, 0)
 
 

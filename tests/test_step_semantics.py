@@ -171,7 +171,7 @@ class MetaComm(Communicator):
 
 def test_collective_helpers_refuse_a_tensor_on_another_device() -> None:
     comm = MetaComm()
-    with pytest.raises(RuntimeError, match="handed a tensor on cpu, but the communicator works on meta"):
+    with pytest.raises(RuntimeError, match="all_reduce_sum: tensor on cpu, but the communicator's device is meta"):
         all_reduce_sum(comm, torch.zeros(3))
 
 
