@@ -19,6 +19,12 @@ strictly lowers its load. Balancing
 only two loads (inversion, elements) leaves one rank of ResNet-50 at N=8 with 1.46x its share of
 the gradients (see tests/test_assignment_bytes.py), hence the third.
 
+For the ZeRO-compatible path, :func:`assign_to_holders` answers a different question: DeepSpeed has
+already placed every gradient element on some rank's partition, and each element whose owner is
+another rank crosses the wire twice a step (to the owner, and the preconditioned value back). It
+gives each block to the rank holding most of its gradient elements, within a bounded loss of
+inversion balance.
+
 A load whose every cost is 0 is ignored, so ``BlockCost(name, inversion, memory)`` alone gives plain
 longest-processing-time on the inversion cost with ties by memory. Deterministic given the costs (in
 their order) and the world size, so every rank computes the same answer alone.
@@ -33,6 +39,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from spngd_ds.blocks import Block
+
+# assign_to_holders: a rank's inversion load may reach (1 + HOLDER_SLACK) x its lower bound
+# max(total/N, largest block) when that keeps a block on the rank that holds its gradients. Inversion
+# happens on refresh steps only (rarely, once statistics go stale); the bytes saved are paid every step.
+HOLDER_SLACK = 0.25
 
 # Bound on local-search rounds per block (each round strictly lowers the sorted vector of rank loads,
 # so it ends anyway; the cap keeps the worst case predictable).
@@ -172,3 +183,61 @@ def rank_loads(costs: Sequence[BlockCost], owners: dict[str, int], world_size: i
 def load_per_rank(costs: Sequence[BlockCost], owners: dict[str, int], world_size: int) -> list[tuple[float, float]]:
     """(inversion, memory) load of each rank under ``owners``."""
     return [(x.inversion, x.memory) for x in rank_loads(costs, owners, world_size)]
+
+
+def assign_to_holders(
+    costs: Sequence[BlockCost],
+    held: Sequence[Sequence[float]],
+    world_size: int,
+    slack: float = HOLDER_SLACK,
+) -> dict[str, int]:
+    """Owners aligned with where the gradients already are (the ZeRO-compatible path).
+
+    ``held[i][r]``: gradient elements of block ``costs[i]`` that rank ``r``'s partition holds
+    (``len(held[i]) == world_size``). Each block starts on the rank holding most of it (ties: lower
+    rank). Then, while the most inversion-loaded rank is above the cap (1 + ``slack``) x the peak
+    of plain longest-first scheduling on inversion cost alone, one of its blocks moves to another
+    rank: the move that stays under the cap and sends the fewest extra elements per unit of
+    inversion relieved (ties: the larger block, then index and rank order); when no move stays
+    under the cap, the move that lowers the peak most. Deterministic given its arguments.
+    Returns block name -> owner rank.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if slack < 0:
+        raise ValueError(f"slack must be >= 0, got {slack}")
+    if len(held) != len(costs) or any(len(h) != world_size for h in held):
+        raise ValueError("assign_to_holders: held needs one row of world_size counts per block")
+    if len({c.name for c in costs}) != len(costs):
+        raise ValueError("assign_to_holders: block names must be unique")
+    inv = [c.inversion for c in costs]
+    lpt = assign_owners([BlockCost(c.name, c.inversion, 0.0) for c in costs], world_size)
+    lpt_load = [0.0] * world_size
+    for c in costs:
+        lpt_load[lpt[c.name]] += c.inversion
+    cap = (1.0 + slack) * max(lpt_load, default=0.0)
+    owner = [max(range(world_size), key=lambda r: (h[r], -r)) for h in held]
+    load = [0.0] * world_size
+    for i, r in enumerate(owner):
+        load[r] += inv[i]
+    for _ in range(SEARCH_ROUNDS_PER_BLOCK * len(costs)):
+        worst = max(range(world_size), key=lambda r: (load[r], -r))
+        if load[worst] <= cap:
+            break
+        best: tuple[tuple[float, ...], int, int] | None = None
+        for i in (i for i, r in enumerate(owner) if r == worst and inv[i] > 0):
+            for r in range(world_size):
+                after = load[r] + inv[i]
+                if r == worst or after >= load[worst]:
+                    continue
+                extra = (held[i][worst] - held[i][r]) / inv[i]
+                key = (0.0, extra, -inv[i]) if after <= cap else (1.0, max(after, load[worst] - inv[i]), extra)
+                if best is None or key < best[0]:
+                    best = (key, i, r)
+        if best is None:
+            break
+        _, i, r = best
+        load[worst] -= inv[i]
+        load[r] += inv[i]
+        owner[i] = r
+    return {c.name: owner[i] for i, c in enumerate(costs)}

@@ -153,6 +153,15 @@ class SPNGD(Optimizer):
             b.name: {n for n, s in b.stats.items() if s.schedule.is_due(step)} for b in self.blocks.values() if b.stats
         }
 
+    def set_owners(self, owners: dict[str, int]) -> None:
+        """Replace the block -> owner map before the first step (a path that knows better where
+        gradients live, :mod:`spngd_ds.paths.compatible`). Every rank must pass the same map."""
+        if set(owners) != set(self.blocks) or any(not 0 <= r < self.comm.world_size for r in owners.values()):
+            raise ValueError("SPNGD.set_owners: needs every block exactly once, owners in range(world_size)")
+        if self.step_count or any(s.value is not None for b in self.blocks.values() for s in b.stats.values()):
+            raise RuntimeError("SPNGD.set_owners: owners can only change before the first step")
+        self.assignment = dict(owners)
+
     def owned(self) -> list[Block]:
         """The blocks this rank owns, in model order."""
         return [b for b in self.blocks.values() if self.assignment[b.name] == self.comm.rank]

@@ -229,6 +229,22 @@ def full_fp32_params(engine) -> dict[str, torch.Tensor]:  # type: ignore[no-unty
     return out
 
 
+def _fragment_elements_sent(opt, rank: int) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
+    """ZeRO path: elements of its fragments this rank sends to other owners per exchange, with the
+    owners the path chose and with the plain multi-load assignment (None on the fast path)."""
+    from spngd_ds.assignment import assign_owners, block_cost
+    from spngd_ds.blocks.shapes import full_shape
+    from spngd_ds.comm import FragmentPlan, OwnerLayout
+
+    plan = getattr(opt.path, "plan", None)
+    if plan is None:
+        return None
+    lpt = assign_owners([block_cost(b) for b in opt.blocks.values()], opt.comm.world_size)
+    shapes = [(tuple(full_shape(p)), lpt[b.name]) for b in opt.blocks.values() for p in b.params]
+    other = FragmentPlan(OwnerLayout.build(shapes, opt.comm.world_size), plan.fragments)
+    return plan.sent_bytes(rank, 1, "to"), other.sent_bytes(rank, 1, "to")
+
+
 def run_cells(path: str, out_dir: str) -> None:
     """Run every cell of the JSON list in ``path`` in this process group; rank 0 writes
     ``out_dir/<cell name>.pt`` with the parameters and what the optimizer reports."""
@@ -264,7 +280,10 @@ def run_cells(path: str, out_dir: str) -> None:
         owned = [b.name for b in opt.owned()]
         owned_counts = [None] * world
         dist.all_gather_object(owned_counts, len(owned))
+        sent = [None] * world  # elements this rank's fragment exchange sends: owners as chosen / plain LPT
+        dist.all_gather_object(sent, _fragment_elements_sent(opt, rank))
         info = {"metrics": opt.metrics(), "assignment": dict(opt.assignment), "owned_counts": owned_counts,
+                "fragment_elements_sent": sent,
                 "step_count": opt.step_count, "global_steps": engine.global_steps,
                 "skipped_steps": engine.skipped_steps, "lr": engine.get_lr()}
         if rank == 0:

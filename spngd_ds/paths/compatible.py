@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from spngd_ds.assignment import assign_to_holders, block_cost
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.comm import FragmentPlan, OwnerLayout
 from spngd_ds.partitions import Fragment, local_fragment
@@ -59,12 +60,11 @@ class CompatiblePath:
                 "SP-NGD preconditions all layers at once: set sub_group_size to at least the number of parameters"
             )
         self.params = [p for b in opt.blocks.values() for p in b.params]
-        self.layout = OwnerLayout.build(
-            [(tuple(full_shape(p)), opt.assignment[b.name]) for b in opt.blocks.values() for p in b.params],
-            opt.comm.world_size,
-        )
-        self.plan: FragmentPlan | None = None
         self.frags: list[Fragment] = []
+        self.layout = self._layout(opt)
+        self.plan = self._fragment_plan(opt)
+        if int(engine.zero_optimization_stage()) < 3:
+            self._own_what_is_held(opt)
         self.calls = 0
         self.skipped = False
         self.lrs: list[float] | None = None
@@ -79,7 +79,7 @@ class CompatiblePath:
         self.skipped, self.lrs = False, opt.current_lrs()
         comm = opt.comm
         with opt.stats_log.timer("comm"):
-            plan = self._fragment_plan(opt)
+            plan = self.plan
             pieces = [f.flat.grad.narrow(0, f.flat_start, f.numel) for f in self.frags]  # type: ignore[union-attr]
             bad = any(not bool(torch.isfinite(t).all()) for t in pieces)
             flags = any_rank_each(comm, [bad, *opt.received_gradient(self.params)])
@@ -123,18 +123,47 @@ class CompatiblePath:
     def _fragment(self, opt: SPNGD, p: torch.nn.Parameter) -> Fragment | None:
         return local_fragment(p, self.groups, opt.comm.rank)
 
+    def _layout(self, opt: SPNGD) -> OwnerLayout:
+        """Every block parameter's full shape, in block order, with its block's owner."""
+        return OwnerLayout.build(
+            [(tuple(full_shape(p)), opt.assignment[b.name]) for b in opt.blocks.values() for p in b.params],
+            opt.comm.world_size,
+        )
+
     def _fragment_plan(self, opt: SPNGD) -> FragmentPlan:
         """Which element ranges of which parameter each rank holds (DeepSpeed's partitions are
-        fixed for the run): built on the first step by one exchange of (item, start, length)."""
-        if self.plan is None:
-            triples = []
-            for k, p in enumerate(self.params):
-                frag = self._fragment(opt, p)
-                if frag is not None and frag.numel > 0:
-                    triples.append((k, frag.full_start, frag.numel))
-                    self.frags.append(frag)
-            self.plan = opt.comm.fragment_plan(self.layout, triples)
-        return self.plan
+        fixed for the run): one exchange of (item, start, length) at initialize, on every rank."""
+        triples = []
+        for k, p in enumerate(self.params):
+            frag = self._fragment(opt, p)
+            if frag is not None and frag.numel > 0:
+                triples.append((k, frag.full_start, frag.numel))
+                self.frags.append(frag)
+        return opt.comm.fragment_plan(self.layout, triples)
+
+    def _own_what_is_held(self, opt: SPNGD) -> None:
+        """ZeRO 1/2: re-choose owners so that each block lives on the rank whose DeepSpeed
+        partition holds most of its gradient (:func:`~spngd_ds.assignment.assign_to_holders`):
+        only the elements of blocks that straddle a partition boundary, or that the inversion
+        balance moves, cross the wire. Every rank computes the same owners from the plan. (ZeRO-3
+        splits every parameter over all ranks, so no owner holds more than 1/N of a block there.)"""
+        n = opt.comm.world_size
+        item = 0
+        held: list[list[float]] = []
+        where: dict[int, list[float]] = {}
+        for p in range(n):
+            for i, _, length in self.plan.fragments[p]:
+                where.setdefault(i, [0.0] * n)[p] += length
+        for b in opt.blocks.values():
+            row = [0.0] * n
+            for _ in b.params:
+                for r, x in enumerate(where.get(item, [0.0] * n)):
+                    row[r] += x
+                item += 1
+            held.append(row)
+        opt.set_owners(assign_to_holders([block_cost(b) for b in opt.blocks.values()], held, n))
+        self.layout = self._layout(opt)
+        self.plan = FragmentPlan(self.layout, self.plan.fragments)
 
     def _frozen_fragments(
         self, opt: SPNGD, has_grad: dict[int, bool]
