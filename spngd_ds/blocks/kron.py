@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,11 @@ from spngd_ds.staleness import RefreshSchedule, wishart_rho
 #: Conv2d layers with fewer im2col columns than this gather their patches as rows (N·T, d) from a
 #: channels-last copy; wider ones as columns (d, N·T). Chosen by timing both on ResNet-20/50 shapes.
 _ROWS_LAYOUT_MAX_D = 256
+
+#: Conv2d layers with stride 1 along the height take the row-shift Gram (:func:`shift_gram`)
+#: instead: about a third of the products of the im2col Gram, and a copy of kw (not kh·kw) times
+#: the input. Tests switch it off to reach the two im2col layouts.
+_SHIFT_LAYOUT = True
 
 
 def symmetric_gram(cols: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -45,6 +51,72 @@ def symmetric_gram(cols: torch.Tensor, block: int = 256) -> torch.Tensor:
             if j != i:
                 out[cuts[j] : cuts[j + 1], cuts[i] : cuts[i + 1]] = prod.t()
     return out
+
+
+@lru_cache(maxsize=512)
+def _window_corrections(
+    n: int, hp: int, ph: int, h: int, kh: int, dh: int
+) -> tuple[tuple[int, int, tuple[int, ...], tuple[int, ...]], ...]:
+    """For :func:`shift_gram`: per kernel-row pair (i, j), i <= j, the slab pairs (s, s + δ),
+    δ = (j - i)·dh, that the flat shifted product counts but the window of kernel row i does not,
+    restricted to pairs of two real (not padding) rows; slabs are numbered image·hp + row."""
+    ho = hp - dh * (kh - 1)
+    out = []
+    for i in range(kh):
+        for j in range(i, kh):
+            delta = (j - i) * dh
+            first: list[int] = []
+            second: list[int] = []
+            for r in range(hp):
+                if i * dh <= r < i * dh + ho or not ph <= r < ph + h:
+                    continue
+                partner = r + delta  # slab img·hp + partner: row partner - hp of the next image
+                if not ph <= (partner if partner < hp else partner - hp) < ph + h:
+                    continue
+                images = range(n) if partner < hp else range(n - 1)
+                first.extend(img * hp + r for img in images)
+                second.extend(img * hp + partner for img in images)
+            out.append((i, j, tuple(first), tuple(second)))
+    return tuple(out)
+
+
+def shift_gram(xp: torch.Tensor, kh: int, kw: int, sw: int, dh: int, dw: int, ph: int, h: int,
+               bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gram (d, d) of the im2col patches of a stride-1-in-height convolution, in the order
+    (kh, kw, c), d = kh·kw·C, and their sum (d,) when ``bias``; exact (no approximation).
+
+    ``xp`` (N, Hp, Wp, C) is the input zero-padded in both dims, channels last; ``h`` the unpadded
+    height and ``ph`` its top padding. B (N·Hp·Wo, kw·C) unfolds only the width: slab (n, r) holds
+    the kw·C columns of every output column at padded row r. The patch rows of kernel row i are
+    the slabs r = ho + i·dh, ho in [0, Ho), so block (i, j) of the Gram is Σ B_{ho+i·dh}ᵀ B_{ho+j·dh}:
+    the product of B with itself shifted by δ = (j - i)·dh slabs (one GEMM per δ, shared by every
+    pair with that δ), less the few slab pairs outside the window of row i in which both rows are
+    real (:func:`_window_corrections`; padding rows are zero and add nothing).
+    """
+    n, hp, wp, c = xp.shape
+    wo = (wp - dw * (kw - 1) - 1) // sw + 1
+    ho = hp - dh * (kh - 1)
+    q = kw * c
+    s = xp.stride()
+    b = xp.as_strided((n, hp, wo, kw, c), (s[0], s[1], s[2] * sw, s[2] * dw, s[3])).reshape(n * hp * wo, q)
+    rows = b.shape[0]
+    shifted = [b[: rows - delta * wo].t() @ b[delta * wo :] for delta in range(0, dh * (kh - 1) + 1, dh)]
+    slabs = b.view(n * hp, wo, q)
+    out = b.new_empty(kh * q, kh * q)
+    for i, j, first, second in _window_corrections(n, hp, ph, h, kh, dh):
+        blk = shifted[j - i]
+        if first:
+            lhs = slabs[torch.tensor(first, device=b.device)].reshape(-1, q)
+            rhs = slabs[torch.tensor(second, device=b.device)].reshape(-1, q)
+            blk = blk - lhs.t() @ rhs
+        out[i * q : (i + 1) * q, j * q : (j + 1) * q] = blk
+        if j != i:
+            out[j * q : (j + 1) * q, i * q : (i + 1) * q] = blk.t()
+    colsum = None
+    if bias:
+        per_row = slabs.view(n, hp, wo, q).sum(dim=(0, 2))  # (Hp, q)
+        colsum = torch.cat([per_row[i * dh : i * dh + ho].sum(0) for i in range(kh)])
+    return out, colsum
 
 
 def conv_supported(module: nn.Module) -> bool:
@@ -139,7 +211,14 @@ class KronBlock(Block):
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         d = c * kh * kw
         colsum: torch.Tensor | None = None
-        if d < _ROWS_LAYOUT_MAX_D:
+        if _SHIFT_LAYOUT and sh == 1 and kh > 1 and ho >= dh * (kh - 1):
+            xp = x.new_zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=self.dtype)
+            xp[:, ph : ph + h, pw : pw + w] = x.permute(0, 2, 3, 1)
+            gram, colsum = shift_gram(xp, kh, kw, sw, dh, dw, ph, h, self.has_bias)
+            gram = gram.view(kh, kw, c, kh, kw, c).permute(2, 0, 1, 5, 3, 4).reshape(d, d)
+            if colsum is not None:
+                colsum = colsum.view(kh, kw, c).permute(2, 0, 1).reshape(d)
+        elif d < _ROWS_LAYOUT_MAX_D:
             # rows (N·Ho·Wo, kh·kw·C) from a zero-padded channels-last copy: the gather reads
             # contiguous channel vectors, and the tall-skinny product R^T R is fastest for small d
             xp = x.new_zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=self.dtype)

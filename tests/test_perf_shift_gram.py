@@ -1,0 +1,60 @@
+"""The row-shift Gram of stride-1 convolutions (spngd_ds.blocks.kron.shift_gram) against
+``F.unfold`` + a column of ones, in float64, over the cases whose window corrections differ:
+padding smaller than, equal to and larger than the kernel's reach, dilation, asymmetric kernels,
+width stride, bias, channels-last, one image and images smaller than the kernel's reach. The
+im2col layouts it replaces stay reachable (``_SHIFT_LAYOUT = False``) and are checked too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import spngd_ds.blocks.kron as kron_mod
+from spngd_ds.blocks.kron import KronBlock
+from spngd_ds.staleness import RefreshSchedule
+
+
+def _unfold_gram(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if m.bias is not None:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows.t() @ rows
+
+
+SPECS = [
+    dict(k=3, stride=1, padding=1, dilation=1),
+    dict(k=3, stride=1, padding=0, dilation=1),
+    dict(k=3, stride=1, padding=2, dilation=1),
+    dict(k=5, stride=1, padding=1, dilation=1),
+    dict(k=3, stride=1, padding=2, dilation=2),
+    dict(k=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(1, 2)),
+    dict(k=(2, 3), stride=1, padding=(0, 1), dilation=1),
+    dict(k=(4, 1), stride=1, padding=(3, 0), dilation=(1, 1)),
+]
+
+
+@pytest.mark.parametrize("shift", [True, False], ids=["shift", "im2col"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("spec", SPECS, ids=[f"spec{i}" for i in range(len(SPECS))])
+@pytest.mark.parametrize("shape", [(3, 7, 8), (1, 9, 5), (4, 4, 6)], ids=["n3", "n1", "short"])
+def test_shift_gram_equals_unfold(spec: dict, bias: bool, shift: bool, shape: tuple[int, int, int],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kron_mod, "_SHIFT_LAYOUT", shift)
+    torch.manual_seed(0)
+    m = nn.Conv2d(3, 2, spec["k"], stride=spec["stride"], padding=spec["padding"], dilation=spec["dilation"],
+                  bias=bias).double()
+    n, h, w = shape
+    x = torch.randn(n, 3, h, w, dtype=torch.float64) + 0.5
+    try:
+        ref = _unfold_gram(m, x)
+    except RuntimeError:
+        pytest.skip("no output location")
+    block = KronBlock("c", m, lambda: RefreshSchedule(threshold=None))
+    for inp in (x, x.to(memory_format=torch.channels_last)):
+        gram, count = block.activation_gram(inp)
+        assert count == n
+        torch.testing.assert_close(gram, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gram, gram.t(), rtol=0, atol=0)
