@@ -39,20 +39,35 @@ def triu_numel(d: int) -> int:
     return d * (d + 1) // 2
 
 
+_TRIU_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _triu_flat(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a (d, d) matrix flattened row-major: the flat positions of its upper triangle in
+    row-major order (d(d+1)/2,), the positions of their mirror images, and the upper-triangle mask
+    (d, d); built once per (d, device) (``torch.triu_indices`` costs more than the packing)."""
+    key = (d, torch.device(device))
+    hit = _TRIU_CACHE.get(key)
+    if hit is None:
+        rows, cols = torch.triu_indices(d, d, device=device)
+        mask = torch.ones(d, d, dtype=torch.bool, device=device).triu_()
+        hit = _TRIU_CACHE[key] = (rows * d + cols, cols * d + rows, mask)
+    return hit
+
+
 def pack_sym(matrix: torch.Tensor) -> torch.Tensor:
     """Upper triangle (row-major) of the symmetric (..., d, d) ``matrix`` as (..., d(d+1)/2)."""
     d = matrix.shape[-1]
-    rows, cols = torch.triu_indices(d, d, device=matrix.device)
-    return matrix[..., rows, cols]
+    flat, _, _ = _triu_flat(d, matrix.device)
+    return matrix.reshape(*matrix.shape[:-2], d * d).index_select(-1, flat)
 
 
 def unpack_sym(packed: torch.Tensor, d: int) -> torch.Tensor:
-    """Inverse of :func:`pack_sym`: a symmetric (..., d, d) matrix."""
-    rows, cols = torch.triu_indices(d, d, device=packed.device)
-    out = packed.new_zeros(*packed.shape[:-1], d, d)
-    out[..., rows, cols] = packed
-    out[..., cols, rows] = packed
-    return out
+    """Inverse of :func:`pack_sym`: a symmetric (..., d, d) matrix (each entry a copy of its packed
+    value: the lower triangle is the transpose of the upper one, bit for bit)."""
+    flat, _, mask = _triu_flat(d, packed.device)
+    upper = packed.new_zeros(*packed.shape[:-1], d * d).index_copy_(-1, flat, packed).view(*packed.shape[:-1], d, d)
+    return torch.where(mask, upper, upper.transpose(-1, -2))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,13 +63,22 @@ class Statistic:
         return sum(t.numel() * t.element_size() for t in (self.value, self.inverse) if t is not None)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite. A finite sum proves it (an inf or NaN entry makes
+    the sum inf or NaN) for one reduction instead of an elementwise test; only when the sum is
+    not finite (a bad entry, or finite entries that overflow the sum) are the entries tested."""
+    if t.numel() == 0:
+        return True
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def robust_inverse(matrix: torch.Tensor) -> torch.Tensor | None:
     """Inverse of a symmetric positive-definite ``matrix`` (d, d) by Cholesky.
 
     Tries the matrix's own dtype first, then float64; returns ``None`` when neither gives a finite
     inverse (the caller then falls back to the plain gradient, rule 5).
     """
-    if not bool(torch.isfinite(matrix).all()):
+    if not all_finite(matrix):
         return None
     for dtype in (matrix.dtype, torch.float64):
         work = matrix.to(dtype)
@@ -76,7 +86,7 @@ def robust_inverse(matrix: torch.Tensor) -> torch.Tensor | None:
         if int(info) != 0:
             continue
         inv = torch.cholesky_inverse(chol).to(matrix.dtype)
-        if bool(torch.isfinite(inv).all()):  # checked after the cast: fp64 -> fp32 can overflow
+        if all_finite(inv):  # checked after the cast: fp64 -> fp32 can overflow
             return inv
     return None
 

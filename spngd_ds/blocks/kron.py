@@ -299,8 +299,9 @@ class KronBlock(Block):
             if name not in refreshed and stat.inverse is not None:
                 continue
             assert stat.value is not None
-            eye = torch.eye(stat.value.shape[0], dtype=stat.value.dtype, device=stat.value.device)
-            stat.inverse = robust_inverse(stat.value + shift[name] * eye)
+            damped = stat.value.clone()
+            damped.diagonal().add_(shift[name])  # X + shift·I without an identity matrix
+            stat.inverse = robust_inverse(damped)
             stat.inversions += 1
             (report.inverted if stat.inverse is not None else report.failed).append(name)
         return report
