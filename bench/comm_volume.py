@@ -266,11 +266,19 @@ def layouts(blocks: Sequence[Any], owners: dict[str, int], world: int) -> dict[s
     from spngd_ds.comm import OwnerLayout, triu_numel
 
     due = [(b, s) for b in blocks for s in b.stats.values()]
+
+    def packed(pairs: Sequence[tuple[Any, Any]]) -> Any:
+        return OwnerLayout.build(
+            [(triu_numel(s.shape[-1]) * math.prod(s.shape[:-2]), owners[b.name]) for b, s in pairs], world
+        )
+
+    # with more than one rank the A factors travel in a layout of their own, started behind the
+    # backward (spngd_ds/overlap.py); G and BatchNorm's F follow in the step
+    early = [(b, s) for b, s in due if s.name == "A"] if world > 1 else []
     return {
         "grads": OwnerLayout.build([(tuple(full_shape(p)), owners[b.name]) for b in blocks for p in b.params], world),
-        "stats": OwnerLayout.build(
-            [(triu_numel(s.shape[-1]) * math.prod(s.shape[:-2]), owners[b.name]) for b, s in due], world
-        ),
+        "stats": packed(due),
+        "stats_parts": [packed(early), packed([(b, s) for b, s in due if s.name != "A"])] if early else [packed(due)],
         "decisions": OwnerLayout.build([(2, owners[b.name]) for b, _ in due], world),
         "n_params": sum(1 for b in blocks for _ in b.params),
         "n_stats": len(due),
@@ -284,7 +292,8 @@ def predicted(lay: dict[str, Any], world: int, itemsize: int = FP32, bucket: int
 
     grads = layout_bytes(lay["grads"], FP32, "both", bucket)
     flags = all_reduce_count(FP32 * (1 + lay["n_params"]), world)
-    stats = layout_bytes(lay["stats"], itemsize, "to", bucket)
+    parts = [layout_bytes(part, itemsize, "to", bucket) for part in lay["stats_parts"]]
+    stats = [sum(x) for x in zip(*parts, strict=True)]
     dec = layout_bytes(lay["decisions"], FP64, "from", bucket)
     counts = all_reduce_count(FP64 * lay["n_stats"], world)
     return {
@@ -304,10 +313,11 @@ def stats_bounds(lay: dict[str, Any], world: int, itemsize: int) -> dict[str, An
     owner (the old one) would send."""
     geo = lay["stats"].geometry
     ideal = (world - 1) / world * itemsize * geo.total
-    moved = []
-    for r in range(world):
-        send, _ = geo.to_owner_splits(r)
-        moved.append(itemsize * sum(x for q, x in enumerate(send) if q != r))
+    moved = [0] * world
+    for part in lay["stats_parts"]:  # each layout's all-to-all moves the parts of its shards owned elsewhere
+        for r in range(world):
+            send, _ = part.geometry.to_owner_splits(r)
+            moved[r] += itemsize * sum(x for q, x in enumerate(send) if q != r)
     return {"packed_elements": geo.total, "ideal_bytes": ideal, "a2a_moved_bytes": moved,
             "padded_old_bytes": (world - 1) * itemsize * max(geo.counts)}
 

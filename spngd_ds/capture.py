@@ -38,6 +38,11 @@ class CurvatureCapture:
         due: block name -> names of its statistics captured this step (set by the optimizer).
         grad_scale: callable giving the factor described in the module docstring.
         stat_micro_batches: capture only the first k micro-batches (forwards) of a step, or all.
+        forwards_per_step: training forwards per optimizer step when the caller knows it (DeepSpeed's
+            gradient_accumulation_steps), else ``None``.
+        on_factors_complete: called once per step at the end of the forward after which no A
+            is captured any more (the ``min(stat_micro_batches, forwards_per_step)``-th), when
+            that forward is known.
         feeds_bn: names of Linear/Conv2d modules whose output is the input of a BatchNorm.
         got_grad: ids of the trainable parameters that received a gradient on this rank since
             the last :meth:`start_step` (a parameter without one is left alone by the update).
@@ -52,6 +57,8 @@ class CurvatureCapture:
         self.due: dict[str, set[str]] = {}
         self.grad_scale: Callable[[], float] = lambda: 1.0
         self.stat_micro_batches: int | None = None
+        self.forwards_per_step: int | None = None
+        self.on_factors_complete: Callable[[], None] | None = None
         self.micro_batch = 0
         self.enabled = True
         self.seconds = 0.0
@@ -170,8 +177,25 @@ class CurvatureCapture:
 
         return tensor_hook
 
+    def last_factor_forward(self) -> int | None:
+        """The forward of a step (1-based) after which no A is captured, when it is known."""
+        known = [k for k in (self.stat_micro_batches, self.forwards_per_step) if k is not None]
+        return min(known) if known else None
+
     def _root_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         self._finish_probe()
+        self._sample_mc(output)
+        if (
+            self.on_factors_complete is not None
+            and self.enabled
+            and self.model.training
+            and torch.is_grad_enabled()
+            and self.micro_batch == self.last_factor_forward()
+        ):
+            self.on_factors_complete()
+
+    def _sample_mc(self, output: Any) -> None:
+        """fisher="mc": one extra backward of a sampled label's loss to the hooked outputs."""
         if self.fisher != "mc" or not self._mc_targets:
             return
         targets, self._mc_targets = self._mc_targets, []

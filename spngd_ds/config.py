@@ -70,6 +70,9 @@ class SPNGDConfig(BaseModel):
     stat_micro_batches: int | None = Field(
         None, ge=1, description="null (all micro-batches) or an integer >= 1"
     )
+    overlap_statistics: StrictBool = Field(
+        True, description="true or false: send the A factors to their owners during the backward"
+    )
     clip_norm: float | None = Field(
         None, gt=0.0, description="null (no clipping) or a float > 0: limit on the global L2 norm of the "
         "preconditioned gradient (DeepSpeed's gradient_clipping maps here)",

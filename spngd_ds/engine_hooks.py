@@ -30,6 +30,7 @@ def attach(engine: Any, opt: SPNGD) -> None:
     """Install SP-NGD's path and hooks on ``engine`` (called by :func:`spngd_ds.initialize`)."""
     stage = int(engine.zero_optimization_stage())
     opt.capture.grad_scale = lambda: engine.gradient_accumulation_steps() / loss_scale(engine)
+    opt.capture.forwards_per_step = int(engine.gradient_accumulation_steps())
     if stage == 0:
         engine.enable_backward_allreduce = False
         opt.path = FastPath(overflow_target=engine.optimizer)

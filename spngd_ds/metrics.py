@@ -15,7 +15,8 @@ class StepMetrics:
     Counters: ``inversion_failures`` (factor inversions that fell back to the plain gradient),
     ``nonfinite_stats`` (statistics whose refresh was rejected for NaN/Inf), ``skipped_steps``
     (steps skipped for non-finite gradients or an fp16 overflow), ``bn_channel_failures``,
-    ``rejected_stats`` (finite refreshes rejected as outliers: relative change above 1e6).
+    ``rejected_stats`` (finite refreshes rejected as outliers: relative change above 1e6),
+    ``factors_sent_early`` (A factors whose exchange ran behind the backward, spngd_ds.overlap).
     """
 
     inversion_failures: int = 0
@@ -23,6 +24,7 @@ class StepMetrics:
     rejected_stats: int = 0
     skipped_steps: int = 0
     bn_channel_failures: int = 0
+    factors_sent_early: int = 0
     timers: dict[str, float] = field(default_factory=dict)
 
     @contextmanager

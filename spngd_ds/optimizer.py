@@ -30,6 +30,7 @@ from spngd_ds.capture import CurvatureCapture
 from spngd_ds.comm import DTYPES, Communicator, OwnerLayout, pack_sym, unpack_sym
 from spngd_ds.config import DEFAULT_STALENESS, SPNGDConfig, validate_spngd_params
 from spngd_ds.metrics import StepMetrics
+from spngd_ds.overlap import EarlyFactors, can_send_early, send_factors_early
 from spngd_ds.reductions import all_reduce_sum
 from spngd_ds.staleness import RefreshSchedule, relative_change
 
@@ -76,6 +77,8 @@ class SPNGD(Optimizer):
         stat_micro_batches: capture statistics from the first k forwards of a step only.
         clip_norm: scale the preconditioned gradient of all layers (before weight decay) by
             min(1, clip_norm / its global L2 norm over all ranks); ``None``: no clipping.
+        overlap_statistics: start sending due A factors to their owners as soon as the forwards
+            that capture them have run, behind the backward (:mod:`spngd_ds.overlap`).
         communicator: how ranks talk (default: one rank). Set by :func:`spngd_ds.initialize`.
     """
 
@@ -93,6 +96,7 @@ class SPNGD(Optimizer):
         comm_dtype: str = "fp32",
         stat_micro_batches: int | None = None,
         clip_norm: float | None = None,
+        overlap_statistics: bool = True,
         *,
         communicator: Communicator | None = None,
     ) -> None:
@@ -106,6 +110,7 @@ class SPNGD(Optimizer):
             bn_damping_scale=bn_damping_scale, weight_rescale=weight_rescale,
             staleness=DEFAULT_STALENESS if staleness is _DEFAULT else staleness,
             comm_dtype=comm_dtype, stat_micro_batches=stat_micro_batches, clip_norm=clip_norm,
+            overlap_statistics=overlap_statistics,
         )
         self.config: SPNGDConfig = validate_spngd_params(params_in)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -139,6 +144,10 @@ class SPNGD(Optimizer):
         self._prev_lr: list[float | None] = [None for _ in self.param_groups]
         self._last_refreshed = 0
         self._never_captured_warned: set[str] = set()
+        #: due A factors whose exchange started behind the backward (spngd_ds.overlap)
+        self._early: EarlyFactors | None = None
+        if can_send_early(self):
+            self.capture.on_factors_complete = self._factors_complete
         self.capture.start_step(self._due(0))
 
     # -- construction helpers -----------------------------------------------------------------------
@@ -161,6 +170,15 @@ class SPNGD(Optimizer):
         if self.step_count or any(s.value is not None for b in self.blocks.values() for s in b.stats.values()):
             raise RuntimeError("SPNGD.set_owners: owners can only change before the first step")
         self.assignment = dict(owners)
+
+    def _factors_complete(self) -> None:
+        """The capture's signal that this step's A factors are complete: start sending them."""
+        if self._early is None and not self._held:
+            self._early = send_factors_early(self)
+
+    def _take_early(self) -> EarlyFactors | None:
+        early, self._early = self._early, None
+        return early
 
     def owned(self) -> list[Block]:
         """The blocks this rank owns, in model order."""
@@ -218,6 +236,9 @@ class SPNGD(Optimizer):
             self.step_count, reason,
         )
         self.capture.restore_batchnorm()
+        early = self._take_early()
+        if early is not None:  # every rank skips this step: every rank finishes the exchange
+            early.pending.wait()
         for b in self.blocks.values():
             for s in b.stats.values():
                 s.take_local()
@@ -250,30 +271,47 @@ class SPNGD(Optimizer):
         step = self.step_count
         due = [(b, s) for b in self.blocks.values() for s in b.stats.values() if s.schedule.is_due(step)]
         self._last_refreshed = len(due)
+        early = self._take_early()
         if not due:
+            if early is not None:  # cannot happen (A is sent only when due); keep the ranks in step anyway
+                early.pending.wait()
             return
-        local = [s.take_local() for _, s in due]
-        counts = torch.tensor([c for _, c in local], dtype=torch.float64, device=self.comm.device)
+        if early is not None:  # sent before the step began counting its bytes
+            self.comm.bytes_sent += early.nbytes
+        sent = early.ids() if early is not None else set()
+        late = [(b, s) for b, s in due if id(s) not in sent]
+        local = [s.take_local() for _, s in late]
+        count_of = {id(s): c for (_, s), (_, c) in zip(late, local, strict=True)}
+        if early is not None:
+            count_of.update((id(s), c) for (_, s), c in zip(early.stats, early.counts, strict=True))
+        counts = torch.tensor([count_of[id(s)] for _, s in due], dtype=torch.float64, device=self.comm.device)
         with self.stats_log.timer("comm"):
-            totals = all_reduce_sum(self.comm, counts).tolist()
+            totals = dict(zip((id(s) for _, s in due), all_reduce_sum(self.comm, counts).tolist(), strict=True))
         prescale = self.config.comm_dtype == "fp16"
         packed_all = []
-        for (b, s), (total, _), count in zip(due, local, totals, strict=True):
+        for (b, s), (total, _) in zip(late, local, strict=True):
             if total is None:
                 total = torch.zeros(s.shape, dtype=b.dtype, device=self.comm.device)
             packed = pack_sym(total)
+            count = totals[id(s)]
             if prescale and count > 0:  # the global mean cannot overflow fp16; the owner multiplies back
                 packed = packed / count
             packed_all.append(packed)
-        owners = [self.assignment[b.name] for b, _ in due]
-        items = [(p.numel(), o) for p, o in zip(packed_all, owners, strict=True)]
+        rank = self.comm.rank
+        items = [(p.numel(), self.assignment[b.name]) for p, (b, _) in zip(packed_all, late, strict=True)]
         layout = OwnerLayout.build(items, self.comm.world_size)
         # a float64 model keeps float64 statistics on the wire (the references are exact)
         wire = torch.float64 if any(p.dtype == torch.float64 for p in packed_all) else DTYPES[self.config.comm_dtype]
         with self.stats_log.timer("comm"):
-            sums = self.comm.to_owners(layout, packed_all, wire)
-        rank = self.comm.rank
-        mine = [(b, s, n) for (b, s), n in zip(due, totals, strict=True) if self.assignment[b.name] == rank]
+            got: dict[int, torch.Tensor] = {}
+            if late:
+                got.update(zip((id(s) for b, s in late if self.assignment[b.name] == rank),
+                               self.comm.to_owners(layout, packed_all, wire), strict=True))
+            if early is not None:
+                got.update(zip((id(s) for b, s in early.stats if self.assignment[b.name] == rank),
+                               early.pending.wait(), strict=True))
+        mine = [(b, s, totals[id(s)]) for b, s in due if self.assignment[b.name] == rank]
+        sums = [got[id(s)] for _, s, _ in mine]
         refreshed: dict[str, set[str]] = {}
         with self.stats_log.timer("inversion"):
             for (b, s, count), packed in zip(mine, sums, strict=True):
@@ -428,6 +466,7 @@ class SPNGD(Optimizer):
             "spngd/time_capture": float(self.capture.last_seconds),
             "spngd/first_order_layers": float(len(self.first_order_layers) + self._never_captured()),
             "spngd/clip_factor": float(self.last_clip_factor),
+            "spngd/factors_sent_early": float(m.factors_sent_early),
         }
         for key in ("comm", "inversion", "precondition"):
             out[f"spngd/time_{key}"] = float(m.timers.get(key, 0.0))

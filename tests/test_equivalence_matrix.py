@@ -143,6 +143,7 @@ def test_cell_equals_standalone(
         assert info["metrics"]["spngd/clip_factor"] == 1.0
     if world == 3 and cell.model == "bnpool":
         assert sorted(info["owned_counts"]) == [0, 1, 1]  # one rank owns nothing
+    assert info["metrics"]["spngd/factors_sent_early"] > 0  # A went to its owners behind the backward
     sent = info["fragment_elements_sent"]
     if cell.stage in (1, 2):  # owners follow DeepSpeed's partitions: fewer elements cross the wire
         chosen, lpt = [c for c, _ in sent], [lp for _, lp in sent]

@@ -1,0 +1,79 @@
+"""Sending the A factors to their owners while the backward runs (DESIGN.md §3, "Overlap").
+
+A (the input covariance of a Linear/Conv2d) is complete once the forwards that capture it have run:
+after the ``k``-th forward of a step, ``k = min(stat_micro_batches, gradient_accumulation_steps)``.
+At that moment :func:`send_factors_early` takes every due A's local sum and starts its exchange to
+the owners (the reduce-scatter of :meth:`~spngd_ds.comm.Communicator.to_owners_async`), so that the
+largest statistics travel behind the backward (and the remaining micro-batches) instead of inside
+the optimizer step; the step then only waits for it and runs the small all-to-all of the parts
+that straddle the equal shards. G and BatchNorm's F need the backward and still travel in the step.
+
+Not used (the step sends A as before) with one rank (nothing to hide), with ``comm_dtype: fp16``
+(fp16 statistics are pre-scaled by the global sample count, known only at the step), or when the
+forward that completes A cannot be known (``stat_micro_batches: null`` without an engine that
+says how many forwards a step has).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from spngd_ds.comm import DTYPES, OwnerLayout, PendingToOwners, pack_sym
+
+if TYPE_CHECKING:
+    from spngd_ds.blocks import Block
+    from spngd_ds.blocks.base import Statistic
+    from spngd_ds.optimizer import SPNGD
+
+
+@dataclass
+class EarlyFactors:
+    """Due A factors whose exchange to owners is in flight.
+
+    ``stats``: (block, statistic) pairs in block order; ``counts``: this rank's sample count of each;
+    ``pending``: the exchange (its ``wait()`` returns the owned ones' global sums, packed);
+    ``nbytes``: what starting it sent (counted into the step's ``comm_nbytes``).
+    """
+
+    stats: list[tuple[Block, Statistic]]
+    counts: list[float]
+    pending: PendingToOwners
+    nbytes: int
+
+    def ids(self) -> set[int]:
+        """``id`` of every statistic in flight."""
+        return {id(s) for _, s in self.stats}
+
+
+def can_send_early(opt: SPNGD) -> bool:
+    """Whether this run sends A factors behind the backward at all (see the module docstring)."""
+    return opt.config.overlap_statistics and opt.comm.world_size > 1 and opt.config.comm_dtype != "fp16"
+
+
+@torch.no_grad()
+def send_factors_early(opt: SPNGD) -> EarlyFactors | None:
+    """Take every due A's local sum and start its exchange to the owners; later forwards of this
+    step capture no A. A collective (an asynchronous reduce-scatter per bucket): every rank calls
+    it after the same forward. ``None`` when no A is due this step."""
+    step = opt.step_count
+    stats = [(b, s) for b in opt.blocks.values() for s in b.stats.values() if s.name == "A" and s.schedule.is_due(step)]
+    if not stats:
+        return None
+    packed, counts = [], []
+    for b, s in stats:
+        total, count = s.take_local()
+        if total is None:  # nothing captured on this rank: it still takes part with zeros
+            total = torch.zeros(s.shape, dtype=b.dtype, device=opt.comm.device)
+        packed.append(pack_sym(total))
+        counts.append(count)
+    layout = OwnerLayout.build([(p.numel(), opt.assignment[b.name]) for p, (b, _) in zip(packed, stats, strict=True)],
+                               opt.comm.world_size)
+    wire = torch.float64 if any(p.dtype == torch.float64 for p in packed) else DTYPES[opt.config.comm_dtype]
+    before = opt.comm.bytes_sent
+    pending = opt.comm.to_owners_async(layout, packed, wire)
+    opt.capture.due = {name: names - {"A"} for name, names in opt.capture.due.items()}
+    opt.stats_log.factors_sent_early += len(stats)
+    return EarlyFactors(stats, counts, pending, opt.comm.bytes_sent - before)
