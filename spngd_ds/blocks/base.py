@@ -43,10 +43,11 @@ class Statistic:
     inversions: int = 0
     rejections: int = 0
 
-    def add(self, total: torch.Tensor, count: int) -> None:
-        """Accumulate one micro-batch's sum (``shape``) over ``count`` samples."""
+    def add(self, total: torch.Tensor, count: int, fresh: bool = False) -> None:
+        """Accumulate one micro-batch's sum (``shape``) over ``count`` samples. ``fresh``: the
+        caller hands over a tensor that nothing else holds, kept as the sum without a copy."""
         if self.local_sum is None:
-            self.local_sum = total.clone()
+            self.local_sum = total if fresh else total.clone()
         else:
             self.local_sum.add_(total)
         self.local_count += count

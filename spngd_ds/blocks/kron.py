@@ -82,8 +82,8 @@ def _window_corrections(
 
 def shift_gram(xp: torch.Tensor, kh: int, kw: int, sw: int, dh: int, dw: int, ph: int, h: int,
                bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gram (d, d) of the im2col patches of a stride-1-in-height convolution, in the order
-    (kh, kw, c), d = kh·kw·C, and their sum (d,) when ``bias``; exact (no approximation).
+    """Gram (d, d) of the im2col patches of a stride-1-in-height convolution, in ``F.unfold``
+    order (c, kh, kw), d = C·kh·kw, and their sum (d,) when ``bias``; exact (no approximation).
 
     ``xp`` (N, Hp, Wp, C) is the input zero-padded in both dims, channels last; ``h`` the unpadded
     height and ``ph`` its top padding. B (N·Hp·Wo, kw·C) unfolds only the width: slab (n, r) holds
@@ -102,21 +102,23 @@ def shift_gram(xp: torch.Tensor, kh: int, kw: int, sw: int, dh: int, dw: int, ph
     rows = b.shape[0]
     shifted = [b[: rows - delta * wo].t() @ b[delta * wo :] for delta in range(0, dh * (kh - 1) + 1, dh)]
     slabs = b.view(n * hp, wo, q)
-    out = b.new_empty(kh * q, kh * q)
+    # blocks are (kw, c) x (kw, c); each is written straight into its place in (c, kh, kw) order
+    out = b.new_empty(c, kh, kw, c, kh, kw)
     for i, j, first, second in _window_corrections(n, hp, ph, h, kh, dh):
         blk = shifted[j - i]
         if first:
             lhs = slabs[torch.tensor(first, device=b.device)].reshape(-1, q)
             rhs = slabs[torch.tensor(second, device=b.device)].reshape(-1, q)
             blk = blk - lhs.t() @ rhs
-        out[i * q : (i + 1) * q, j * q : (j + 1) * q] = blk
+        out[:, i, :, :, j, :] = blk.view(kw, c, kw, c).permute(1, 0, 3, 2)
         if j != i:
-            out[j * q : (j + 1) * q, i * q : (i + 1) * q] = blk.t()
+            out[:, j, :, :, i, :] = blk.view(kw, c, kw, c).permute(3, 2, 1, 0)
     colsum = None
     if bias:
-        per_row = slabs.view(n, hp, wo, q).sum(dim=(0, 2))  # (Hp, q)
-        colsum = torch.cat([per_row[i * dh : i * dh + ho].sum(0) for i in range(kh)])
-    return out, colsum
+        per_row = slabs.view(n, hp, wo, kw, c).sum(dim=(0, 2))  # (Hp, kw, C)
+        colsum = torch.stack([per_row[i * dh : i * dh + ho].sum(0) for i in range(kh)], dim=1)  # (kw, kh, C)
+        colsum = colsum.permute(2, 1, 0).reshape(c * kh * kw)
+    return out.view(c * kh * kw, c * kh * kw), colsum
 
 
 def conv_supported(module: nn.Module) -> bool:
@@ -215,9 +217,6 @@ class KronBlock(Block):
             xp = x.new_zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=self.dtype)
             xp[:, ph : ph + h, pw : pw + w] = x.permute(0, 2, 3, 1)
             gram, colsum = shift_gram(xp, kh, kw, sw, dh, dw, ph, h, self.has_bias)
-            gram = gram.view(kh, kw, c, kh, kw, c).permute(2, 0, 1, 5, 3, 4).reshape(d, d)
-            if colsum is not None:
-                colsum = colsum.view(kh, kw, c).permute(2, 0, 1).reshape(d)
         elif d < _ROWS_LAYOUT_MAX_D:
             # rows (N·Ho·Wo, kh·kw·C) from a zero-padded channels-last copy: the gather reads
             # contiguous channel vectors, and the tall-skinny product R^T R is fastest for small d
@@ -266,7 +265,7 @@ class KronBlock(Block):
     ) -> Callable[[torch.Tensor, float], None] | None:
         if "A" in due:
             gram, n = self.activation_gram(inputs.detach())
-            self.stats["A"].add(gram, n)
+            self.stats["A"].add(gram, n, fresh=True)
         if "G" not in due:
             return None
 
@@ -275,7 +274,7 @@ class KronBlock(Block):
             gram, t = self.output_gram(grad.detach())
             self.vectors_per_sample["G"] = t
             # g = n·scale·grad: scale the (small) Gram instead of the rows
-            self.stats["G"].add(gram.mul_((n * scale) ** 2 / t), n)
+            self.stats["G"].add(gram.mul_((n * scale) ** 2 / t), n, fresh=True)
 
         return capture_backward
 

@@ -91,7 +91,7 @@ class UnitwiseBlock(Block):
             u_beta = g.sum(dim=dims) if dims else g
             # g_y = n·scale·grad and x̂ = xc·rstd: scale the per-sample sums (N, C), not the maps
             u = torch.stack([u_gamma * rstd, u_beta], dim=-1).mul_(n * scale)  # (N, C, 2)
-            self.stats["F"].add(torch.einsum("nci,ncj->cij", u, u), n)
+            self.stats["F"].add(torch.einsum("nci,ncj->cij", u, u), n, fresh=True)
 
         return capture_backward
 
