@@ -509,6 +509,57 @@ def part_compatible(counter: CollectiveCounter, stages: Sequence[int]) -> dict[s
 # -- the analytic part -------------------------------------------------------------------------------------
 
 
+def compatible_analytic(blocks: Sequence[Any], model: torch.nn.Module, world: int) -> dict[str, float]:
+    """The compatible path's two fragment exchanges for ``blocks`` at ``world`` ranks, most-loaded
+    rank, over DeepSpeed's own SGD bytes, from the real assignment code on a model of DeepSpeed's
+    partitions: ZeRO 1/2 cut the flat fp32 buffer of the trainable parameters (model order) into
+    N contiguous equal partitions and owners come from ``assign_to_holders`` (as
+    ``paths/compatible.py`` computes them); ZeRO 3 cuts every parameter into N pieces of
+    ceil(numel/N) and keeps ``assign_owners``. DeepSpeed's SGD bytes, as measured at 2 and 4 ranks:
+    ZeRO 1/2 an all-reduce of the gradients plus an all-gather of the parameters, 3(N-1)/N·4P;
+    ZeRO 3 one all-gather plus one reduce-scatter, 2(N-1)/N·4P (a backward re-gather, which large
+    models need, would add (N-1)/N·4P and only lower the ratio). Ours adds the flag all-reduce."""
+    from spngd_ds.assignment import assign_owners, assign_to_holders, block_cost
+
+    costs = [block_cost(b) for b in blocks]
+    start, at = {}, 0
+    for p in model.parameters():
+        start[id(p)] = at
+        at += p.numel()
+    total = at
+    part = math.ceil(total / world)
+    out: dict[str, float] = {}
+    for stage in ("1/2", "3"):
+        held = []
+        for b in blocks:
+            row = [0.0] * world
+            for p in b.params:
+                if stage == "3":
+                    piece = math.ceil(p.numel() / world)
+                    for r in range(world):
+                        row[r] += max(0, min(p.numel(), (r + 1) * piece) - r * piece)
+                else:
+                    lo, hi = start[id(p)], start[id(p)] + p.numel()
+                    for r in range(world):
+                        row[r] += max(0, min(hi, (r + 1) * part) - max(lo, r * part))
+            held.append(row)
+        owners = assign_to_holders(costs, held, world) if stage == "1/2" else assign_owners(costs, world)
+        to = [0.0] * world  # elements each rank sends to other owners, and sends back as an owner
+        back = [0.0] * world
+        for c, row in zip(costs, held, strict=True):
+            o = owners[c.name]
+            for r in range(world):
+                if r != o:
+                    to[r] += row[r]
+                    back[o] += row[r]
+        n_params = sum(len(b.params) for b in blocks)
+        ours = max(FP32 * (t + f) for t, f in zip(to, back, strict=True)) + all_reduce_count(FP32 * (1 + n_params),
+                                                                                              world)
+        ds = (3 if stage == "1/2" else 2) * (world - 1) / world * FP32 * total
+        out[stage] = 1.0 + ours / ds
+    return out
+
+
 def part_analytic(worlds: Sequence[int] = ANALYTIC_WORLDS) -> dict[str, Any]:
     """ResNet-50 under the real assignment at each N (no ranks needed)."""
     import torchvision
@@ -531,7 +582,8 @@ def part_analytic(worlds: Sequence[int] = ANALYTIC_WORLDS) -> dict[str, Any]:
         fo = first_order_bytes(n_params, n)
         row: dict[str, Any] = {"N": n, "assign_s": time.perf_counter() - t0,
                                "owning_ranks": len(set(owners.values())),
-                               "grad_max_over_share": max(lay["grads"].geometry.counts) * n / n_params}
+                               "grad_max_over_share": max(lay["grads"].geometry.counts) * n / n_params,
+                               "compatible_vs_sgd": compatible_analytic(blocks, model, n)}
         for dtype, size in WIRE.items():
             pred = predicted(lay, n, size, bucket)
             bounds = stats_bounds(lay, n, size)
@@ -631,6 +683,11 @@ def report(res: dict[str, Any]) -> None:
                                    "padded/ideal (old)"], rows))
         print(f"  no-refresh max {ana['no_refresh_ratio_max']:.4f}x (target <= {TARGET_FAST} at every N: "
               f"{'met' if ana['met'] else 'MISSED'})")
+        if all("compatible_vs_sgd" in r for r in ana["rows"]):
+            print("ResNet-50 analytic, compatible path, a no-refresh step / DeepSpeed's SGD step, most-loaded rank:")
+            print(common.format_table(["N", "ZeRO 1/2", "ZeRO 3", "1 + 1/N"],
+                                      [[r["N"], r["compatible_vs_sgd"]["1/2"], r["compatible_vs_sgd"]["3"],
+                                        1 + 1 / r["N"]] for r in ana["rows"]]))
 
 
 def plot(res: dict[str, Any], path: Path = PLOT) -> None:
