@@ -68,7 +68,7 @@ class SPNGDConfig(BaseModel):
     )
     comm_dtype: CommDtype = Field("fp32", description="one of 'fp32', 'bf16', 'fp16'")
     stat_micro_batches: int | None = Field(
-        None, ge=1, description="null (all micro-batches) or an integer >= 1"
+        1, ge=1, description="an integer >= 1 (default 1), or null (every micro-batch of a step)"
     )
     overlap_statistics: StrictBool = Field(
         True, description="true or false: send the A factors to their owners during the backward"

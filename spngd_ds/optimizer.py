@@ -74,7 +74,9 @@ class SPNGD(Optimizer):
         weight_rescale: rule 8 for Linear/Conv2d weights that feed a BatchNorm.
         staleness: ``{"threshold": float, "max_interval": int}`` (rule 6) or ``None`` (every step).
         comm_dtype: "fp32", "bf16" or "fp16": dtype of statistics on the wire.
-        stat_micro_batches: capture statistics from the first k forwards of a step only.
+        stat_micro_batches: capture statistics from the first k forwards of a step only (default 1:
+            with gradient accumulation, the first micro-batch of each rank; ``None``: every forward,
+            which makes k micro-batches exactly one batch of k times the size, at k times the capture).
         clip_norm: scale the preconditioned gradient of all layers (before weight decay) by
             min(1, clip_norm / its global L2 norm over all ranks); ``None``: no clipping.
         overlap_statistics: start sending due A factors to their owners as soon as the forwards
@@ -94,7 +96,7 @@ class SPNGD(Optimizer):
         weight_rescale: bool = False,
         staleness: dict[str, Any] | None = _DEFAULT,
         comm_dtype: str = "fp32",
-        stat_micro_batches: int | None = None,
+        stat_micro_batches: int | None = 1,
         clip_norm: float | None = None,
         overlap_statistics: bool = True,
         *,

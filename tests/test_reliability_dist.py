@@ -313,7 +313,7 @@ def _trained(**kw: Any) -> spngd_ds.SPNGD:
 def test_load_state_dict_keeps_or_resets_schedules_as_it_logs(caplog: Any) -> None:
     """Unit level of (d): another staleness rule resets every schedule (all due at the next step);
     another stat_micro_batches is logged, takes effect, and keeps the schedules."""
-    saved = _trained(staleness={"threshold": 1e9, "max_interval": 3}).state_dict()
+    saved = _trained(staleness={"threshold": 1e9, "max_interval": 3}, stat_micro_batches=None).state_dict()
     assert {tuple(s) for s in saved["schedules"].values()} == {(3, 6)}
     with caplog.at_level(logging.WARNING, logger="spngd_ds"):
         other_rule = spngd_ds.SPNGD(build_model("mlp"), lr=0.05, damping=1e-2, staleness={"threshold": 0.2,
