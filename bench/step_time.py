@@ -249,7 +249,7 @@ def capture_breakdown(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, d
     from spngd_ds.blocks import KronBlock
 
     model = common.build_model(a.model).to(device)
-    opt = spngd_ds.SPNGD(model, staleness=None)
+    opt = spngd_ds.SPNGD(model, staleness=None, stat_micro_batches=None)  # every micro-batch counts
     opt.capture.remove()
     blocks = {n: b for n, b in opt.blocks.items() if b.stats}
     xb, yb = x[: a.micro_batch].to(device), y[: a.micro_batch].to(device)
@@ -278,6 +278,35 @@ def capture_breakdown(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, d
     return cost
 
 
+def paired_statistics(
+    model: torch.nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, n: int, micro: int,
+    device: torch.device,
+) -> list[dict[tuple[str, str], tuple[torch.Tensor, float]]]:
+    """Every statistic of ``opt`` (an SPNGD without staleness on ``model``) from each of two
+    disjoint batches of n samples (``order[:n]``, ``order[n:2n]``) at the same weights, captured in
+    micro-batches of ``micro`` as n/micro ranks would: (block, statistic) -> (value, ρ of the value,
+    spngd_ds.staleness.wishart_rho). The one capture loop of both noise diagnostics."""
+    from spngd_ds.staleness import wishart_rho
+
+    values: list[dict[tuple[str, str], tuple[torch.Tensor, float]]] = []
+    for k in range(2):
+        idx = order[k * n : (k + 1) * n]
+        for c in range(0, n, micro):
+            sub = idx[c : c + micro]
+            F.cross_entropy(model(x[sub].to(device)), y[sub].to(device)).backward()  # g = N_mb · dL_mb/ds
+        model.zero_grad()
+        vals = {}
+        for b in opt.blocks.values():
+            for st in b.stats.values():
+                total, count = st.take_local()
+                assert total is not None
+                v = b.normalise(st.name, total, count)
+                vpp = getattr(b, "vectors_per_sample", {}).get(st.name, 1.0)
+                vals[(b.name, st.name)] = (v, wishart_rho(v, vpp))
+        values.append(vals)
+    return values
+
+
 def statistic_noise(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
                     device: torch.device, sizes: tuple[int, ...] = (32, 128, 512)) -> dict[str, Any]:
     """Relative change r = ||X1 - X2||_F / ||X1||_F of every statistic between two disjoint global
@@ -287,27 +316,14 @@ def statistic_noise(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, ord
     from spngd_ds.staleness import relative_change
 
     model = common.build_model(a.model).to(device)
-    opt = spngd_ds.SPNGD(model, staleness=None)
+    opt = spngd_ds.SPNGD(model, staleness=None, stat_micro_batches=None)  # every micro-batch counts
     threshold = common.DEFAULT_STALENESS["threshold"]
     out: dict[str, Any] = {}
     for n in sizes:
-        values: list[dict[tuple[str, str], torch.Tensor]] = []
-        for k in range(2):
-            idx = order[k * n : (k + 1) * n]
-            for c in range(0, n, a.micro_batch):
-                sub = idx[c : c + a.micro_batch]
-                F.cross_entropy(model(x[sub].to(device)), y[sub].to(device)).backward()
-            model.zero_grad()
-            vals = {}
-            for b in opt.blocks.values():
-                for st in b.stats.values():
-                    total, count = st.take_local()
-                    assert total is not None
-                    vals[(b.name, st.name)] = b.normalise(st.name, total, count)
-            values.append(vals)
+        values = paired_statistics(model, opt, x, y, order, n, a.micro_batch, device)
         ratios: dict[str, list[float]] = {}
-        for key, v in values[0].items():
-            ratios.setdefault(key[1], []).append(relative_change(v, values[1][key]))
+        for key, (v, _) in values[0].items():
+            ratios.setdefault(key[1], []).append(relative_change(v, values[1][key][0]))
         out[str(n)] = {kind: {"median_r": sorted(r)[len(r) // 2], "share_below_threshold": sum(q < threshold for q in r)
                               / len(r), "count": len(r)} for kind, r in ratios.items()}
     return out
@@ -681,7 +697,7 @@ def capture_before_after(model_kind: str, image_size: int, batch_size: int, reps
 
     torch.manual_seed(0)
     model = common.build_model(model_kind)
-    opt = spngd_ds.SPNGD(model, staleness=None)
+    opt = spngd_ds.SPNGD(model, staleness=None, stat_micro_batches=None)  # every micro-batch counts
     opt.capture.remove()
     blocks = {n: b for n, b in opt.blocks.items() if b.stats}
     if model_kind == "resnet20":
@@ -742,34 +758,19 @@ def noise_vs_samples(model_kind: str, image_size: int, sizes: list[int], micro: 
     floor ν = sqrt(ρ (1/n + 1/n)) the staleness rule predicts for it (ρ of X1, spngd_ds.staleness)."""
     import spngd_ds
     from spngd_ds.recipes.data import load_digits_split
-    from spngd_ds.staleness import relative_change, wishart_rho
+    from spngd_ds.staleness import relative_change
 
     train, val = load_digits_split(image_size=image_size)
     x = torch.cat([train.tensors[0], val.tensors[0]]).expand(-1, 3, -1, -1).contiguous()
     y = torch.cat([train.tensors[1], val.tensors[1]])
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))
     model = common.build_model(model_kind)
-    opt = spngd_ds.SPNGD(model, staleness=None)
+    opt = spngd_ds.SPNGD(model, staleness=None, stat_micro_batches=None)  # every micro-batch counts
     out: dict[str, Any] = {}
     for n in sizes:
         if 2 * n > x.shape[0]:
             continue
-        values: list[dict[tuple[str, str], tuple[torch.Tensor, float]]] = []
-        for k in range(2):
-            idx = order[k * n : (k + 1) * n]
-            for c in range(0, n, micro):
-                sub = idx[c : c + micro]
-                F.cross_entropy(model(x[sub]), y[sub]).backward()  # g = N_mb · dL_mb/ds: per sample
-            model.zero_grad()
-            vals = {}
-            for b in opt.blocks.values():
-                for st in b.stats.values():
-                    total, count = st.take_local()
-                    assert total is not None
-                    v = b.normalise(st.name, total, count)
-                    vpp = getattr(b, "vectors_per_sample", {}).get(st.name, 1.0)
-                    vals[(b.name, st.name)] = (v, wishart_rho(v, vpp))
-            values.append(vals)
+        values = paired_statistics(model, opt, x, y, order, n, micro, torch.device("cpu"))
         per_kind: dict[str, list[tuple[float, float]]] = {}
         for key, (v1, rho) in values[0].items():
             r = relative_change(v1, values[1][key][0])
