@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ def torchrun(
     nproc: int, args: list[str], timeout: float = 240.0, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """Run the worker on ``nproc`` ranks; raise with its output when it fails and ``check``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    tag = uuid.uuid4().hex  # marks every process of this launch, to find the ranks torchrun detached
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT), SPNGD_TEST_LAUNCH=tag)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}", str(WORKER), *args,
@@ -37,13 +39,29 @@ def torchrun(
         try:
             out, err = popen.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)  # the launcher and every rank it started
+            os.killpg(popen.pid, signal.SIGKILL)  # the launcher and what shares its session
+            # torchrun starts ranks in sessions of their own; a rank that had not yet asked to die
+            # with its parent (die_with_launcher) would keep the pipes open and hang communicate()
+            kill_tagged(tag)
             popen.communicate()
             raise
     proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def kill_tagged(tag: str) -> None:
+    """SIGKILL every process whose environment carries ``SPNGD_TEST_LAUNCH=tag`` (Linux /proc)."""
+    needle = f"SPNGD_TEST_LAUNCH={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def run_worker(nproc: int, out: Path, *args: str, **kw: Any) -> dict[str, Any]:
