@@ -80,6 +80,21 @@ def _window_corrections(
     return tuple(out)
 
 
+def _padded_channels_last(x: torch.Tensor, ph: int, pw: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (N, C, H, W) as a contiguous (N, H + 2ph, W + 2pw, C) copy in ``dtype``, zero-padded
+    (only the border is zeroed: the interior is written once, by the copy)."""
+    n, c, h, w = x.shape
+    xp = x.new_empty((n, h + 2 * ph, w + 2 * pw, c), dtype=dtype)
+    if ph:
+        xp[:, :ph].zero_()
+        xp[:, ph + h :].zero_()
+    if pw:
+        xp[:, ph : ph + h, :pw].zero_()
+        xp[:, ph : ph + h, pw + w :].zero_()
+    xp[:, ph : ph + h, pw : pw + w] = x.permute(0, 2, 3, 1)
+    return xp
+
+
 def shift_gram(xp: torch.Tensor, kh: int, kw: int, sw: int, dh: int, dw: int, ph: int, h: int,
                bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gram (d, d) of the im2col patches of a stride-1-in-height convolution, in ``F.unfold``
@@ -214,14 +229,12 @@ class KronBlock(Block):
         d = c * kh * kw
         colsum: torch.Tensor | None = None
         if _SHIFT_LAYOUT and sh == 1 and kh > 1 and ho >= dh * (kh - 1):
-            xp = x.new_zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=self.dtype)
-            xp[:, ph : ph + h, pw : pw + w] = x.permute(0, 2, 3, 1)
+            xp = _padded_channels_last(x, ph, pw, self.dtype)
             gram, colsum = shift_gram(xp, kh, kw, sw, dh, dw, ph, h, self.has_bias)
         elif d < _ROWS_LAYOUT_MAX_D:
             # rows (N·Ho·Wo, kh·kw·C) from a zero-padded channels-last copy: the gather reads
             # contiguous channel vectors, and the tall-skinny product R^T R is fastest for small d
-            xp = x.new_zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=self.dtype)
-            xp[:, ph : ph + h, pw : pw + w] = x.permute(0, 2, 3, 1)
+            xp = _padded_channels_last(x, ph, pw, self.dtype)
             s = xp.stride()
             patches = xp.as_strided((n, ho, wo, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]))
             rows = patches.reshape(n * ho * wo, d)
