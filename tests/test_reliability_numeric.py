@@ -156,8 +156,8 @@ def poison_capture(run: Run, block: str, stat: str, value: float) -> Callable[[]
 
             return poisoned_backward
 
-        def add(total: torch.Tensor, count: int) -> None:
-            real_add(total * value, count)
+        def add(total: torch.Tensor, count: int, fresh: bool = False) -> None:
+            real_add(total * value, count, fresh=True)  # the product is a new tensor
 
         if stat == "F":
             b.stats[stat].add = add  # type: ignore[method-assign]
@@ -179,7 +179,7 @@ def transform_stat(run: Run, block: str, stat: str, fn: Callable[[torch.Tensor],
     def ctx() -> Iterator[None]:
         s = run.opt.blocks[block].stats[stat]
         real_add = s.add
-        s.add = lambda total, count: real_add(fn(total), count)  # type: ignore[method-assign]
+        s.add = lambda total, count, fresh=False: real_add(fn(total), count)  # type: ignore[method-assign]
         try:
             yield
         finally:

@@ -240,9 +240,11 @@ def test_each_statistic_has_its_own_interval(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_micro_batches_are_captured_only_when_due() -> None:
-    """Two forwards per step: two captures at a due step, none at a stale one."""
+    """Two forwards per step, every one captured (stat_micro_batches null): two captures at a due
+    step, none at a stale one."""
     model = _mlp()
-    opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3})
+    opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3},
+                         stat_micro_batches=None)
     captures = []
     for step in range(4):
         for half in range(2):
@@ -304,3 +306,19 @@ def test_metrics_refresh_fraction_follows_schedule() -> None:
         _train_step(model, opt, step)
         fractions.append(opt.metrics()["spngd/refresh_fraction"])
     assert fractions == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+
+
+def test_by_default_only_the_first_forward_of_a_step_is_captured() -> None:
+    """stat_micro_batches defaults to 1: of two forwards per step, the first is captured."""
+    model = _mlp()
+    opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3})
+    assert opt.config.stat_micro_batches == 1
+    captures = []
+    for step in range(4):
+        for half in range(2):
+            x, y = _batch(10 * step + half)
+            (0.5 * F.cross_entropy(model(x), y)).backward()
+        opt.step()
+        opt.zero_grad()
+        captures.append(opt.blocks["0"].stats["A"].captures)
+    assert captures == [1, 2, 2, 3]  # refreshed at 0, 1, 3, one micro-batch each
