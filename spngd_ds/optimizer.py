@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from spngd_ds.assignment import assign_owners, block_cost
 from spngd_ds.blocks import Block, KronBlock, UnitwiseBlock, build_blocks
+from spngd_ds.blocks.base import all_finite
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.capture import CurvatureCapture
 from spngd_ds.comm import DTYPES, Communicator, OwnerLayout, pack_sym, unpack_sym
@@ -323,7 +324,7 @@ class SPNGD(Optimizer):
                     continue
                 packed = packed.to(b.dtype) * (count if prescale else 1.0)
                 value = b.normalise(s.name, unpack_sym(packed, s.shape[-1]), count)
-                if not bool(torch.isfinite(value).all()):
+                if not all_finite(value):
                     self.stats_log.nonfinite_stats += 1
                     logger.warning("SPNGD: non-finite %s of %s at step %d ignored", s.name, b.name, step)
                     s.schedule.postpone(step)

@@ -73,6 +73,17 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def all_finite_many(tensors: list[torch.Tensor]) -> bool:
+    """:func:`all_finite` of every tensor with one host synchronisation: the float64 sums of all of
+    them are stacked and tested at once (a float64 sum of finite fp32/bf16/fp16 entries cannot
+    overflow); only when that fails are the tensors tested one by one."""
+    tensors = [t for t in tensors if t.numel() > 0]
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum(dtype=torch.float64) for t in tensors])
+    return bool(torch.isfinite(sums).all()) or all(all_finite(t) for t in tensors)
+
+
 def robust_inverse(matrix: torch.Tensor) -> torch.Tensor | None:
     """Inverse of a symmetric positive-definite ``matrix`` (d, d) by Cholesky.
 

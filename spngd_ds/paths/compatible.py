@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from spngd_ds.assignment import assign_to_holders, block_cost
+from spngd_ds.blocks.base import all_finite_many
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.comm import FragmentPlan, OwnerLayout
 from spngd_ds.partitions import Fragment, local_fragment
@@ -81,7 +82,7 @@ class CompatiblePath:
         with opt.stats_log.timer("comm"):
             plan = self.plan
             pieces = [f.flat.grad.narrow(0, f.flat_start, f.numel) for f in self.frags]  # type: ignore[union-attr]
-            bad = any(not bool(torch.isfinite(t).all()) for t in pieces)
+            bad = not all_finite_many(pieces)
             flags = any_rank_each(comm, [bad, *opt.received_gradient(self.params)])
         if flags[0]:
             opt.skip_step("non-finite gradient")

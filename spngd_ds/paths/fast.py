@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from spngd_ds.blocks.base import all_finite_many
 from spngd_ds.comm import OwnerLayout
 from spngd_ds.reductions import any_rank_each
 
@@ -48,9 +49,7 @@ class FastPath:
         opt.stats_log.reset_timers()
         opt.comm.reset_bytes()
         live = opt._aligned()
-        local_bad = any(
-            p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in (live[id(q)] for q in opt._params)
-        )
+        local_bad = not all_finite_many([g for g in (live[id(q)].grad for q in opt._params) if g is not None])
         with opt.stats_log.timer("comm"):
             flags = any_rank_each(opt.comm, [local_bad, *opt.received_gradient(opt._params)])
         if flags[0]:
