@@ -344,7 +344,9 @@ def ds_config(optimizer: dict[str, Any], stage: int) -> dict[str, Any]:
 
 
 def spngd_optimizer() -> dict[str, Any]:
-    return {"type": "SPNGD", "params": dict(common.SPNGD_PARAMS, staleness=dict(ALL_STALE), comm_dtype="fp32")}
+    # overlap on, as "auto" has it on an accelerator (the layouts and the analytic part assume it)
+    return {"type": "SPNGD", "params": dict(common.SPNGD_PARAMS, staleness=dict(ALL_STALE), comm_dtype="fp32",
+                                            overlap_statistics=True)}
 
 
 def train(counter: CollectiveCounter, optimizer: dict[str, Any], stage: int, steps: int,

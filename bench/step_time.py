@@ -40,7 +40,14 @@ import torch.nn.functional as F  # noqa: E402
 
 ENGINES = ("sgd", "spngd_stale_off", "spngd_stale_on")
 SPLIT_KEYS = ("capture", "comm", "inversion", "precondition")
-TARGET = 1.3
+#: issue 13: the small regime on the CPU (64 samples a step) and ResNet-50 bf16 on a GPU
+SMALL_TARGET = 2.0
+GPU_TARGET = 1.10
+
+
+def target_for(setup: dict[str, Any]) -> float:
+    """The step-time target of the small regime on this device."""
+    return GPU_TARGET if setup.get("device") == "cuda" else SMALL_TARGET
 
 
 @dataclass
@@ -414,8 +421,9 @@ def print_report(res: dict[str, Any]) -> None:
              "rest ms", "refresh frac"]
     print(common.format_table(heads, rows))
     ratio_on = eng["spngd_stale_on"]["ratio_to_sgd"]
-    verdict = "met" if ratio_on <= TARGET else "MISSED"
-    print(f"amortized ratio with staleness on: {ratio_on:.3f} (target <= {TARGET}: {verdict})")
+    target = target_for(res["setup"])
+    verdict = "met" if ratio_on <= target else "MISSED"
+    print(f"amortized ratio with staleness on: {ratio_on:.3f} (target <= {target}: {verdict})")
     print(f"ratio with staleness off: {eng['spngd_stale_off']['ratio_to_sgd']:.3f}")
     print(f"reference all-reduce of the gradients: {res['allreduce_ref_s'] * 1e3:.2f} ms")
     rows = [[k, v] for k, v in res["capture_breakdown_ms"].items()]
@@ -463,7 +471,8 @@ def plot_split(res: dict[str, Any], path: Path) -> None:
             bottom += h
         ax.text(i, bottom, f"{eng[name]['ratio_to_sgd']:.2f}x\n({eng[name]['steps']} steps)", ha="center",
                 va="bottom", fontsize=9)
-    ax.axhline(TARGET, color="k", ls="--", lw=1, label=f"target {TARGET}x (staleness on)")
+    target = target_for(res["setup"])
+    ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target}x (staleness on)")
     ax.set_xticks(range(3), labels)
     ax.set_ylabel("mean step time / SGD's over the same steps")
     m = res["setup"]
@@ -482,7 +491,6 @@ def plot_split(res: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 ACCUM_TARGET = 1.10
-SMALL_TARGET = 2.0
 
 
 @dataclass
@@ -838,7 +846,8 @@ def main() -> None:
                     "world_size": world, "warmup": a.warmup, "steps": a.steps, "device": device.type,
                     "params": n_params, "zero_stage": 0, "precision": "fp32",
                     "spngd": common.SPNGD_PARAMS, "staleness": common.DEFAULT_STALENESS, "sgd": common.SGD_PARAMS}
-    res["target"] = {"ratio_stale_on_max": TARGET, "met": res["engines"]["spngd_stale_on"]["ratio_to_sgd"] <= TARGET}
+    target = target_for(res["setup"])
+    res["target"] = {"ratio_stale_on_max": target, "met": res["engines"]["spngd_stale_on"]["ratio_to_sgd"] <= target}
     res["machine"] = common.machine_info() | {"load_average_at_start": load_before}
     res["wall_s"] = time.perf_counter() - wall
     if rank == 0:

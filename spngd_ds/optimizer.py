@@ -81,7 +81,9 @@ class SPNGD(Optimizer):
         clip_norm: scale the preconditioned gradient of all layers (before weight decay) by
             min(1, clip_norm / its global L2 norm over all ranks); ``None``: no clipping.
         overlap_statistics: start sending due A factors to their owners as soon as the forwards
-            that capture them have run, behind the backward (:mod:`spngd_ds.overlap`).
+            that capture them have run, behind the backward (:mod:`spngd_ds.overlap`); ``"auto"``:
+            unless the communicator's device is the CPU, where the exchange competes with the
+            backward for the same cores (measured: nothing hidden, the step 3-5% slower).
         communicator: how ranks talk (default: one rank). Set by :func:`spngd_ds.initialize`.
     """
 
@@ -99,7 +101,7 @@ class SPNGD(Optimizer):
         comm_dtype: str = "fp32",
         stat_micro_batches: int | None = 1,
         clip_norm: float | None = None,
-        overlap_statistics: bool = True,
+        overlap_statistics: bool | str = "auto",
         *,
         communicator: Communicator | None = None,
     ) -> None:

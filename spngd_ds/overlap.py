@@ -8,7 +8,8 @@ largest statistics travel behind the backward (and the remaining micro-batches) 
 the optimizer step; the step then only waits for it and runs the small all-to-all of the parts
 that straddle the equal shards. G and BatchNorm's F need the backward and still travel in the step.
 
-Not used (the step sends A as before) with one rank (nothing to hide), with ``comm_dtype: fp16``
+Not used (the step sends A as before) when ``overlap_statistics`` is false, or "auto" on the
+CPU; with one rank (nothing to hide), with ``comm_dtype: fp16``
 (fp16 statistics are pre-scaled by the global sample count, known only at the step), or when the
 forward that completes A cannot be known (``stat_micro_batches: null`` without an engine that
 says how many forwards a step has).
@@ -49,8 +50,13 @@ class EarlyFactors:
 
 
 def can_send_early(opt: SPNGD) -> bool:
-    """Whether this run sends A factors behind the backward at all (see the module docstring)."""
-    return opt.config.overlap_statistics and opt.comm.world_size > 1 and opt.config.comm_dtype != "fp16"
+    """Whether this run sends A factors behind the backward at all (see the module docstring).
+    ``overlap_statistics: "auto"`` means yes unless the communicator's device is the CPU: there
+    gloo's exchange runs on the cores the backward computes on, and on 2 CPU ranks it hid nothing
+    and made the step 3-5% slower (bench/overlap.py)."""
+    mode = opt.config.overlap_statistics
+    wanted = mode is True or (mode == "auto" and opt.comm.device.type != "cpu")
+    return wanted and opt.comm.world_size > 1 and opt.config.comm_dtype != "fp16"
 
 
 @torch.no_grad()

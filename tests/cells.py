@@ -131,7 +131,8 @@ def spngd_params(cell: Cell) -> dict[str, Any]:
     stal = {"threshold": 0.5, "max_interval": 3} if cell.staleness else None
     return {"lr": 0.05, "momentum": 0.9, "damping": 1e-2, "weight_decay": 1e-4, "staleness": stal,
             "weight_rescale": cell.rescale, "bn_damping_scale": 64.0,
-            "stat_micro_batches": None}  # every micro-batch: k micro-batches are exactly one batch
+            "stat_micro_batches": None,  # every micro-batch: k micro-batches are exactly one batch
+            "overlap_statistics": True}  # the accelerator default ("auto" leaves it off on the CPU)
 
 
 POLY = {"steps_per_epoch": 1, "start_epoch": 0.0, "end_epoch": 12.0, "power": 2.0}

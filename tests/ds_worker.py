@@ -44,6 +44,7 @@ def ds_config(a: argparse.Namespace, world: int) -> dict:
     params = {"lr": a.lr, "momentum": 0.9, "damping": 1e-2, "weight_decay": 1e-4, "staleness": stal,
               "comm_dtype": a.comm_dtype, "bn_damping_scale": 64.0, "fisher": "empirical"}
     params["stat_micro_batches"] = a.stat_micro_batches or None  # 0: every micro-batch (the references)
+    params["overlap_statistics"] = True  # what "auto" does on an accelerator: A sent behind the backward
     cfg: dict = {
         "train_micro_batch_size_per_gpu": a.global_batch // (world * a.gas),
         "gradient_accumulation_steps": a.gas,

@@ -33,7 +33,7 @@ def _batch(step: int, k: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 2, 6, 6, generator=g, dtype=torch.float64) * 2.0, torch.randint(0, 3, (4,), generator=g)
 
 
-def _run(rank: int, overlap: bool) -> tuple[dict[str, torch.Tensor], dict[str, float], int]:
+def _run(rank: int, overlap: bool | str) -> tuple[dict[str, torch.Tensor], dict[str, float], int]:
     from spngd_ds.comm import DistributedCommunicator
 
     model = _model()
@@ -60,7 +60,8 @@ def _rank(rank: int, port: int, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.save({"early": _run(rank, True), "in_step": _run(rank, False)}, os.path.join(out, f"rank{rank}.pt"))
+    runs = {"early": _run(rank, True), "in_step": _run(rank, False), "auto": _run(rank, "auto")}
+    torch.save(runs, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -81,6 +82,8 @@ def test_early_factors_give_the_same_steps(tmp_path: Path) -> None:
         assert early[1]["spngd/skipped_steps"] == in_step[1]["spngd/skipped_steps"] == 1
         # every step sends its one due A (the conv's) early; the skipped step's exchange is finished, unused
         assert early[1]["spngd/factors_sent_early"] == STEPS and in_step[1]["spngd/factors_sent_early"] == 0
+        assert res["auto"][1]["spngd/factors_sent_early"] == 0  # "auto" on a CPU communicator: in the step
+        assert all(torch.equal(res["auto"][0][n], in_step[0][n]) for n in in_step[0])
         for name, value in early[0].items():
             assert torch.isfinite(value).all()
             torch.testing.assert_close(value, in_step[0][name], rtol=1e-12, atol=1e-14)
@@ -114,6 +117,7 @@ def test_the_exchange_starts_after_the_last_forward_that_captures_a(
 def test_no_early_sending_where_it_cannot_be_right() -> None:
     model = nn.Sequential(nn.Linear(3, 2))
     assert not can_send_early(spngd_ds.SPNGD(model))  # one rank: nothing to hide
+    assert spngd_ds.SPNGD(model).config.overlap_statistics == "auto"
     assert spngd_ds.SPNGD(model).capture.on_factors_complete is None
     with pytest.raises(ValueError, match="overlap_statistics"):
         spngd_ds.SPNGD(model, overlap_statistics="yes")  # type: ignore[arg-type]
