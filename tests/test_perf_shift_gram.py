@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import spngd_ds.blocks.kron as kron_mod
 from spngd_ds.blocks.kron import KronBlock
 from spngd_ds.staleness import RefreshSchedule
-
-
-def _unfold_gram(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    if m.bias is not None:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return rows.t() @ rows
-
+from tests.test_capture_fast import _unfold_gram  # the dense im2col reference
 
 SPECS = [
     dict(k=3, stride=1, padding=1, dilation=1),

@@ -239,12 +239,8 @@ def test_each_statistic_has_its_own_interval(monkeypatch: pytest.MonkeyPatch) ->
     assert a.schedule.state() == (3, 12) and g.schedule.state() == (1, N_STEPS)
 
 
-def test_micro_batches_are_captured_only_when_due() -> None:
-    """Two forwards per step, every one captured (stat_micro_batches null): two captures at a due
-    step, none at a stale one."""
-    model = _mlp()
-    opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3},
-                         stat_micro_batches=None)
+def _captures_of_two_forward_steps(model: torch.nn.Module, opt: spngd_ds.SPNGD) -> list[int]:
+    """Four steps of two forwards each; A's capture count of the first layer after each step."""
     captures = []
     for step in range(4):
         for half in range(2):
@@ -253,6 +249,16 @@ def test_micro_batches_are_captured_only_when_due() -> None:
         opt.step()
         opt.zero_grad()
         captures.append(opt.blocks["0"].stats["A"].captures)
+    return captures
+
+
+def test_micro_batches_are_captured_only_when_due() -> None:
+    """Two forwards per step, every one captured (stat_micro_batches null): two captures at a due
+    step, none at a stale one."""
+    model = _mlp()
+    opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3},
+                         stat_micro_batches=None)
+    captures = _captures_of_two_forward_steps(model, opt)
     assert captures == [2, 4, 4, 6]  # refreshed at 0, 1, 3
 
 
@@ -313,12 +319,5 @@ def test_by_default_only_the_first_forward_of_a_step_is_captured() -> None:
     model = _mlp()
     opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3})
     assert opt.config.stat_micro_batches == 1
-    captures = []
-    for step in range(4):
-        for half in range(2):
-            x, y = _batch(10 * step + half)
-            (0.5 * F.cross_entropy(model(x), y)).backward()
-        opt.step()
-        opt.zero_grad()
-        captures.append(opt.blocks["0"].stats["A"].captures)
+    captures = _captures_of_two_forward_steps(model, opt)
     assert captures == [1, 2, 2, 3]  # refreshed at 0, 1, 3, one micro-batch each
