@@ -293,20 +293,10 @@ class SPNGD(Optimizer):
         with self.stats_log.timer("comm"):
             totals = dict(zip((id(s) for _, s in due), all_reduce_sum(self.comm, counts).tolist(), strict=True))
         prescale = self.config.comm_dtype == "fp16"
-        packed_all = []
-        for (b, s), (total, _) in zip(late, local, strict=True):
-            if total is None:
-                total = torch.zeros(s.shape, dtype=b.dtype, device=self.comm.device)
-            packed = pack_sym(total)
-            count = totals[id(s)]
-            if prescale and count > 0:  # the global mean cannot overflow fp16; the owner multiplies back
-                packed = packed / count
-            packed_all.append(packed)
+        # the global mean cannot overflow fp16; the owner multiplies back
+        divisors = [totals[id(s)] for _, s in late] if prescale else None
+        packed_all, layout, wire = self.pack_statistics(late, [total for total, _ in local], divisors)
         rank = self.comm.rank
-        items = [(p.numel(), self.assignment[b.name]) for p, (b, _) in zip(packed_all, late, strict=True)]
-        layout = OwnerLayout.build(items, self.comm.world_size)
-        # a float64 model keeps float64 statistics on the wire (the references are exact)
-        wire = torch.float64 if any(p.dtype == torch.float64 for p in packed_all) else DTYPES[self.config.comm_dtype]
         with self.stats_log.timer("comm"):
             got: dict[int, torch.Tensor] = {}
             if late:
@@ -358,6 +348,32 @@ class SPNGD(Optimizer):
                     block.stats[failed].schedule.postpone(step)
         with self.stats_log.timer("comm"):
             self._share_schedules([(b, s) for b, s in due])
+
+    def pack_statistics(
+        self,
+        stats: list[tuple[Block, Any]],
+        sums: list[torch.Tensor | None],
+        divisors: list[float] | None = None,
+    ) -> tuple[list[torch.Tensor], OwnerLayout, torch.dtype]:
+        """What goes to the owners for ``stats`` ((block, statistic) pairs, every rank the same
+        list): the packed upper triangles of this rank's ``sums`` (zeros where ``None``: the rank
+        takes part anyway), each divided by its divisor when one is given and > 0; their exchange
+        layout (each owned by its block's owner); the wire dtype (``comm_dtype``, float64 for a
+        float64 model, whose references are exact)."""
+        packed = []
+        for i, ((b, s), total) in enumerate(zip(stats, sums, strict=True)):
+            if total is None:
+                total = torch.zeros(s.shape, dtype=b.dtype, device=self.comm.device)
+            p = pack_sym(total)
+            if divisors is not None and divisors[i] > 0:
+                p = p / divisors[i]
+            packed.append(p)
+        layout = OwnerLayout.build(
+            [(p.numel(), self.assignment[b.name]) for p, (b, _) in zip(packed, stats, strict=True)],
+            self.comm.world_size,
+        )
+        wire = torch.float64 if any(p.dtype == torch.float64 for p in packed) else DTYPES[self.config.comm_dtype]
+        return packed, layout, wire
 
     def _warn_never_captured(self, block: Block) -> None:
         """Once per layer: it has curvature statistics but none was ever captured."""

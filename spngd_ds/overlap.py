@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from spngd_ds.comm import DTYPES, OwnerLayout, PendingToOwners, pack_sym
+from spngd_ds.comm import PendingToOwners
 
 if TYPE_CHECKING:
     from spngd_ds.blocks import Block
@@ -68,18 +68,10 @@ def send_factors_early(opt: SPNGD) -> EarlyFactors | None:
     stats = [(b, s) for b in opt.blocks.values() for s in b.stats.values() if s.name == "A" and s.schedule.is_due(step)]
     if not stats:
         return None
-    packed, counts = [], []
-    for b, s in stats:
-        total, count = s.take_local()
-        if total is None:  # nothing captured on this rank: it still takes part with zeros
-            total = torch.zeros(s.shape, dtype=b.dtype, device=opt.comm.device)
-        packed.append(pack_sym(total))
-        counts.append(count)
-    layout = OwnerLayout.build([(p.numel(), opt.assignment[b.name]) for p, (b, _) in zip(packed, stats, strict=True)],
-                               opt.comm.world_size)
-    wire = torch.float64 if any(p.dtype == torch.float64 for p in packed) else DTYPES[opt.config.comm_dtype]
+    local = [s.take_local() for _, s in stats]
+    packed, layout, wire = opt.pack_statistics(stats, [total for total, _ in local])
     before = opt.comm.bytes_sent
     pending = opt.comm.to_owners_async(layout, packed, wire)
     opt.capture.due = {name: names - {"A"} for name, names in opt.capture.due.items()}
     opt.stats_log.factors_sent_early += len(stats)
-    return EarlyFactors(stats, counts, pending, opt.comm.bytes_sent - before)
+    return EarlyFactors(stats, [count for _, count in local], pending, opt.comm.bytes_sent - before)
