@@ -149,19 +149,12 @@ class CompatiblePath:
         balance moves, cross the wire. Every rank computes the same owners from the plan. (ZeRO-3
         splits every parameter over all ranks, so no owner holds more than 1/N of a block there.)"""
         n = opt.comm.world_size
-        item = 0
-        held: list[list[float]] = []
-        where: dict[int, list[float]] = {}
-        for p in range(n):
-            for i, _, length in self.plan.fragments[p]:
-                where.setdefault(i, [0.0] * n)[p] += length
-        for b in opt.blocks.values():
-            row = [0.0] * n
-            for _ in b.params:
-                for r, x in enumerate(where.get(item, [0.0] * n)):
-                    row[r] += x
-                item += 1
-            held.append(row)
+        per_param = [[0.0] * n for _ in self.params]  # elements of each parameter on each rank
+        for rank, frags in enumerate(self.plan.fragments):
+            for i, _, length in frags:
+                per_param[i][rank] += length
+        rows = iter(per_param)
+        held = [[sum(col) for col in zip(*(next(rows) for _ in b.params), strict=True)] for b in opt.blocks.values()]
         opt.set_owners(assign_to_holders([block_cost(b) for b in opt.blocks.values()], held, n))
         self.layout = self._layout(opt)
         self.plan = FragmentPlan(self.layout, self.plan.fragments)
