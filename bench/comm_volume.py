@@ -31,9 +31,10 @@ all-gather (N-1)/N·(the full buffer); all-to-all the split sizes that go to oth
 reduce and broadcast (N-1)/N·bytes (the per-rank average of a pipelined tree or ring; DeepSpeed's
 ZeRO 1/2 in 0.19.8 does not call them during a step here). A collective this script has no formula
 for raises during a measured step, and on the fast path anything but all_reduce,
-reduce_scatter_tensor, all_gather_into_tensor and all_to_all_single raises. Calls are attributed
-to SP-NGD when the caller of the ``torch.distributed`` function is a file of ``spngd_ds/``; the
-fast path's intercepted bytes are compared with ``opt.comm_nbytes`` (the library's own count).
+reduce_scatter_single (or _tensor), all_gather_single (or _into_tensor) and all_to_all_single
+raises. Calls are attributed to SP-NGD when the caller of the ``torch.distributed`` function is
+a file of ``spngd_ds/``; the fast path's intercepted bytes are compared with
+``opt.comm_nbytes`` (the library's own count).
 
 Commands (CPU, about 1-2 min each; OMP_NUM_THREADS=1)::
 
@@ -85,9 +86,11 @@ IMAGE, MICRO = 16, 8  # bytes do not depend on the batch: keep the CPU work smal
 #: byte formula here and raise when called during a measured step
 FUNCS: dict[str, str | None] = {
     "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",
-    "reduce_scatter_tensor": "reduce_scatter", "_reduce_scatter_base": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_single": "reduce_scatter",
+    "_reduce_scatter_base": "reduce_scatter",
     "reduce_scatter": "reduce_scatter_list",
-    "all_gather_into_tensor": "all_gather", "_all_gather_base": "all_gather", "all_gather": "all_gather_list",
+    "all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather",
+    "_all_gather_base": "all_gather", "all_gather": "all_gather_list",
     "all_to_all_single": "all_to_all",
     "reduce": "reduce", "broadcast": "reduce",
     "barrier": "none", "monitored_barrier": "none",
@@ -97,7 +100,8 @@ FUNCS: dict[str, str | None] = {
     "_all_gather_base_coalesced": None, "_reduce_scatter_base_coalesced": None,
 }
 #: what the fast path may call during a step
-FAST_ALLOWED = frozenset({"all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_to_all_single"})
+FAST_ALLOWED = frozenset({"all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather_into_tensor",
+                          "all_gather_single", "all_to_all_single"})
 
 
 def _nbytes(t: Any) -> int:

@@ -39,6 +39,13 @@ def triu_numel(d: int) -> int:
     return d * (d + 1) // 2
 
 
+#: the equal-shard collectives by the names this torch gives them: torch 2.14 renamed
+#: ``reduce_scatter_tensor`` / ``all_gather_into_tensor`` to ``*_single`` and warns on every call
+#: of the old names. Looked up on ``torch.distributed`` at each call, so that a wrapper installed
+#: there (bench/comm_volume.py's counter) sees it.
+REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
 _TRIU_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
@@ -728,13 +735,13 @@ class DistributedCommunicator(Communicator):
     # -- primitives ----------------------------------------------------------------------------------
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False) -> Work:
         self.check_device("reduce_scatter", output, input)
-        work = dist.reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
+        work = getattr(dist, REDUCE_SCATTER)(output, input, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
         self.bytes_sent += (self.world_size - 1) * output.numel() * output.element_size()
         return work if async_op and work is not None else _Done()
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
         self.check_device("all_gather", output, input)
-        dist.all_gather_into_tensor(output, input, group=self.group)
+        getattr(dist, ALL_GATHER)(output, input, group=self.group)
         self.bytes_sent += (self.world_size - 1) * input.numel() * input.element_size()
 
     def all_to_all(

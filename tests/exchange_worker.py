@@ -30,7 +30,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spngd_ds.comm import DistributedCommunicator, FragmentPlan, OwnerLayout, layout_bytes  # noqa: E402
+from spngd_ds.comm import (  # noqa: E402
+    ALL_GATHER,
+    REDUCE_SCATTER,
+    DistributedCommunicator,
+    FragmentPlan,
+    OwnerLayout,
+    layout_bytes,
+)
 
 
 class WireLog:
@@ -73,8 +80,8 @@ class WireLog:
         def forbidden(*a: Any, **k: Any) -> int:
             raise AssertionError("the exchange layer must not use this collective")
 
-        wrap("reduce_scatter_tensor", rs)
-        wrap("all_gather_into_tensor", ag)
+        wrap(REDUCE_SCATTER, rs)
+        wrap(ALL_GATHER, ag)
         wrap("all_to_all_single", a2a)
         for name in ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all"):
             wrap(name, forbidden)
@@ -158,7 +165,7 @@ def case_exchange(comm: DistributedCommunicator, log: WireLog, summary: dict[str
                 fresh(log, comm)
                 got = comm.to_owners(lay, mine, wire)
                 expect_bytes(log, comm, layout_bytes(lay, wire.itemsize, "to", bucket)[rank], f"{name} to_owners")
-                assert log.calls == Counter({"reduce_scatter_tensor": live, "all_to_all_single": live}), log.calls
+                assert log.calls == Counter({REDUCE_SCATTER: live, "all_to_all_single": live}), log.calls
                 assert len(got) == len(owned)
                 for i, t in zip(owned, got, strict=True):
                     assert t.dtype == mine[i].dtype and t.shape == mine[i].shape
@@ -174,7 +181,7 @@ def case_exchange(comm: DistributedCommunicator, log: WireLog, summary: dict[str
                 fresh(log, comm)
                 every = comm.from_owners(lay, updates, wire)
                 expect_bytes(log, comm, layout_bytes(lay, wire.itemsize, "from", bucket)[rank], f"{name} from")
-                assert log.calls == Counter({"all_to_all_single": live, "all_gather_into_tensor": live}), log.calls
+                assert log.calls == Counter({"all_to_all_single": live, ALL_GATHER: live}), log.calls
                 for i, t in enumerate(every):
                     want = (dense[i] * 0.5 + i).to(mine[i].dtype).to(wire)
                     assert t.dtype == wire and t.shape == torch.Size(lay.shapes[i])
@@ -213,7 +220,7 @@ def case_fragments(comm: DistributedCommunicator, log: WireLog, summary: dict[st
         fresh(log, comm)
         plan = comm.fragment_plan(lay, mine)
         assert plan == FragmentPlan(lay, tuple(tuple(f) for f in per)), "plan differs from the local one"
-        assert log.calls == Counter({"all_gather_into_tensor": 2})
+        assert log.calls == Counter({ALL_GATHER: 2})
         pieces = [full[i].reshape(-1)[s : s + n].clone() for i, s, n in mine]
         for wire in (torch.float32, torch.bfloat16):
             fresh(log, comm)
@@ -240,7 +247,7 @@ def case_fragments(comm: DistributedCommunicator, log: WireLog, summary: dict[st
     got_empty = comm.fragments_to_owners(plan, [], torch.float32)  # the owners' zero-sized items
     assert [tuple(t.shape) for t in got_empty] == [empty.shapes[i] for i in empty.owned_items[rank]]
     assert comm.fragments_from_owners(plan, got_empty, torch.float32) == []
-    assert log.calls == Counter({"all_gather_into_tensor": 1}), log.calls
+    assert log.calls == Counter({ALL_GATHER: 1}), log.calls
     # a partition with a gap is refused on every rank (the all-gather ran, so no rank hangs)
     per = deal_fragments(lay, rng)
     victim = next(p for p in range(world) if any(n > 0 for _, _, n in per[p]))
