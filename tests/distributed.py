@@ -47,8 +47,22 @@ def torchrun(
             raise
     proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
     if check and proc.returncode != 0:
-        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        err = without_deprecation_noise(proc.stderr)
+        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{err[-8000:]}")
     return proc
+
+
+def without_deprecation_noise(text: str) -> str:
+    """``text`` less the FutureWarning pairs torch prints on every deprecated collective DeepSpeed
+    calls, which otherwise fill the tail of a failed run's stderr and hide why a rank died."""
+    lines = text.splitlines()
+    keep = []
+    for i, line in enumerate(lines):
+        if "FutureWarning:" in line or (line.strip() == "return func(*args, **kwargs)"
+                                        and i > 0 and "FutureWarning:" in lines[i - 1]):
+            continue
+        keep.append(line)
+    return "\n".join(keep)
 
 
 def kill_tagged(tag: str) -> None:
