@@ -807,3 +807,6 @@ def dist_world() -> int:
 
 if __name__ == "__main__":
     main()
+    from spngd_ds.process_exit import exit_process
+
+    exit_process(0)  # not the interpreter's teardown, which gloo's threads can abort

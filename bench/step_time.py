@@ -863,3 +863,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from spngd_ds.process_exit import exit_process
+
+    exit_process(0)  # not the interpreter's teardown, which gloo's threads can abort

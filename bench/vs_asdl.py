@@ -132,3 +132,6 @@ def asdl_version() -> str:
 
 if __name__ == "__main__":
     main()
+    from spngd_ds.process_exit import exit_process
+
+    exit_process(0)  # not the interpreter's teardown, which gloo's threads can abort

@@ -248,4 +248,6 @@ def _plain(value: Any) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spngd_ds.process_exit import exit_process
+
+    exit_process(main())  # not sys.exit: gloo's threads can abort the interpreter's teardown

@@ -243,4 +243,6 @@ def test_trainer_refused_combination_has_spngd_error(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spngd_ds.process_exit import exit_process
+
+    exit_process(main())
