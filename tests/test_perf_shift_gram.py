@@ -49,6 +49,6 @@ def test_shift_gram_equals_unfold(spec: dict, bias: bool, shift: bool, shape: tu
         assert count == n
         torch.testing.assert_close(gram, ref, rtol=1e-12, atol=1e-12)
         # symmetric to rounding, not bit for bit: whether BLAS returns R^T R exactly symmetric depends
-        # on the CPU (exact on the Intel machine of session 3, 3% of entries 1 ulp off on an AMD
-        # EPYC). Nothing downstream needs more: pack_sym and Cholesky read one triangle.
+        # on the kernel the CPU gets (exact on earlier machines, 3% of entries 1 ulp off on a later
+        # "AMD EPYC" guest). Nothing downstream needs more: pack_sym and Cholesky read one triangle.
         torch.testing.assert_close(gram, gram.t(), rtol=1e-13, atol=1e-13)
