@@ -81,6 +81,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--accum_steps", type=int, default=15, help="accum: steps of the run (15 = 10 digits epochs)")
     p.add_argument("--smb", type=int, nargs="*", default=[1],
                    help="accum: extra SP-NGD engines with these stat_micro_batches (none: only the default)")
+    p.add_argument("--overlap_variant", action="store_true",
+                   help="accum: an extra SP-NGD engine with overlap_statistics: true (A sent behind the backward)")
     p.add_argument("--noise_in_small", action="store_true", help="small: also the old noise diagnostic")
     p.add_argument("--reps", type=int, default=3, help="capture: repetitions (best of)")
     p.add_argument("--r50_batch", type=int, default=2, help="capture: ResNet-50 224x224 batch (0: skip)")
@@ -511,6 +513,8 @@ def accum_engines(a: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
     blocks = {"sgd": common.sgd_block(), "spngd": common.spngd_block(staleness=True)}
     for k in a.smb:
         blocks[f"spngd_smb{k}"] = common.spngd_block(staleness=True, stat_micro_batches=k)
+    if a.overlap_variant:
+        blocks["spngd_overlap"] = common.spngd_block(staleness=True, overlap_statistics=True)
     out: dict[str, tuple[Any, Any]] = {}
     for name, block in blocks.items():
         cfg = common.ds_config(block, a.micro_batch, stage=0, gas=a.gas)

@@ -71,8 +71,8 @@ class SPNGDConfig(BaseModel):
         1, ge=1, description="an integer >= 1 (default 1), or null (every micro-batch of a step)"
     )
     overlap_statistics: StrictBool | Literal["auto"] = Field(
-        "auto", description="'auto' (on unless the ranks talk through the CPU), true or false: send the A "
-        "factors to their owners during the backward",
+        "auto", description="'auto' (on, except on CPU ranks without micro-batches after the last one that "
+        "captures), true or false: send the A factors to their owners during the backward",
     )
     clip_norm: float | None = Field(
         None, gt=0.0, description="null (no clipping) or a float > 0: limit on the global L2 norm of the "

@@ -31,7 +31,7 @@ from spngd_ds.capture import CurvatureCapture
 from spngd_ds.comm import DTYPES, Communicator, OwnerLayout, pack_sym, unpack_sym
 from spngd_ds.config import DEFAULT_STALENESS, SPNGDConfig, validate_spngd_params
 from spngd_ds.metrics import StepMetrics
-from spngd_ds.overlap import EarlyFactors, can_send_early, send_factors_early
+from spngd_ds.overlap import EarlyFactors, can_send_early, send_factors_early, worth_sending_early
 from spngd_ds.reductions import all_reduce_sum
 from spngd_ds.staleness import RefreshSchedule, relative_change
 
@@ -178,7 +178,7 @@ class SPNGD(Optimizer):
 
     def _factors_complete(self) -> None:
         """The capture's signal that this step's A factors are complete: start sending them."""
-        if self._early is None and not self._held:
+        if self._early is None and not self._held and worth_sending_early(self):
             self._early = send_factors_early(self)
 
     def _take_early(self) -> EarlyFactors | None:

@@ -9,10 +9,10 @@ the optimizer step; the step then only waits for it and runs the small all-to-al
 that straddle the equal shards. G and BatchNorm's F need the backward and still travel in the step.
 
 Not used (the step sends A as before) when ``overlap_statistics`` is false, or "auto" on the
-CPU; with one rank (nothing to hide), with ``comm_dtype: fp16``
-(fp16 statistics are pre-scaled by the global sample count, known only at the step), or when the
-forward that completes A cannot be known (``stat_micro_batches: null`` without an engine that
-says how many forwards a step has).
+CPU without later micro-batches in the step to hide behind (:func:`worth_sending_early`); with
+one rank (nothing to hide), with ``comm_dtype: fp16`` (fp16 statistics are pre-scaled by the
+global sample count, known only at the step), or when the forward that completes A cannot be
+known (``stat_micro_batches: null`` without an engine that says how many forwards a step has).
 """
 
 from __future__ import annotations
@@ -50,13 +50,27 @@ class EarlyFactors:
 
 
 def can_send_early(opt: SPNGD) -> bool:
-    """Whether this run sends A factors behind the backward at all (see the module docstring).
-    ``overlap_statistics: "auto"`` means yes unless the communicator's device is the CPU: there
-    gloo's exchange runs on the cores the backward computes on, and on 2 CPU ranks it hid nothing
-    and made the step 3-5% slower (bench/overlap.py)."""
+    """Whether this run may send A factors behind the backward at all (see the module docstring):
+    ``overlap_statistics`` true or "auto", more than one rank, and statistics not on an fp16 wire.
+    Whether a given step does is :func:`worth_sending_early`."""
     mode = opt.config.overlap_statistics
-    wanted = mode is True or (mode == "auto" and opt.comm.device.type != "cpu")
-    return wanted and opt.comm.world_size > 1 and opt.config.comm_dtype != "fp16"
+    return mode in (True, "auto") and opt.comm.world_size > 1 and opt.config.comm_dtype != "fp16"
+
+
+def worth_sending_early(opt: SPNGD) -> bool:
+    """Whether this step starts its A exchange when A is complete. ``True``: always. "auto": on an
+    accelerator always (its communicator has a stream of its own), and on the CPU only when
+    forwards of this step follow the one that completed A (gradient accumulation with
+    ``stat_micro_batches`` below ``gradient_accumulation_steps``). On the CPU gloo runs the exchange
+    on the cores the backward computes on: with one micro-batch a step it hid nothing and made the
+    step 3-5% slower (bench/overlap.py); with 16 and ``stat_micro_batches: 1`` the other 15
+    micro-batches cover it and the step is about 1% faster (bench/step_time.py --regime accum
+    --overlap_variant)."""
+    mode = opt.config.overlap_statistics
+    if mode is True or opt.comm.device.type != "cpu":
+        return True
+    last, forwards = opt.capture.last_factor_forward(), opt.capture.forwards_per_step
+    return last is not None and forwards is not None and last < forwards
 
 
 @torch.no_grad()

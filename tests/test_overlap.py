@@ -33,11 +33,13 @@ def _batch(step: int, k: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 2, 6, 6, generator=g, dtype=torch.float64) * 2.0, torch.randint(0, 3, (4,), generator=g)
 
 
-def _run(rank: int, overlap: bool | str) -> tuple[dict[str, torch.Tensor], dict[str, float], int]:
+def _run(
+    rank: int, overlap: bool | str, captured: int = CAPTURED
+) -> tuple[dict[str, torch.Tensor], dict[str, float], int]:
     from spngd_ds.comm import DistributedCommunicator
 
     model = _model()
-    opt = spngd_ds.SPNGD(model, lr=0.3, damping=1e-2, staleness=None, stat_micro_batches=CAPTURED,
+    opt = spngd_ds.SPNGD(model, lr=0.3, damping=1e-2, staleness=None, stat_micro_batches=captured,
                          overlap_statistics=overlap, communicator=DistributedCommunicator())
     opt.capture.forwards_per_step = FORWARDS
     for step in range(STEPS):
@@ -60,7 +62,9 @@ def _rank(rank: int, port: int, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    runs = {"early": _run(rank, True), "in_step": _run(rank, False), "auto": _run(rank, "auto")}
+    runs = {"early": _run(rank, True), "in_step": _run(rank, False), "auto": _run(rank, "auto"),
+            # every forward captures: on a CPU communicator "auto" has nothing left to hide behind
+            "auto_all": _run(rank, "auto", FORWARDS), "in_step_all": _run(rank, False, FORWARDS)}
     torch.save(runs, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -82,8 +86,12 @@ def test_early_factors_give_the_same_steps(tmp_path: Path) -> None:
         assert early[1]["spngd/skipped_steps"] == in_step[1]["spngd/skipped_steps"] == 1
         # every step sends its one due A (the conv's) early; the skipped step's exchange is finished, unused
         assert early[1]["spngd/factors_sent_early"] == STEPS and in_step[1]["spngd/factors_sent_early"] == 0
-        assert res["auto"][1]["spngd/factors_sent_early"] == 0  # "auto" on a CPU communicator: in the step
-        assert all(torch.equal(res["auto"][0][n], in_step[0][n]) for n in in_step[0])
+        # "auto" on a CPU communicator: early while a forward of the step is still to come, else in the step
+        assert res["auto"][1]["spngd/factors_sent_early"] == STEPS
+        assert all(torch.equal(res["auto"][0][n], early[0][n]) for n in early[0])
+        assert res["auto_all"][1]["spngd/factors_sent_early"] == 0
+        assert all(torch.equal(res["auto_all"][0][n], res["in_step_all"][0][n]) for n in in_step[0])
+        assert not all(torch.equal(res["auto_all"][0][n], in_step[0][n]) for n in in_step[0])  # 3 captures, not 2
         for name, value in early[0].items():
             assert torch.isfinite(value).all()
             torch.testing.assert_close(value, in_step[0][name], rtol=1e-12, atol=1e-14)
