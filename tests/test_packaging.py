@@ -105,6 +105,9 @@ STANDALONE = textwrap.dedent(
     )
     assert not loaded, loaded
     print("STANDALONE OK")
+    from spngd_ds.process_exit import exit_process
+
+    exit_process(0)  # as a job ends: gloo's threads can abort the interpreter's teardown
     """
 )
 
