@@ -81,6 +81,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--accum_steps", type=int, default=15, help="accum: steps of the run (15 = 10 digits epochs)")
     p.add_argument("--smb", type=int, nargs="*", default=[1],
                    help="accum: extra SP-NGD engines with these stat_micro_batches (none: only the default)")
+    p.add_argument("--a_samples", type=int, default=None,
+                   help="every SP-NGD engine takes A from at most this many samples per micro-batch (default: all)")
     p.add_argument("--overlap_variant", action="store_true",
                    help="accum: an extra SP-NGD engine with overlap_statistics: true (A sent behind the backward)")
     p.add_argument("--noise_in_small", action="store_true", help="small: also the old noise diagnostic")
@@ -104,15 +106,21 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def a_samples_params(a: argparse.Namespace) -> dict[str, Any]:
+    """The SP-NGD parameters ``--a_samples`` adds (none when it is not given)."""
+    return {} if a.a_samples is None else {"a_samples": a.a_samples}
+
+
 def build_engines(a: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
     """name -> (engine, SPNGD or None), each on its own copy of the same initial model."""
     import spngd_ds
 
     base = common.build_model(a.model, seed=0)
+    extra = a_samples_params(a)
     blocks = {
         "sgd": common.sgd_block(),
-        "spngd_stale_off": common.spngd_block(staleness=False),
-        "spngd_stale_on": common.spngd_block(staleness=True),
+        "spngd_stale_off": common.spngd_block(staleness=False, **extra),
+        "spngd_stale_on": common.spngd_block(staleness=True, **extra),
     }
     out: dict[str, tuple[Any, Any]] = {}
     for name in ENGINES:
@@ -510,11 +518,12 @@ def accum_engines(a: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
     import spngd_ds
 
     base = common.build_model(a.model, seed=0)
-    blocks = {"sgd": common.sgd_block(), "spngd": common.spngd_block(staleness=True)}
+    extra = a_samples_params(a)
+    blocks = {"sgd": common.sgd_block(), "spngd": common.spngd_block(staleness=True, **extra)}
     for k in a.smb:
-        blocks[f"spngd_smb{k}"] = common.spngd_block(staleness=True, stat_micro_batches=k)
+        blocks[f"spngd_smb{k}"] = common.spngd_block(staleness=True, stat_micro_batches=k, **extra)
     if a.overlap_variant:
-        blocks["spngd_overlap"] = common.spngd_block(staleness=True, overlap_statistics=True)
+        blocks["spngd_overlap"] = common.spngd_block(staleness=True, overlap_statistics=True, **extra)
     out: dict[str, tuple[Any, Any]] = {}
     for name, block in blocks.items():
         cfg = common.ds_config(block, a.micro_batch, stage=0, gas=a.gas)
@@ -646,7 +655,7 @@ def main_accum(a: argparse.Namespace, rank: int, world: int, device: torch.devic
                     "world_size": world, "global_batch": a.micro_batch * a.gas * world, "accum_steps": a.accum_steps,
                     "device": device.type, "zero_stage": 0, "precision": "fp32", "spngd": common.SPNGD_PARAMS,
                     "staleness": common.DEFAULT_STALENESS, "sgd": common.SGD_PARAMS,
-                    "stat_micro_batches_variants": a.smb}
+                    "stat_micro_batches_variants": a.smb, "a_samples": a.a_samples}
     res["target"] = {"ratio_max": ACCUM_TARGET,
                      "met_default": res["engines"]["spngd"]["ratio_to_sgd"] <= ACCUM_TARGET}
     res["machine"] = common.machine_info() | {"load_average_at_start": load_before}
@@ -849,7 +858,8 @@ def main() -> None:
     res["setup"] = {"model": a.model, "image_size": a.image_size, "micro_batch": a.micro_batch,
                     "world_size": world, "warmup": a.warmup, "steps": a.steps, "device": device.type,
                     "params": n_params, "zero_stage": 0, "precision": "fp32",
-                    "spngd": common.SPNGD_PARAMS, "staleness": common.DEFAULT_STALENESS, "sgd": common.SGD_PARAMS}
+                    "spngd": common.SPNGD_PARAMS, "staleness": common.DEFAULT_STALENESS, "sgd": common.SGD_PARAMS,
+                    "a_samples": a.a_samples}
     target = target_for(res["setup"])
     res["target"] = {"ratio_stale_on_max": target, "met": res["engines"]["spngd_stale_on"]["ratio_to_sgd"] <= target}
     res["machine"] = common.machine_info() | {"load_average_at_start": load_before}

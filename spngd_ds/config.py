@@ -70,6 +70,10 @@ class SPNGDConfig(BaseModel):
     stat_micro_batches: int | None = Field(
         1, ge=1, description="an integer >= 1 (default 1), or null (every micro-batch of a step)"
     )
+    a_samples: int | None = Field(
+        None, ge=1, description="null (default: every sample) or an integer >= 1: A of each Linear/Conv2d from "
+        "at most this many samples of each capturing micro-batch per rank",
+    )
     overlap_statistics: StrictBool | Literal["auto"] = Field(
         "auto", description="'auto' (on, except on CPU ranks without micro-batches after the last one that "
         "captures), true or false: send the A factors to their owners during the backward",

@@ -82,8 +82,13 @@ class SPNGD(Optimizer):
             min(1, clip_norm / its global L2 norm over all ranks); ``None``: no clipping.
         overlap_statistics: start sending due A factors to their owners as soon as the forwards
             that capture them have run, behind the backward (:mod:`spngd_ds.overlap`); ``"auto"``:
-            unless the communicator's device is the CPU, where the exchange competes with the
-            backward for the same cores (measured: nothing hidden, the step 3-5% slower).
+            always on an accelerator; on the CPU only when forwards of the step follow the one that
+            completes A (there the exchange competes with the backward for the same cores).
+        a_samples: A (the input covariance of a Linear/Conv2d) from at most the first this-many
+            samples of each capturing micro-batch on each rank; ``None`` (default): all of them.
+            A is the capture's costliest part (one micro-batch's exact A Gram costs about its
+            forward and backward on a CPU), and its sampling noise is the smallest of the
+            statistics'; G and BatchNorm's F always use every sample.
         communicator: how ranks talk (default: one rank). Set by :func:`spngd_ds.initialize`.
     """
 
@@ -102,6 +107,7 @@ class SPNGD(Optimizer):
         stat_micro_batches: int | None = 1,
         clip_norm: float | None = None,
         overlap_statistics: bool | str = "auto",
+        a_samples: int | None = None,
         *,
         communicator: Communicator | None = None,
     ) -> None:
@@ -115,7 +121,7 @@ class SPNGD(Optimizer):
             bn_damping_scale=bn_damping_scale, weight_rescale=weight_rescale,
             staleness=DEFAULT_STALENESS if staleness is _DEFAULT else staleness,
             comm_dtype=comm_dtype, stat_micro_batches=stat_micro_batches, clip_norm=clip_norm,
-            overlap_statistics=overlap_statistics,
+            overlap_statistics=overlap_statistics, a_samples=a_samples,
         )
         self.config: SPNGDConfig = validate_spngd_params(params_in)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -133,6 +139,9 @@ class SPNGD(Optimizer):
             logger.warning("SPNGD: first-order update (no curvature) for %d layer(s): %s",
                            len(fallback), "; ".join(fallback))
         self.blocks: dict[str, Block] = {b.name: b for b in block_list}
+        for b in block_list:
+            if isinstance(b, KronBlock):
+                b.a_samples = cfg.a_samples
         self.comm = communicator or Communicator()
         self.assignment: dict[str, int] = assign_owners([block_cost(b) for b in block_list], self.comm.world_size)
         self.capture = CurvatureCapture(model, block_list, cfg.fisher)

@@ -165,6 +165,8 @@ class KronBlock(Block):
         super().__init__(name, module, params)
         self.is_conv = isinstance(module, nn.Conv2d)
         self.has_bias = module.bias is not None
+        #: A from at most this many samples of a micro-batch (SPNGD's ``a_samples``); None: all
+        self.a_samples: int | None = None
         shape = full_shape(module.weight)  # (d_G, C_in, kh, kw) or (d_G, in); zero.Init-safe
         self.d_G = int(shape[0])
         self.d_A = int(shape[1:].numel()) + int(self.has_bias)
@@ -277,7 +279,11 @@ class KronBlock(Block):
         self, inputs: torch.Tensor, due: set[str]
     ) -> Callable[[torch.Tensor, float], None] | None:
         if "A" in due:
-            gram, n = self.activation_gram(inputs.detach())
+            x = inputs.detach()
+            batched = x.dim() > (3 if self.is_conv else 1)  # an unbatched input is one sample
+            if self.a_samples is not None and batched and x.shape[0] > self.a_samples:
+                x = x[: self.a_samples]
+            gram, n = self.activation_gram(x)
             self.stats["A"].add(gram, n, fresh=True)
         if "G" not in due:
             return None
