@@ -1,4 +1,4 @@
-"""Launching tests/ds_worker.py under torchrun (2 gloo ranks on the CPU) from a test."""
+"""Launching test ranks from a test: tests/ds_worker.py under torchrun, or functions on forked gloo ranks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,28 @@ def kill_tagged(tag: str) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             continue
+
+
+def fork_ranks(target: Callable[[int, int, str], None], world: int, out: Path, timeout: float = 240.0) -> list[Any]:
+    """Run ``target(rank, port, str(out))`` on ``world`` processes forked from this one (gloo ranks
+    that rendezvous on one free port), kill any still alive after ``timeout`` seconds, assert that
+    every rank exited with 0, and return what each saved as ``out/rank{r}.pt`` (None where a rank
+    saved nothing there)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, port, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert [p.exitcode for p in procs] == [0] * world, [p.exitcode for p in procs]
+    files = [out / f"rank{r}.pt" for r in range(world)]
+    return [torch.load(f, weights_only=False) if f.exists() else None for f in files]
 
 
 def run_worker(nproc: int, out: Path, *args: str, **kw: Any) -> dict[str, Any]:

@@ -8,7 +8,6 @@ agrees across ranks and differs from the uncapped one."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import spngd_ds
-from tests.distributed import free_port
+from tests.distributed import fork_ranks
 
 WORLD, PER_RANK, K, STEPS = 3, 6, 2, 3
 
@@ -126,15 +125,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_three_ranks_a_from_each_ranks_first_k_samples(tmp_path: Path) -> None:
-    ctx = mp.get_context("fork")
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-        assert p.exitcode == 0, p.exitcode
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = fork_ranks(_rank, WORLD, tmp_path)
     assert sorted(len(r[K][1]) > 0 for r in results) == [False, True, True]  # one rank owns nothing
     owned = {k: v for r in results for k, v in r[K][1].items()}
     assert set(owned) == {"0:A", "0:G", "1:F"}

@@ -7,7 +7,6 @@ unweighted mean of the two ranks' means instead."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.distributed import free_port
+from tests.distributed import fork_ranks
 
 SPLIT = (6, 26)
 
@@ -52,16 +51,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_fp16_statistics_are_exact_for_unequal_per_rank_sample_counts(tmp_path: Path) -> None:
-    ctx = mp.get_context("fork")
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    fork_ranks(_rank, 2, tmp_path, timeout=60)
     import spngd_ds
 
     model = _model()

@@ -5,7 +5,6 @@ skipped for a non-finite gradient while the exchange is in flight."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from torch import nn
 
 import spngd_ds
 from spngd_ds.overlap import can_send_early
-from tests.distributed import free_port
+from tests.distributed import fork_ranks
 
 WORLD, FORWARDS, CAPTURED, STEPS, NAN_STEP = 3, 3, 2, 5, 2
 
@@ -71,15 +70,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_early_factors_give_the_same_steps(tmp_path: Path) -> None:
-    ctx = mp.get_context("fork")
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-        assert p.exitcode == 0, p.exitcode
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = fork_ranks(_rank, WORLD, tmp_path)
     assert sorted(res["early"][2] for res in results) == [0, 1, 1]
     for res in results:
         early, in_step = res["early"], res["in_step"]
