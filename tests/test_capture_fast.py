@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import spngd_ds.blocks.kron as kron_mod
+import spngd_ds.blocks.conv_gram as conv_gram_mod
 from spngd_ds.blocks.kron import KronBlock
 from spngd_ds.blocks.unitwise import UnitwiseBlock, centred_input
 from spngd_ds.staleness import RefreshSchedule
@@ -48,7 +48,7 @@ CONVS = [
 def test_conv_activation_gram_equals_unfold(
     spec: dict, layout_max_d: int, channels_last: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kron_mod, "_ROWS_LAYOUT_MAX_D", layout_max_d)
+    monkeypatch.setattr(conv_gram_mod, "ROWS_LAYOUT_MAX_D", layout_max_d)
     torch.manual_seed(0)
     m = nn.Conv2d(spec["cin"], spec["cout"], spec["k"], stride=spec["stride"], padding=spec["padding"],
                   dilation=spec["dilation"], bias=spec["bias"]).double()
@@ -64,7 +64,7 @@ def test_conv_activation_gram_equals_unfold(
 
 @pytest.mark.parametrize("layout_max_d", [0, 10**9], ids=["columns", "rows"])
 def test_conv_unbatched_and_sliced_inputs(layout_max_d: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kron_mod, "_ROWS_LAYOUT_MAX_D", layout_max_d)
+    monkeypatch.setattr(conv_gram_mod, "ROWS_LAYOUT_MAX_D", layout_max_d)
     torch.manual_seed(1)
     m = nn.Conv2d(3, 2, 3, padding=1).double()
     block = KronBlock("c", m, _schedule)
