@@ -17,7 +17,7 @@ from torch import nn
 
 import spngd_ds.blocks.conv_gram as conv_gram_mod
 from spngd_ds.blocks.kron import KronBlock
-from spngd_ds.blocks.unitwise import UnitwiseBlock, centred_input
+from spngd_ds.blocks.unitwise import UnitwiseBlock, channel_moments
 from spngd_ds.staleness import RefreshSchedule
 
 
@@ -125,16 +125,18 @@ def test_conv_scaled_G_capture() -> None:
 
 
 @pytest.mark.parametrize("shape", [(7, 3), (6, 3, 4), (5, 3, 4, 6)], ids=["bn1d", "bn1d_seq", "bn2d"])
-def test_centred_input_and_F_capture(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("offset", [3.0, 40.0], ids=["mean1.5sd", "mean20sd"])
+def test_channel_moments_and_F_capture(shape: tuple[int, ...], offset: float) -> None:
     torch.manual_seed(4)
     bn = nn.BatchNorm1d(3, eps=1e-2) if len(shape) < 4 else nn.BatchNorm2d(3, eps=1e-2)
     bn = bn.double()
-    x = 2.0 * torch.randn(*shape, dtype=torch.float64) + 3.0
+    x = 2.0 * torch.randn(*shape, dtype=torch.float64) + offset
     dims = [d for d in range(x.dim()) if d != 1]
     xhat = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + bn.eps)
-    xc, rstd = centred_input(bn, x, torch.float64)
+    rows, mean, rstd = channel_moments(bn, x, torch.float64)
     view = [1, -1] + [1] * (x.dim() - 2)
-    torch.testing.assert_close(xc * rstd.view(view), xhat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((x - mean.view(view)) * rstd.view(view), xhat, rtol=1e-12, atol=1e-12)
+    assert rows.shape == (shape[0] * 3, x[0, 0].numel())
     block = UnitwiseBlock("bn", bn, _schedule, 1.0)
     back = block.capture_forward(x, {"F"})
     assert back is not None
@@ -147,6 +149,24 @@ def test_centred_input_and_F_capture(shape: tuple[int, ...]) -> None:
     ub = g.sum(sdims) if sdims else g
     u = torch.stack([ug, ub], -1)
     torch.testing.assert_close(total, torch.einsum("nci,ncj->cij", u, u), rtol=1e-12, atol=1e-12)
+
+
+def test_F_capture_in_float32_with_a_large_mean() -> None:
+    """The one-pass moments in float32, for an input whose mean is 20 standard deviations: F stays
+    within 1e-4 of the float64 capture of the same numbers (the cancellation in E[x²] - μ² and
+    Σ x g - μ Σ g costs about u·(μ/σ)² = 2.4e-5 here)."""
+    torch.manual_seed(6)
+    x = (0.5 * torch.randn(8, 4, 16, 16, dtype=torch.float64) + 10.0).float()
+    grad = torch.randn(8, 4, 16, 16, dtype=torch.float64).float()
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        block = UnitwiseBlock("bn", nn.BatchNorm2d(4).to(dtype), _schedule, 1.0)
+        back = block.capture_forward(x.to(dtype), {"F"})
+        assert back is not None
+        back(grad.to(dtype), 1.0)
+        out[dtype] = block.stats["F"].take_local()[0]
+    ref = out[torch.float64]
+    assert float((out[torch.float32].double() - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
 def test_bf16_layer_statistics_are_fp32() -> None:

@@ -153,7 +153,7 @@ def test_optimizer_refreshes_only_when_due(monkeypatch: pytest.MonkeyPatch) -> N
 
     act_calls = {b.name: _counting(b, "activation_gram", monkeypatch) for b in kron}
     out_calls = {b.name: _counting(b, "output_gram", monkeypatch) for b in kron}
-    xhat_calls = _counting(unitwise_mod, "centred_input", monkeypatch)
+    xhat_calls = _counting(unitwise_mod, "channel_moments", monkeypatch)
     inv_calls = _counting(kron_mod, "robust_inverse", monkeypatch)
 
     expected_interval = {0: 1, 1: 2, 3: 3, 6: 3, 9: 3}

@@ -18,24 +18,28 @@ from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.staleness import RefreshSchedule, wishart_rho
 
 
-def centred_input(
+def channel_moments(
     module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x - μ, 1/sqrt(σ² + eps))`` of a BatchNorm in training mode: x̂ = (x - μ)·rstd, with μ and
-    the biased σ² over all dims but 1; rstd has shape (C,).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input of a BatchNorm in training mode as rows (N·C, L) in ``dtype`` (L: locations per
+    sample, 1 for (N, C) inputs), and the batch's per-channel mean μ (C,) and 1/sqrt(σ² + eps) (C,)
+    with the biased σ² over all dims but 1, so that x̂ = (x - μ)·rstd.
 
-    Two passes with plain sums (the mean, then the squares of the centred input, which it needs
-    anyway): about seven times faster on the CPU than ``x.var`` + ``x.mean`` (and than
-    ``torch.var_mean``) over the non-contiguous dims, and as stable. x̂ itself is never formed:
-    the backward multiplies the output gradient by x - μ and scales the per-sample sums by rstd.
+    x̂ itself is never formed, nor x - μ: the per-sample sums Σ x and Σ x² are dot products along
+    each row, and only their (C,)-sized totals are combined, in float64: σ² = E[x²] - μ² then
+    carries a relative error of about u·(1 + μ²/σ²), u the unit roundoff of ``dtype`` (6e-8 for
+    float32). The two-pass form this replaces wrote a centred copy of the input and held it until
+    the backward; the backward now forms Σ x̂ g per sample the same way, from the rows.
     """
     x = x.detach().to(dtype)
-    dims = [d for d in range(x.dim()) if d != 1]
-    count = x.numel() // max(x.shape[1], 1)
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    xc = x - (x.sum(dim=dims) / count).view(shape)
-    var = (xc * xc).sum(dim=dims) / count
-    return xc, torch.rsqrt(var + module.eps)
+    n, c = x.shape[0], x.shape[1]
+    rows = x.reshape(n * c, -1)
+    count = n * rows.shape[1]
+    sums = rows.sum(-1).view(n, c).sum(0, dtype=torch.float64)
+    squares = torch.linalg.vecdot(rows, rows).view(n, c).sum(0, dtype=torch.float64)
+    mean = sums / count
+    var = (squares / count - mean * mean).clamp_min(0.0)
+    return rows, mean.to(dtype), torch.rsqrt(var + module.eps).to(dtype)
 
 
 def inverse_2x2(f: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,16 +85,16 @@ class UnitwiseBlock(Block):
         if "F" not in due:
             return None
         assert isinstance(self.module, nn.modules.batchnorm._BatchNorm)
-        xc, rstd = centred_input(self.module, inputs, self.dtype)
-        dims = list(range(2, xc.dim()))
+        rows, mean, rstd = channel_moments(self.module, inputs, self.dtype)
 
         def capture_backward(grad: torch.Tensor, scale: float) -> None:
-            n = grad.shape[0]
-            g = grad.detach().to(self.dtype)
-            u_gamma = (xc * g).sum(dim=dims) if dims else xc * g
-            u_beta = g.sum(dim=dims) if dims else g
-            # g_y = n·scale·grad and x̂ = xc·rstd: scale the per-sample sums (N, C), not the maps
-            u = torch.stack([u_gamma * rstd, u_beta], dim=-1).mul_(n * scale)  # (N, C, 2)
+            n, c = grad.shape[0], grad.shape[1]
+            g = grad.detach().to(self.dtype).reshape(n * c, -1)
+            u_beta = g.sum(-1).view(n, c)
+            # Σ x̂ g = rstd·(Σ x g - μ Σ g) per sample and channel
+            u_gamma = (torch.linalg.vecdot(rows, g).view(n, c) - mean * u_beta) * rstd
+            # g_y = n·scale·grad: scale the per-sample sums (N, C), not the maps
+            u = torch.stack([u_gamma, u_beta], dim=-1).mul_(n * scale)  # (N, C, 2)
             self.stats["F"].add(torch.einsum("nci,ncj->cij", u, u), n, fresh=True)
 
         return capture_backward
