@@ -73,8 +73,10 @@ class CurvatureCapture:
         self._forward_index = 0
         self._a_counted: dict[str, int] = {}
         modules = dict(model.named_modules())
-        for name, block in self.blocks.items():
-            self._handles.append(modules[name].register_forward_hook(self._forward_hook(block)))
+        self._block_modules = {name: modules[name] for name in self.blocks}
+        #: the blocks' forward hooks, installed only while a forward can capture for them (below)
+        self._block_handles: dict[str, RemovableHandle] = {}
+        self._set_block_hooks(set(self.blocks))
         for p in model.parameters():
             if p.requires_grad:
                 self._handles.append(p.register_hook(self._presence_hook(id(p))))
@@ -92,9 +94,20 @@ class CurvatureCapture:
 
     def remove(self) -> None:
         """Remove every hook this object installed."""
+        self._set_block_hooks(set())
         for h in self._handles + self._probe_handles:
             h.remove()
         self._handles, self._probe_handles = [], []
+
+    def _set_block_hooks(self, names: set[str]) -> None:
+        """Have the forward hooks of exactly the blocks ``names`` installed. A hook that only returns
+        costs PyTorch's slow module call (about 17 us a module here: 0.7 ms a ResNet-20 forward),
+        so a forward that captures nothing runs without them."""
+        for name in [n for n in self._block_handles if n not in names]:
+            self._block_handles.pop(name).remove()
+        for name in sorted(names - self._block_handles.keys()):
+            hook = self._forward_hook(self.blocks[name])
+            self._block_handles[name] = self._block_modules[name].register_forward_hook(hook)
 
     def _capturing(self) -> bool:
         smb = self.stat_micro_batches
@@ -113,6 +126,7 @@ class CurvatureCapture:
             self.micro_batch += 1
             self._forward_index += 1
             self._mc_targets = []
+        self._set_block_hooks({n for n in self.blocks if self.due.get(n)} if self._capturing() else set())
 
     def _snapshot_batchnorm(self) -> None:
         """Remember BatchNorm running statistics before the step's first forward, so that a

@@ -321,3 +321,27 @@ def test_by_default_only_the_first_forward_of_a_step_is_captured() -> None:
     assert opt.config.stat_micro_batches == 1
     captures = _captures_of_two_forward_steps(model, opt)
     assert captures == [1, 2, 2, 3]  # refreshed at 0, 1, 3, one micro-batch each
+
+
+def test_block_hooks_are_installed_only_for_forwards_that_capture() -> None:
+    """A forward that captures nothing runs without the blocks' forward hooks (they cost the slow
+    module call), a capturing forward has them exactly on the blocks that are due, and captures
+    still happen where they did (the counts of the test above)."""
+    model = _mlp()
+    opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3})
+    modules = dict(model.named_modules())
+    seen: list[list[str]] = []
+
+    def record(module: nn.Module, inputs: object) -> None:  # runs after SPNGD's root pre-hook
+        seen.append([name for name in opt.blocks if modules[name]._forward_hooks])
+
+    model.register_forward_pre_hook(record)
+    captures = _captures_of_two_forward_steps(model, opt)
+    assert captures == [1, 2, 2, 3]
+    every = sorted(opt.blocks)
+    # steps 0, 1 and 3 are due: hooks on the first forward only; step 2 is stale: none at all
+    assert [sorted(s) for s in seen] == [every, [], every, [], [], [], every, []]
+    with torch.no_grad():
+        model.eval()
+        model(_batch(0)[0])
+    assert seen[-1] == []
