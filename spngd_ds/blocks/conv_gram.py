@@ -163,10 +163,16 @@ def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, in
     products = [lhs @ flat[sh : sh + span] for sh in plan.shifts]  # C x C each
     border: list[torch.Tensor] = []
     if plan.terms:
-        base = torch.arange(n, device=x.device) * pitch
-        for s, offsets in plan.terms:
-            idx = (base[:, None] + torch.tensor(offsets, device=x.device)[None, :]).reshape(-1)
-            border.append(flat[idx].t() @ flat[idx + plan.shifts[s]])
+        # every term's pixels and their partners in two gathers (one index upload for all terms)
+        offsets = torch.tensor([o for _, offs in plan.terms for o in offs], device=x.device)
+        partner = torch.tensor([plan.shifts[s] for s, offs in plan.terms for _ in offs], device=x.device)
+        idx = (torch.arange(n, device=x.device) * pitch)[:, None] + offsets[None, :]  # (N, pixels)
+        first, second = flat[idx], flat[idx + partner[None, :]]  # (N, pixels, C) each
+        start = 0
+        for _, offs in plan.terms:
+            stop = start + len(offs)
+            border.append(first[:, start:stop].reshape(-1, c).t() @ second[:, start:stop].reshape(-1, c))
+            start = stop
     blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
     for tap_pair, sh, corr in zip(plan.blocks, plan.block_shift, plan.corrections, strict=True):
         blk = products[sh]
