@@ -50,11 +50,12 @@ def wishart_rho(value: torch.Tensor, vectors_per_sample: float = 1.0) -> float:
     and a real change is never taken for noise (the rule errs on the side of refreshing).
     Returns 0 for a zero or non-finite value (no noise correction).
     """
-    v = value.double()
-    if v.dim() == 2:
-        v = v.unsqueeze(0)
-    fro2 = float((v * v).sum())
-    trace2 = float(torch.diagonal(v, dim1=-2, dim2=-1).sum(-1).pow(2).sum())
+    v = value.unsqueeze(0) if value.dim() == 2 else value
+    fro = float(torch.linalg.vector_norm(v))  # in v's dtype: 40x faster than in float64 on the CPU
+    if not math.isfinite(fro):  # the squares overflowed v's dtype: redo in float64
+        fro = float(torch.linalg.vector_norm(v.double()))
+    fro2 = fro * fro
+    trace2 = float(torch.diagonal(v, dim1=-2, dim2=-1).double().sum(-1).pow(2).sum())
     if not (math.isfinite(fro2) and math.isfinite(trace2)) or fro2 <= 0.0:
         return 0.0
     return (1.0 + trace2 / fro2) / max(float(vectors_per_sample), 1.0)

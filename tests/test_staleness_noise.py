@@ -43,6 +43,19 @@ def test_wishart_rho_of_blocks_and_degenerate_values() -> None:
     assert wishart_rho(torch.full((2, 2), float("nan"))) == 0.0
 
 
+def test_wishart_rho_in_float32_and_past_its_range() -> None:
+    """ρ from a float32 value equals the float64 one, also where the squares overflow float32
+    (entries of 1e25: the norm is then taken again in float64); ρ does not depend on the scale."""
+    torch.manual_seed(3)
+    x = torch.randn(40, 7, dtype=torch.float64)
+    cov = x.t() @ x / 40
+    ref = wishart_rho(cov)
+    assert wishart_rho(cov.float()) == pytest.approx(ref, rel=1e-5)
+    big = (cov * 1e25).float()
+    assert not math.isfinite(float(torch.linalg.vector_norm(big)))  # the case the fallback is for
+    assert wishart_rho(big) == pytest.approx(ref, rel=1e-5)
+
+
 def test_rule_with_floor() -> None:
     s = RefreshSchedule(threshold=0.1, max_interval=5)
     s.note_value(rho=3.0, samples=60)
