@@ -63,18 +63,19 @@ def symmetric_gram(cols: torch.Tensor, block: int = 256) -> torch.Tensor:
     return out
 
 
-def _padded_channels_last(x: torch.Tensor, ph: int, pw: int, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` (N, C, H, W) as a contiguous (N, H + 2ph, W + 2pw, C) copy in ``dtype``, zero-padded
-    (only the border is zeroed: the interior is written once, by the copy)."""
+def _padded_channels_last(x: torch.Tensor, pad_h: tuple[int, int], pad_w: tuple[int, int],
+                          dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (N, C, H, W) as a contiguous (N, top + H + bottom, left + W + right, C) copy in
+    ``dtype`` with zeros around it, ``pad_h`` = (top, bottom), ``pad_w`` = (left, right) (only the
+    border is zeroed: the interior is written once, by the copy)."""
     n, c, h, w = x.shape
-    xp = x.new_empty((n, h + 2 * ph, w + 2 * pw, c), dtype=dtype)
-    if ph:
-        xp[:, :ph].zero_()
-        xp[:, ph + h :].zero_()
-    if pw:
-        xp[:, ph : ph + h, :pw].zero_()
-        xp[:, ph : ph + h, pw + w :].zero_()
-    xp[:, ph : ph + h, pw : pw + w] = x.permute(0, 2, 3, 1)
+    (top, bottom), (left, right) = pad_h, pad_w
+    xp = x.new_empty((n, top + h + bottom, left + w + right, c), dtype=dtype)
+    xp[:, :top].zero_()
+    xp[:, top + h :].zero_()
+    xp[:, top : top + h, :left].zero_()
+    xp[:, top : top + h, left + w :].zero_()
+    xp[:, top : top + h, left : left + w] = x.permute(0, 2, 3, 1)
     return xp
 
 
@@ -92,8 +93,11 @@ class _ShiftPlan:
     shifts: tuple[int, ...]  #: flat offsets of the distinct shifts (δr >= 0; e >= 0 where δr = 0)
     blocks: tuple[tuple[int, int, int, int], ...]  #: kernel-tap pairs (i, a, j, b), (i, a) <= (j, b)
     block_shift: tuple[int, ...]  #: per block, its index in ``shifts``
-    #: border terms Σ x(p) x(p + shift)ᵀ over in-image offsets p (every image): (shift index, offsets)
-    terms: tuple[tuple[int, tuple[int, ...]], ...]
+    #: border terms Σ x(p) x(p + shift)ᵀ over in-image offsets p (every image), one after another:
+    #: each term's number of pixels, and per pixel its offset in the image and its partner's shift
+    term_sizes: tuple[int, ...]
+    pixel_offsets: tuple[int, ...]
+    pixel_shifts: tuple[int, ...]
     #: per block, (term index, ±1): block = product of its shift - Σ sign·term (inclusion-exclusion)
     corrections: tuple[tuple[tuple[int, int], ...], ...]
     inside_rows: tuple[tuple[bool, ...], ...]  #: (kh, H): real row r inside the window of tap row i
@@ -138,7 +142,9 @@ def _shift_plan(h: int, w: int, kh: int, kw: int, dh: int, dw: int, ph: int, pw:
                     corrections.append(tuple(corr))
     shifts = tuple(dr * width + e for (dr, e) in shift_of)
     return _ShiftPlan(width, rows_per_image, shifts, tuple(blocks), tuple(block_shift),
-                      tuple(terms), tuple(corrections), inside_rows, inside_cols)
+                      tuple(len(offs) for _, offs in terms), tuple(o for _, offs in terms for o in offs),
+                      tuple(shifts[s] for s, offs in terms for _ in offs),
+                      tuple(corrections), inside_rows, inside_cols)
 
 
 def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
@@ -152,25 +158,22 @@ def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, in
     (kh, kw), (dh, dw), (ph, pw) = kernel, dilation, padding
     plan = _shift_plan(h, w, kh, kw, dh, dw, ph, pw)
     pitch = plan.rows_per_image * plan.width
-    buf = x.new_empty((n, plan.rows_per_image, plan.width, c), dtype=dtype)
-    buf[:, h:].zero_()
-    buf[:, :h, w:].zero_()
-    buf[:, :h, :w] = x.permute(0, 2, 3, 1)
+    buf = _padded_channels_last(x, (0, plan.rows_per_image - h), (0, plan.width - w), dtype)
     flat = buf.view(n * pitch, c)
     # the last real pixel is at (n - 1)·pitch + (h - 1)·width + w - 1; every shift of it stays in the buffer
     span = (n - 1) * pitch + (h - 1) * plan.width + w
     lhs = flat[:span].t()
     products = [lhs @ flat[sh : sh + span] for sh in plan.shifts]  # C x C each
     border: list[torch.Tensor] = []
-    if plan.terms:
+    if plan.term_sizes:
         # every term's pixels and their partners in two gathers (one index upload for all terms)
-        offsets = torch.tensor([o for _, offs in plan.terms for o in offs], device=x.device)
-        partner = torch.tensor([plan.shifts[s] for s, offs in plan.terms for _ in offs], device=x.device)
+        offsets = torch.tensor(plan.pixel_offsets, device=x.device)
+        partner = torch.tensor(plan.pixel_shifts, device=x.device)
         idx = (torch.arange(n, device=x.device) * pitch)[:, None] + offsets[None, :]  # (N, pixels)
         first, second = flat[idx], flat[idx + partner[None, :]]  # (N, pixels, C) each
         start = 0
-        for _, offs in plan.terms:
-            stop = start + len(offs)
+        for size in plan.term_sizes:
+            stop = start + size
             border.append(first[:, start:stop].reshape(-1, c).t() @ second[:, start:stop].reshape(-1, c))
             start = stop
     blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
@@ -210,7 +213,7 @@ def patch_gram(module: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, bias: boo
     elif d < ROWS_LAYOUT_MAX_D:
         # rows (N·Ho·Wo, kh·kw·C) from a zero-padded channels-last copy: the gather reads
         # contiguous channel vectors, and the tall-skinny product R^T R is fastest for small d
-        xp = _padded_channels_last(x, ph, pw, dtype)
+        xp = _padded_channels_last(x, (ph, ph), (pw, pw), dtype)
         s = xp.stride()
         patches = xp.as_strided((n, ho, wo, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]))
         rows = patches.reshape(n * ho * wo, d)
