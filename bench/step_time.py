@@ -91,7 +91,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="capture: repetitions (best of)")
     p.add_argument("--r50_batch", type=int, default=2, help="capture: ResNet-50 224x224 batch (0: skip)")
     p.add_argument("--local_rank", type=int, default=0)
-    return p.parse_args()
+    a = p.parse_args()
+    if a.repeats < 1:
+        p.error(f"--repeats must be an integer >= 1, got {a.repeats}")
+    return a
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
