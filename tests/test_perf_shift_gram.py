@@ -35,7 +35,9 @@ SPECS = [
 @pytest.mark.parametrize("shift", [True, False], ids=["shift", "im2col"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("spec", SPECS, ids=[f"spec{i}" for i in range(len(SPECS))])
-@pytest.mark.parametrize("shape", [(3, 7, 8), (1, 9, 5), (4, 4, 6), (2, 2, 3)], ids=["n3", "n1", "short", "tiny"])
+# "column": one pixel wide, so a row's border term and a corner's are the same pixel (their signs add up)
+@pytest.mark.parametrize("shape", [(3, 7, 8), (1, 9, 5), (4, 4, 6), (2, 2, 3), (2, 5, 1)],
+                         ids=["n3", "n1", "short", "tiny", "column"])
 def test_shift_gram_equals_unfold(spec: dict, bias: bool, shift: bool, shape: tuple[int, int, int],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(conv_gram_mod, "SHIFT_LAYOUT", shift)

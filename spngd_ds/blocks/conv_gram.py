@@ -86,20 +86,23 @@ class _ShiftPlan:
     The input lives in a flat channels-last buffer of ``rows_per_image·width`` positions per image:
     real pixel (r, q) at r·width + q, followed by zero columns and rows wide enough that no shift
     reaches a real pixel of another row or image. Shift δ = (δr, e) is the flat offset δr·width + e.
+    Kernel taps are numbered t = i·kw + a; the blocks computed are the pairs t1 <= t2 in that order.
     """
 
     width: int  #: row pitch of the buffer (W plus at least the widest column shift)
     rows_per_image: int  #: H plus at least the tallest row shift
     shifts: tuple[int, ...]  #: flat offsets of the distinct shifts (δr >= 0; e >= 0 where δr = 0)
-    blocks: tuple[tuple[int, int, int, int], ...]  #: kernel-tap pairs (i, a, j, b), (i, a) <= (j, b)
-    block_shift: tuple[int, ...]  #: per block, its index in ``shifts``
-    #: border terms Σ x(p) x(p + shift)ᵀ over in-image offsets p (every image), one after another:
-    #: each term's number of pixels, and per pixel its offset in the image and its partner's shift
-    term_sizes: tuple[int, ...]
+    block_shift: tuple[int, ...]  #: per block t1 <= t2, its index in ``shifts``
+    #: border terms Σ x(p) x(p + shift)ᵀ over in-image offsets p (every image), ordered by their
+    #: number of pixels: per run of equal sizes (terms, pixels per term); then per pixel of every
+    #: term, one term after another, its offset in the image and its partner's shift
+    term_groups: tuple[tuple[int, int], ...]
     pixel_offsets: tuple[int, ...]
     pixel_shifts: tuple[int, ...]
-    #: per block, (term index, ±1): block = product of its shift - Σ sign·term (inclusion-exclusion)
-    corrections: tuple[tuple[tuple[int, int], ...], ...]
+    #: (block, term, ±1): block = product of its shift - Σ sign·term (inclusion-exclusion)
+    corrections: tuple[tuple[int, int, int], ...]
+    #: per tap pair (t1, t2) in row-major order, the index of its block in [blocks, blocksᵀ]
+    pair_index: tuple[int, ...]
     inside_rows: tuple[tuple[bool, ...], ...]  #: (kh, H): real row r inside the window of tap row i
     inside_cols: tuple[tuple[bool, ...], ...]  #: (kw, W): real column q inside the window of tap column a
 
@@ -121,30 +124,45 @@ def _shift_plan(h: int, w: int, kh: int, kw: int, dh: int, dw: int, ph: int, pw:
     inside_cols = tuple(tuple(a * dw - pw <= q < a * dw - pw + wo for q in range(w)) for a in range(kw))
     shift_of: dict[tuple[int, int], int] = {}
     terms: dict[tuple[int, tuple[int, ...]], int] = {}
-    blocks, block_shift, corrections = [], [], []
+    block_of: dict[tuple[int, int], int] = {}
+    block_shift: list[int] = []
+    signed: list[tuple[int, int, int]] = []
 
     def term(shift: int, offsets: tuple[int, ...]) -> int:
         return terms.setdefault((shift, offsets), len(terms))
 
-    for i in range(kh):
-        for a in range(kw):
-            for j in range(i, kh):
-                for b in range(a if j == i else 0, kw):
-                    dr, e = (j - i) * dh, (b - a) * dw
-                    s = shift_of.setdefault((dr, e), len(shift_of))
-                    rows = [r for r in range(h) if not inside_rows[i][r] and 0 <= r + dr < h]
-                    cols = [q for q in range(w) if not inside_cols[a][q] and 0 <= q + e < w]
-                    corr = [(term(s, tuple(r * width + q for q in range(w))), 1) for r in rows]
-                    corr += [(term(s, tuple(r * width + q for r in range(h))), 1) for q in cols]
-                    corr += [(term(s, (r * width + q,)), -1) for r in rows for q in cols]
-                    blocks.append((i, a, j, b))
-                    block_shift.append(s)
-                    corrections.append(tuple(corr))
+    taps = kh * kw
+    for t1 in range(taps):
+        i, a = divmod(t1, kw)
+        for t2 in range(t1, taps):
+            j, b = divmod(t2, kw)
+            dr, e = (j - i) * dh, (b - a) * dw
+            s = shift_of.setdefault((dr, e), len(shift_of))
+            blk = block_of.setdefault((t1, t2), len(block_of))
+            block_shift.append(s)
+            rows = [r for r in range(h) if not inside_rows[i][r] and 0 <= r + dr < h]
+            cols = [q for q in range(w) if not inside_cols[a][q] and 0 <= q + e < w]
+            signed += [(blk, term(s, tuple(r * width + q for q in range(w))), 1) for r in rows]
+            signed += [(blk, term(s, tuple(r * width + q for r in range(h))), 1) for q in cols]
+            signed += [(blk, term(s, (r * width + q,)), -1) for r in rows for q in cols]
     shifts = tuple(dr * width + e for (dr, e) in shift_of)
-    return _ShiftPlan(width, rows_per_image, shifts, tuple(blocks), tuple(block_shift),
-                      tuple(len(offs) for _, offs in terms), tuple(o for _, offs in terms for o in offs),
-                      tuple(shifts[s] for s, offs in terms for _ in offs),
-                      tuple(corrections), inside_rows, inside_cols)
+    # terms in order of size, so that each run of equal sizes is one batched product
+    order = sorted(terms, key=lambda key: (len(key[1]), terms[key]))
+    new_index = {terms[key]: k for k, key in enumerate(order)}
+    groups: list[tuple[int, int]] = []
+    for _, offs in order:
+        if groups and groups[-1][1] == len(offs):
+            groups[-1] = (groups[-1][0] + 1, len(offs))
+        else:
+            groups.append((1, len(offs)))
+    nb = len(block_of)
+    pair_index = tuple(block_of[(t1, t2)] if t1 <= t2 else nb + block_of[(t2, t1)]
+                       for t1 in range(taps) for t2 in range(taps))
+    return _ShiftPlan(width, rows_per_image, shifts, tuple(block_shift), tuple(groups),
+                      tuple(o for _, offs in order for o in offs),
+                      tuple(shifts[s] for s, offs in order for _ in offs),
+                      tuple((blk, new_index[t], sign) for blk, t, sign in signed),
+                      pair_index, inside_rows, inside_cols)
 
 
 def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
@@ -163,31 +181,36 @@ def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, in
     # the last real pixel is at (n - 1)·pitch + (h - 1)·width + w - 1; every shift of it stays in the buffer
     span = (n - 1) * pitch + (h - 1) * plan.width + w
     lhs = flat[:span].t()
-    products = [lhs @ flat[sh : sh + span] for sh in plan.shifts]  # C x C each
-    border: list[torch.Tensor] = []
-    if plan.term_sizes:
-        # every term's pixels and their partners in two gathers (one index upload for all terms)
+    products = flat.new_empty(len(plan.shifts), c, c)
+    for k, sh in enumerate(plan.shifts):
+        torch.mm(lhs, flat[sh : sh + span], out=products[k])
+    # (blocks, C, C): block t1 <= t2 before its corrections
+    upper = products.index_select(0, torch.tensor(plan.block_shift, device=x.device))
+    if plan.corrections:
+        # every term's pixels (term after term, each over every image) and their partners: two
+        # gathers, then one batched product per run of equal-sized terms
+        images = torch.arange(n, device=x.device) * pitch
         offsets = torch.tensor(plan.pixel_offsets, device=x.device)
-        partner = torch.tensor(plan.pixel_shifts, device=x.device)
-        idx = (torch.arange(n, device=x.device) * pitch)[:, None] + offsets[None, :]  # (N, pixels)
-        first, second = flat[idx], flat[idx + partner[None, :]]  # (N, pixels, C) each
-        start = 0
-        for size in plan.term_sizes:
-            stop = start + size
-            border.append(first[:, start:stop].reshape(-1, c).t() @ second[:, start:stop].reshape(-1, c))
+        partner = offsets + torch.tensor(plan.pixel_shifts, device=x.device)
+        first = flat.index_select(0, (offsets[:, None] + images).reshape(-1))
+        second = flat.index_select(0, (partner[:, None] + images).reshape(-1))
+        terms, start = [], 0
+        for count, size in plan.term_groups:
+            stop = start + count * size * n
+            a, b = first[start:stop].view(count, size * n, c), second[start:stop].view(count, size * n, c)
+            terms.append(torch.bmm(a.transpose(1, 2), b))
             start = stop
-    blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
-    for tap_pair, sh, corr in zip(plan.blocks, plan.block_shift, plan.corrections, strict=True):
-        blk = products[sh]
-        blocks[tap_pair] = blk - sum(sign * border[t] for t, sign in corr) if corr else blk
-    # one tap row (i, a) at a time: its kh·kw blocks side by side, each row of the result written once
-    out = flat.new_empty(c, kh, kw, c, kh, kw)
-    for i in range(kh):
-        for a in range(kw):
-            row = [blocks[(i, a, j, b)] if (i, a) <= (j, b) else blocks[(j, b, i, a)].t()
-                   for j in range(kh) for b in range(kw)]
-            out[:, i, a] = torch.stack(row, dim=-1).view(c, c, kh, kw)
-    gram = out.view(c * kh * kw, c * kh * kw)
+        border = torch.cat(terms).view(-1, c * c)  # (terms, C·C)
+        blk, term, sign = zip(*plan.corrections, strict=True)
+        signs = torch.zeros(len(plan.block_shift), border.shape[0], dtype=dtype, device=x.device)
+        # accumulated: on a one-pixel-wide image a row's term and a crossing's are the same term
+        signs.index_put_((torch.tensor(blk, device=x.device), torch.tensor(term, device=x.device)),
+                         torch.tensor(sign, dtype=dtype, device=x.device), accumulate=True)
+        upper = upper - (signs @ border).view(-1, c, c)
+    both = torch.cat([upper, upper.transpose(1, 2)])
+    pairs = both.index_select(0, torch.tensor(plan.pair_index, device=x.device))  # (taps·taps, C, C)
+    taps = kh * kw
+    gram = pairs.view(taps, taps, c, c).permute(2, 0, 3, 1).reshape(c * taps, c * taps)
     colsum = None
     if bias:
         per_pixel = buf[:, :h, :w].sum(0)  # (H, W, C)
