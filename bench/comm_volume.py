@@ -142,8 +142,9 @@ def sent_bytes(kind: str, a: dict[str, Any], rank: int, world: int) -> float:
 class CollectiveCounter:
     """Replaces every function of :data:`FUNCS` in ``torch.distributed`` and
     ``torch.distributed.distributed_c10d`` (and DeepSpeed's cached all-gather / reduce-scatter
-    functions) by a wrapper that adds up :func:`sent_bytes` per call. Nested calls (one c10d
-    function calling another) count once, as the outermost."""
+    functions) by a wrapper that logs :func:`sent_bytes` and the wall seconds of each call (for an
+    asynchronous one, its issue plus its ``wait``). Nested calls (one c10d function calling
+    another) count once, as the outermost."""
 
     def __init__(self) -> None:
         import deepspeed.comm.comm as ds_comm
@@ -178,23 +179,32 @@ class CollectiveCounter:
 
         @functools.wraps(inner)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            entry = None
             if self._depth == 0:
-                self._record(name, kind, sig, args, kwargs, sys._getframe(1).f_code.co_filename)
+                entry = self._record(name, kind, sig, args, kwargs, sys._getframe(1).f_code.co_filename)
             self._depth += 1
+            start = time.perf_counter()
             try:
-                return inner(*args, **kwargs)
+                out = inner(*args, **kwargs)
             finally:
                 self._depth -= 1
+            if entry is not None:
+                entry["seconds"] = time.perf_counter() - start
+                if out is not None and hasattr(out, "wait"):  # async_op: the wait counts too
+                    out = _TimedWork(out, entry)
+            return out
 
         wrapper.__wrapped_by_counter__ = inner  # type: ignore[attr-defined]
         self._wrapped[id(inner)] = wrapper
         return wrapper
 
     def _record(self, name: str, kind: str | None, sig: inspect.Signature, args: tuple[Any, ...],
-                kwargs: dict[str, Any], caller: str) -> None:
+                kwargs: dict[str, Any], caller: str) -> dict[str, Any] | None:
+        """Log one call made inside a measured window (its entry, which the wrapper completes with
+        the call's wall ``seconds``); count it in :attr:`outside` otherwise."""
         if not self.measuring:
             self.outside[name] = self.outside.get(name, 0) + 1
-            return
+            return None
         if kind is None or (self.allowed is not None and name not in self.allowed):
             raise RuntimeError(f"comm_volume: unexpected collective torch.distributed.{name} during a measured step "
                                f"(called from {caller}); allowed: {sorted(self.allowed or FUNCS)}")
@@ -202,12 +212,31 @@ class CollectiveCounter:
         group = bound.get("group")
         world = dist.get_world_size(group) if group is not None else self.world
         rank = dist.get_rank(group) if group is not None else self.rank
-        self.log.append({"fn": name, "bytes": sent_bytes(kind, bound, rank, world),
-                         "ours": "/spngd_ds/" in caller.replace("\\", "/")})
+        entry = {"fn": name, "bytes": sent_bytes(kind, bound, rank, world),
+                 "ours": "/spngd_ds/" in caller.replace("\\", "/"), "seconds": 0.0}
+        self.log.append(entry)
+        return entry
 
     def window(self, allowed: frozenset[str] | None = None) -> _Window:
         """``with counter.window() as w:`` counts the calls inside; ``w.calls`` afterwards."""
         return _Window(self, allowed)
+
+
+class _TimedWork:
+    """The handle of an asynchronous collective: its ``wait`` adds to the call's logged seconds."""
+
+    def __init__(self, work: Any, entry: dict[str, Any]) -> None:
+        self._work, self._entry = work, entry
+
+    def wait(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self._work.wait(*args, **kwargs)
+        finally:
+            self._entry["seconds"] += time.perf_counter() - start
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
 
 
 class _Window:

@@ -22,6 +22,7 @@ Writes ``bench/results/step_time_<device>.json`` and ``docs/step_time_split_<dev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -85,6 +86,9 @@ def parse_args() -> argparse.Namespace:
                    help="accum: extra SP-NGD engines with these stat_micro_batches (none: only the default)")
     p.add_argument("--a_samples", type=int, default=None,
                    help="every SP-NGD engine takes A from at most this many samples per micro-batch (default: all)")
+    p.add_argument("--collective_times", action="store_true",
+                   help="accum: time every torch.distributed collective of each step (wrapped, as in comm_volume.py) "
+                   "and report the first one (where a rank waits for the slower one) apart from the others")
     p.add_argument("--overlap_variant", action="store_true",
                    help="accum: an extra SP-NGD engine with overlap_statistics: true (A sent behind the backward)")
     p.add_argument("--noise_in_small", action="store_true", help="small: also the old noise diagnostic")
@@ -516,6 +520,7 @@ class AccumTrace:
     split: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SPLIT_KEYS})
     due: dict[str, list[float]] = field(default_factory=dict)
     ratios: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # kind -> (step, r, floor)
+    collectives: list[list[float]] = field(default_factory=list)  # per step, seconds of each collective in order
 
 
 def accum_engines(a: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
@@ -539,26 +544,35 @@ def accum_engines(a: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
 
 
 def accum_step(engine: Any, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, a: argparse.Namespace, rank: int,
-               world: int, device: torch.device) -> float:
-    """Wall seconds of one optimizer step: ``gas`` micro-batches of forward + backward + engine.step."""
+               world: int, device: torch.device, counter: Any = None, collectives: list[list[float]] | None = None
+               ) -> float:
+    """Wall seconds of one optimizer step: ``gas`` micro-batches of forward + backward + engine.step.
+    With a ``counter`` (comm_volume.CollectiveCounter), the seconds of each collective of the step,
+    in call order, are appended to ``collectives``."""
     sync(device)
     dist.barrier()
-    start = time.perf_counter()
-    for mb in range(a.gas):
-        lo = (mb * world + rank) * a.micro_batch
-        sub = idx[lo : lo + a.micro_batch]
-        loss = F.cross_entropy(engine(x[sub].to(device)), y[sub].to(device))
-        engine.backward(loss)
-        engine.step()
-    sync(device)
-    return time.perf_counter() - start
+    window = counter.window() if counter is not None else contextlib.nullcontext()
+    with window as w:
+        start = time.perf_counter()
+        for mb in range(a.gas):
+            lo = (mb * world + rank) * a.micro_batch
+            sub = idx[lo : lo + a.micro_batch]
+            loss = F.cross_entropy(engine(x[sub].to(device)), y[sub].to(device))
+            engine.backward(loss)
+            engine.step()
+        sync(device)
+        seconds = time.perf_counter() - start
+    if counter is not None and collectives is not None:
+        collectives.append([c["seconds"] for c in w.calls])
+    return seconds
 
 
 def owned_refresh_counts(opt: Any) -> dict[tuple[str, str], int]:
     return {(b.name, s.name): s.refreshes for b in opt.owned() for s in b.stats.values()}
 
 
-def run_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+def run_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device, counter: Any = None
+              ) -> dict[str, Any]:
     """A whole run from step 0 for every engine in turn on the same global batches (the order
     alternates every step); amortized ratio = total SP-NGD time / total SGD time."""
     engines = accum_engines(a)
@@ -577,7 +591,7 @@ def run_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device
             if opt is not None:
                 for kind, v in due_by_kind(opt).items():
                     tr.due.setdefault(kind, []).append(v)
-            tr.times.append(accum_step(engine, x, y, idx, a, rank, world, device))
+            tr.times.append(accum_step(engine, x, y, idx, a, rank, world, device, counter, tr.collectives))
             if opt is None:
                 continue
             m = opt.metrics()
@@ -615,8 +629,21 @@ def run_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device
                 for kind, vals in kinds.items()
             }
             entry["r_per_refresh"] = kinds
+        if tr.collectives:
+            entry["collectives"] = collective_summary(tr.collectives, world)
         out["engines"][name] = entry
     return out
+
+
+def collective_summary(steps: list[list[float]], world: int) -> dict[str, Any]:
+    """Per rank, the mean over steps of the first collective's seconds (it includes the wait for the
+    slower rank: the skew of the step's compute) and of the sum of the others; calls per step."""
+    first = mean([s[0] if s else 0.0 for s in steps])
+    rest = mean([sum(s[1:]) for s in steps])
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (first, rest))
+    return {"calls_per_step": mean([float(len(s)) for s in steps]),
+            "first_s_by_rank": [g[0] for g in gathered], "others_s_by_rank": [g[1] for g in gathered]}
 
 
 def median(v: list[float]) -> float:
@@ -654,12 +681,24 @@ def print_accum(res: dict[str, Any]) -> None:
                  v["share_r_below_threshold"], v["refreshes_after_step0"]] for k, v in e["r_by_kind"].items()]
         print(common.format_table(["kind", "refresh fraction", "median r", "median noise floor", "share r < 0.1",
                                    "refreshes"], rows))
+    rows = [[name, c["calls_per_step"], " / ".join(f"{v * 1e3:.1f}" for v in c["first_s_by_rank"]),
+             " / ".join(f"{v * 1e3:.1f}" for v in c["others_s_by_rank"])]
+            for name, e in eng.items() if (c := e.get("collectives"))]
+    if rows:
+        print("torch.distributed collectives per step (wrapped), mean ms per rank (rank 0 / rank 1 / ...):")
+        print(common.format_table(["engine", "calls/step", "first collective (waits for the slower rank)",
+                                   "the others"], rows))
 
 
 def main_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
     wall = time.perf_counter()
     load_before = list(os.getloadavg())
-    runs = [run_accum(a, rank, world, device) for _ in range(a.repeats)]
+    counter = None
+    if a.collective_times:
+        from comm_volume import CollectiveCounter
+
+        counter = CollectiveCounter()
+    runs = [run_accum(a, rank, world, device, counter) for _ in range(a.repeats)]
     ratios = [r["engines"]["spngd"]["ratio_to_sgd"] for r in runs]
     res = runs[sorted(range(len(runs)), key=lambda i: ratios[i])[len(runs) // 2]]  # the median run
     res["repeat_ratios"] = {name: [r["engines"][name]["ratio_to_sgd"] for r in runs] for name in res["engines"]}
@@ -667,7 +706,8 @@ def main_accum(a: argparse.Namespace, rank: int, world: int, device: torch.devic
                     "world_size": world, "global_batch": a.micro_batch * a.gas * world, "accum_steps": a.accum_steps,
                     "device": device.type, "zero_stage": 0, "precision": "fp32", "spngd": common.SPNGD_PARAMS,
                     "staleness": common.DEFAULT_STALENESS, "sgd": common.SGD_PARAMS,
-                    "stat_micro_batches_variants": a.smb, "a_samples": a.a_samples, "repeats": a.repeats}
+                    "stat_micro_batches_variants": a.smb, "a_samples": a.a_samples, "repeats": a.repeats,
+                    "collective_times": a.collective_times}
     res["target"] = {"ratio_max": ACCUM_TARGET,
                      "met_default": res["engines"]["spngd"]["ratio_to_sgd"] <= ACCUM_TARGET}
     res["machine"] = common.machine_info() | {"load_average_at_start": load_before}
