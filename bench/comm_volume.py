@@ -191,6 +191,7 @@ class CollectiveCounter:
             if entry is not None:
                 entry["seconds"] = time.perf_counter() - start
                 if out is not None and hasattr(out, "wait"):  # async_op: the wait counts too
+                    entry["async"] = True
                     out = _TimedWork(out, entry)
             return out
 
@@ -213,7 +214,7 @@ class CollectiveCounter:
         world = dist.get_world_size(group) if group is not None else self.world
         rank = dist.get_rank(group) if group is not None else self.rank
         entry = {"fn": name, "bytes": sent_bytes(kind, bound, rank, world),
-                 "ours": "/spngd_ds/" in caller.replace("\\", "/"), "seconds": 0.0}
+                 "ours": "/spngd_ds/" in caller.replace("\\", "/"), "seconds": 0.0, "async": False}
         self.log.append(entry)
         return entry
 

@@ -88,7 +88,7 @@ def parse_args() -> argparse.Namespace:
                    help="every SP-NGD engine takes A from at most this many samples per micro-batch (default: all)")
     p.add_argument("--collective_times", action="store_true",
                    help="accum: time every torch.distributed collective of each step (wrapped, as in comm_volume.py) "
-                   "and report the first one (where a rank waits for the slower one) apart from the others")
+                   "and report the first blocking one (where a rank waits for the slower one) apart from the others")
     p.add_argument("--overlap_variant", action="store_true",
                    help="accum: an extra SP-NGD engine with overlap_statistics: true (A sent behind the backward)")
     p.add_argument("--noise_in_small", action="store_true", help="small: also the old noise diagnostic")
@@ -520,7 +520,8 @@ class AccumTrace:
     split: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SPLIT_KEYS})
     due: dict[str, list[float]] = field(default_factory=dict)
     ratios: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # kind -> (step, r, floor)
-    collectives: list[list[float]] = field(default_factory=list)  # per step, seconds of each collective in order
+    #: per step, (seconds, asynchronous) of each collective in call order
+    collectives: list[list[tuple[float, bool]]] = field(default_factory=list)
 
 
 def accum_engines(a: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
@@ -544,11 +545,12 @@ def accum_engines(a: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
 
 
 def accum_step(engine: Any, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, a: argparse.Namespace, rank: int,
-               world: int, device: torch.device, counter: Any = None, collectives: list[list[float]] | None = None
+               world: int, device: torch.device, counter: Any = None,
+               collectives: list[list[tuple[float, bool]]] | None = None
                ) -> float:
     """Wall seconds of one optimizer step: ``gas`` micro-batches of forward + backward + engine.step.
-    With a ``counter`` (comm_volume.CollectiveCounter), the seconds of each collective of the step,
-    in call order, are appended to ``collectives``."""
+    With a ``counter`` (comm_volume.CollectiveCounter), the seconds of each collective of the step
+    and whether it was asynchronous, in call order, are appended to ``collectives``."""
     sync(device)
     dist.barrier()
     window = counter.window() if counter is not None else contextlib.nullcontext()
@@ -563,7 +565,7 @@ def accum_step(engine: Any, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
         sync(device)
         seconds = time.perf_counter() - start
     if counter is not None and collectives is not None:
-        collectives.append([c["seconds"] for c in w.calls])
+        collectives.append([(c["seconds"], c["async"]) for c in w.calls])
     return seconds
 
 
@@ -635,11 +637,17 @@ def run_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device
     return out
 
 
-def collective_summary(steps: list[list[float]], world: int) -> dict[str, Any]:
-    """Per rank, the mean over steps of the first collective's seconds (it includes the wait for the
-    slower rank: the skew of the step's compute) and of the sum of the others; calls per step."""
-    first = mean([s[0] if s else 0.0 for s in steps])
-    rest = mean([sum(s[1:]) for s in steps])
+def collective_summary(steps: list[list[tuple[float, bool]]], world: int) -> dict[str, Any]:
+    """Per rank, the mean over steps of the seconds of the step's first blocking collective (where a
+    rank waits for the slower one: the skew of the step's compute; an asynchronous one issued
+    earlier, SP-NGD's A factors behind the backward, does not block there) and of the sum of all
+    the others; calls per step."""
+    firsts, rests = [], []
+    for calls in steps:
+        blocking = next((i for i, (_, is_async) in enumerate(calls) if not is_async), None)
+        firsts.append(calls[blocking][0] if blocking is not None else 0.0)
+        rests.append(sum(sec for i, (sec, _) in enumerate(calls) if i != blocking))
+    first, rest = mean(firsts), mean(rests)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, (first, rest))
     return {"calls_per_step": mean([float(len(s)) for s in steps]),
@@ -686,7 +694,7 @@ def print_accum(res: dict[str, Any]) -> None:
             for name, e in eng.items() if (c := e.get("collectives"))]
     if rows:
         print("torch.distributed collectives per step (wrapped), mean ms per rank (rank 0 / rank 1 / ...):")
-        print(common.format_table(["engine", "calls/step", "first collective (waits for the slower rank)",
+        print(common.format_table(["engine", "calls/step", "first blocking collective (waits for the slower rank)",
                                    "the others"], rows))
 
 
