@@ -294,8 +294,9 @@ def first_order_bytes(n_params: int, world: int) -> float:
 
 def layouts(blocks: Sequence[Any], owners: dict[str, int], world: int) -> dict[str, Any]:
     """The fast path's layouts for ``blocks`` under ``owners``: gradients (as paths/fast.py builds
-    it), the packed statistics when every one is due and the refresh decisions (as
-    ``SPNGD.refresh_curvature`` / ``_share_schedules`` build them)."""
+    it), the packed statistics when every one is due, and the parameters gathered back with the
+    refresh decisions after them (two elements per statistic, as ``FastPath._gather_parameters``
+    builds it on a step where every statistic is due)."""
     from spngd_ds.blocks.shapes import full_shape
     from spngd_ds.comm import OwnerLayout, triu_numel
 
@@ -309,11 +310,12 @@ def layouts(blocks: Sequence[Any], owners: dict[str, int], world: int) -> dict[s
     # with more than one rank the A factors travel in a layout of their own, started behind the
     # backward (spngd_ds/overlap.py); G and BatchNorm's F follow in the step
     early = [(b, s) for b, s in due if s.name == "A"] if world > 1 else []
+    params = [(tuple(full_shape(p)), owners[b.name]) for b in blocks for p in b.params]
     return {
-        "grads": OwnerLayout.build([(tuple(full_shape(p)), owners[b.name]) for b in blocks for p in b.params], world),
+        "grads": OwnerLayout.build(params, world),
+        "params_and_decisions": OwnerLayout.build(params + [(2, owners[b.name]) for b, _ in due], world),
         "stats": packed(due),
         "stats_parts": [packed(early), packed([(b, s) for b, s in due if s.name != "A"])] if early else [packed(due)],
-        "decisions": OwnerLayout.build([(2, owners[b.name]) for b, _ in due], world),
         "n_params": sum(1 for b in blocks for _ in b.params),
         "n_stats": len(due),
     }
@@ -328,7 +330,9 @@ def predicted(lay: dict[str, Any], world: int, itemsize: int = FP32, bucket: int
     flags = all_reduce_count(FP32 * (1 + lay["n_params"]), world)
     parts = [layout_bytes(part, itemsize, "to", bucket) for part in lay["stats_parts"]]
     stats = [sum(x) for x in zip(*parts, strict=True)]
-    dec = layout_bytes(lay["decisions"], FP64, "from", bucket)
+    # the decisions' share of the gather back: what the parameters' layout with them sends more
+    back = layout_bytes(lay["grads"], FP32, "from", bucket)
+    dec = [w - b for w, b in zip(layout_bytes(lay["params_and_decisions"], FP32, "from", bucket), back, strict=True)]
     counts = all_reduce_count(FP64 * lay["n_stats"], world)
     return {
         "no_refresh": [g + flags for g in grads],

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -276,8 +276,13 @@ class SPNGD(Optimizer):
         return [id(p) in got or p.grad is not None for p in params]
 
     # -- statistics -----------------------------------------------------------------------------------
-    def refresh_curvature(self) -> None:
-        """Reduce due statistics to owners, refresh and re-invert them, share refresh decisions.
+    def refresh_curvature(self, share_decisions: bool = True) -> list[tuple[Block, Any]]:
+        """Reduce due statistics to owners, refresh and re-invert them, share refresh decisions;
+        returns the (block, statistic) pairs that were due, in the order every rank agrees on.
+
+        With ``share_decisions=False`` the owners' decisions are left for the caller to send with
+        its gathered update (DESIGN.md rule 6; the fast path: :meth:`decision_states`,
+        :meth:`load_decisions`), which must happen before the next step.
 
         Sample counts are summed over all ranks first (one small all-reduce), so that fp16 statistics
         can be pre-scaled by the global count: exact whatever each rank's share of the samples.
@@ -289,7 +294,7 @@ class SPNGD(Optimizer):
         if not due:
             if early is not None:  # cannot happen (A is sent only when due); keep the ranks in step anyway
                 early.pending.wait()
-            return
+            return due
         if early is not None:  # sent before the step began counting its bytes
             self.comm.bytes_sent += early.nbytes
         sent = early.ids() if early is not None else set()
@@ -355,8 +360,10 @@ class SPNGD(Optimizer):
                         self.stats_log.inversion_failures += 1
                         logger.warning("SPNGD: inversion of %s.%s failed; plain gradient this step", name, failed)
                     block.stats[failed].schedule.postpone(step)
-        with self.stats_log.timer("comm"):
-            self._share_schedules([(b, s) for b, s in due])
+        if share_decisions:
+            with self.stats_log.timer("comm"):
+                self._share_schedules(due)
+        return due
 
     def pack_statistics(
         self,
@@ -395,17 +402,37 @@ class SPNGD(Optimizer):
         )
 
     def _share_schedules(self, due: list[tuple[Block, Any]]) -> None:
-        """Owners' refresh decisions (interval, next step) reach every rank (rule 6: all agree)."""
+        """Owners' refresh decisions (interval, next step) reach every rank (rule 6: all agree), in
+        an exchange of their own (float64 pairs, owners to all)."""
         if self.comm.world_size == 1 or not due:
             return
-        layout = OwnerLayout.build([(2, self.assignment[b.name]) for b, _ in due], self.comm.world_size)
-        mine = [
-            torch.tensor(s.schedule.state(), dtype=torch.float64, device=self.comm.device)
-            for b, s in due
-            if self.assignment[b.name] == self.comm.rank
-        ]
-        for (_, s), state in zip(due, self.comm.from_owners(layout, mine, torch.float64), strict=True):
+        items, mine = self.decision_states(due, torch.float64)
+        layout = OwnerLayout.build(items, self.comm.world_size)
+        self.load_decisions(due, self.comm.from_owners(layout, mine, torch.float64))
+
+    def decision_states(self, due: list[tuple[Block, Any]], dtype: torch.dtype
+                        ) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+        """The refresh decisions of ``due`` as exchange items: one (2 elements, owner) item per
+        statistic, and this rank's own decisions, (interval, next step) as (2,) tensors of
+        ``dtype`` in ``due`` order."""
+        items = [(2, self.assignment[b.name]) for b, _ in due]
+        mine = [torch.tensor(s.schedule.state(), dtype=dtype, device=self.comm.device)
+                for b, s in due if self.assignment[b.name] == self.comm.rank]
+        return items, mine
+
+    @staticmethod
+    def load_decisions(due: list[tuple[Block, Any]], states: Sequence[torch.Tensor]) -> None:
+        """Every rank takes the owners' decisions: ``states`` (2,) per statistic of ``due``."""
+        for (_, s), state in zip(due, states, strict=True):
             s.schedule.load((int(state[0]), int(state[1])))
+
+    def decisions_exact_in(self, dtype: torch.dtype) -> bool:
+        """Whether every decision of this step, intervals and next steps, is an integer ``dtype``
+        holds exactly (float32: below 2**24), so that it can travel with values of that dtype."""
+        mantissa = {torch.float64: 53, torch.float32: 24}.get(dtype)
+        cfg = self.config.staleness
+        longest = cfg.max_interval if cfg is not None else 1
+        return mantissa is not None and self.step_count + longest + 1 < 2**mantissa
 
     # -- preconditioning, clipping, update -----------------------------------------------------------
     def precondition_owned(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:

@@ -25,7 +25,9 @@ def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
     fast-path step sends (every statistic due: staleness off) are exactly those of the exchange
     layout (DESIGN.md §3), computed here from the assignment alone: gradients to owners and
     parameters back (reduce-scatter of equal shards + all-to-all, both ways), the packed due
-    statistics to owners, the owners' refresh decisions back, and the two small all-reduces."""
+    statistics to owners, the owners' refresh decisions back with the parameters (their (interval,
+    next step) pairs as two more fp32 elements per statistic in the parameters' layout), and the two
+    small all-reduces."""
     torchrun(2, ["--stage", "0", "--staleness", "off", "--out", str(tmp_path / "r{rank}")])
     infos = [torch.load(tmp_path / f"r{r}", weights_only=False)["info"] for r in range(2)]
     model = build_model("mlp")
@@ -53,25 +55,27 @@ def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
 
     # the A factors travel in a layout of their own, started behind the backward (spngd_ds/overlap.py)
     early, late = [(b, s) for b, s in due if s.name == "A"], [(b, s) for b, s in due if s.name != "A"]
-    decisions = OwnerLayout.build([(2, owners[b.name]) for b, _ in due], world)
+    param_items = [(tuple(p.shape), owners[b.name]) for b in blocks for p in b.params]
+    back = OwnerLayout.build(param_items + [(2, owners[b.name]) for b, _ in due], world)
     nparams = sum(1 for p in model.parameters() if p.requires_grad)
 
     def all_reduce(nbytes: int) -> int:  # what the library counts for an all-reduce (ring)
         return int(2 * (world - 1) / world * nbytes)
 
-    sent_grads = layout_bytes(grads, 4, "both")  # gradients to owners, updated parameters back (fp32)
+    # gradients to owners; updated parameters and the refresh decisions back (fp32)
+    sent_grads = [t + f for t, f in zip(layout_bytes(grads, 4, "to"), layout_bytes(back, 4, "from"), strict=True)]
     sent_stats = [a + g for a, g in zip(layout_bytes(packed(early), 4, "to"), layout_bytes(packed(late), 4, "to"),
                                         strict=True)]  # packed statistics to owners (comm_dtype fp32)
-    sent_decisions = layout_bytes(decisions, 8, "from")  # (interval, next step) float64 pairs back
     small = all_reduce(4 * (1 + nparams)) + all_reduce(8 * len(due))  # flags (fp32), sample counts (fp64)
     for r, info in enumerate(infos):
-        assert info["comm_nbytes"] == sent_grads[r] + sent_stats[r] + sent_decisions[r] + small, r
+        assert info["comm_nbytes"] == sent_grads[r] + sent_stats[r] + small, r
     # nothing padded to the most-loaded owner: the gradient exchange is a first-order all-reduce of
     # the same gradients (2 (N-1)/N * 4 bytes per element, up to the rounding of equal shards) plus
     # at most what the all-to-alls move (a shard to owners, the owned range back)
-    allreduce = 2 * (world - 1) / world * 4 * grads.total
+    # (the decisions ride back with the parameters: the bound is that of the larger layout)
+    allreduce = 2 * (world - 1) / world * 4 * back.total
     for r in range(world):
-        assert sent_grads[r] <= allreduce + 4 * 2 * (world - 1) + 4 * (grads.shard + grads.geometry.counts[r])
+        assert sent_grads[r] <= allreduce + 4 * 2 * (world - 1) + 4 * (back.shard + back.geometry.counts[r])
         assert sent_stats[r] <= 4 * world * (packed(early).shard + packed(late).shard)
 
 

@@ -10,7 +10,8 @@ One step, on every rank:
 3. owners precondition, clip by the global norm, and apply momentum SGD (rule 7) and weight
    rescaling (rule 8) to their layers; a parameter that received no gradient is left alone;
 4. every rank gathers the owners' updated parameters (the same layout in reverse: an all-to-all
-   and an all-gather of equal shards). Nothing is padded to the most-loaded owner.
+   and an all-gather of equal shards), and with them the owners' refresh decisions of the step's
+   due statistics (DESIGN.md rule 6). Nothing is padded to the most-loaded owner.
 
 ``overflow_target`` is the object whose ``overflow`` attribute DeepSpeed's engine reads after the
 step (SP-NGD itself at fp32, DeepSpeed's bf16 wrapper otherwise): a skipped step sets it, so the
@@ -42,6 +43,7 @@ class FastPath:
     def __init__(self, overflow_target: Any = None) -> None:
         self.overflow_target = overflow_target
         self._layout: OwnerLayout | None = None
+        self._items: list[tuple[tuple[int, ...], int]] | None = None
 
     def step(self, opt: SPNGD) -> None:
         target = self.overflow_target if self.overflow_target is not None else opt
@@ -61,7 +63,7 @@ class FastPath:
             b.name: [_grad_or_zeros(live[id(p)]) for p in b.params] for b in opt.blocks.values()
         }
         owned_grads = self._reduce_gradients(opt, grads)
-        opt.refresh_curvature()
+        due = opt.refresh_curvature(share_decisions=False)
         directions = opt.precondition_owned(owned_grads)
         group_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
         with opt.stats_log.timer("precondition"):
@@ -74,16 +76,19 @@ class FastPath:
                 if opt.assignment[b.name] == opt.comm.rank:
                     _rescale(live[id(b.params[0])], opt.rescale_target(b.params[0]))
         with opt.stats_log.timer("comm"):
-            self._gather_parameters(opt, live)
+            self._gather_parameters(opt, live, due)
         opt.finish_step(opt.current_lrs())
+
+    def _param_items(self, opt: SPNGD) -> list[tuple[tuple[int, ...], int]]:
+        """(shape, owner) of every parameter of every block, in block order (built once)."""
+        if self._items is None:
+            self._items = [(tuple(p.shape), opt.assignment[b.name]) for b in opt.blocks.values() for p in b.params]
+        return self._items
 
     def _param_layout(self, opt: SPNGD) -> OwnerLayout:
         """Every parameter of every block, in block order, owned by its block's owner (built once)."""
         if self._layout is None:
-            self._layout = OwnerLayout.build(
-                [(tuple(p.shape), opt.assignment[b.name]) for b in opt.blocks.values() for p in b.params],
-                opt.comm.world_size,
-            )
+            self._layout = OwnerLayout.build(self._param_items(opt), opt.comm.world_size)
         return self._layout
 
     def _reduce_gradients(self, opt: SPNGD, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
@@ -97,19 +102,32 @@ class FastPath:
         it = iter(mine)
         return {b.name: [next(it).div_(opt.comm.world_size) for _ in b.params] for b in opt.owned()}
 
-    def _gather_parameters(self, opt: SPNGD, live: dict[int, nn.Parameter]) -> None:
+    def _gather_parameters(self, opt: SPNGD, live: dict[int, nn.Parameter], due: list[tuple[Any, Any]]) -> None:
         """Every rank receives the owners' updated parameters (all-to-all back + all-gather of equal
-        shards), in the dtype of the tensors the optimizer updates (the same on every rank)."""
+        shards), in the dtype of the tensors the optimizer updates (the same on every rank), and the
+        owners' refresh decisions of ``due`` after them in the same layout: no exchange of their own,
+        unless that dtype cannot hold them exactly (then they go alone, in float64)."""
         if opt.comm.world_size == 1:
             return
-        layout = self._param_layout(opt)
-        mine = [live[id(p)].detach() for b in opt.owned() for p in b.params]
         dtype = live[id(opt._params[0])].dtype
+        mine = [live[id(p)].detach() for b in opt.owned() for p in b.params]
+        with_decisions = bool(due) and opt.decisions_exact_in(dtype)
+        if with_decisions:
+            items, states = opt.decision_states(due, dtype)
+            layout = OwnerLayout.build([*self._param_items(opt), *items], opt.comm.world_size)
+            mine += states  # owned items in item order: this rank's parameters, then its decisions
+        else:
+            layout = self._param_layout(opt)
+            if due:
+                opt._share_schedules(due)
         every = opt.comm.from_owners(layout, mine, dtype)
         params = [p for b in opt.blocks.values() for p in b.params]
-        for p, owner, value in zip(params, layout.owners, every, strict=True):
+        n = len(params)
+        for p, owner, value in zip(params, layout.owners[:n], every[:n], strict=True):
             if owner != opt.comm.rank:
                 live[id(p)].copy_(value)
+        if with_decisions:
+            opt.load_decisions(due, every[n:])
 
 
 def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
