@@ -327,13 +327,14 @@ def predicted(lay: dict[str, Any], world: int, itemsize: int = FP32, bucket: int
     from spngd_ds.comm import layout_bytes
 
     grads = layout_bytes(lay["grads"], FP32, "both", bucket)
-    flags = all_reduce_count(FP32 * (1 + lay["n_params"]), world)
+    # one float64 all-reduce: the flags, and on a refresh step the due statistics' sample counts after them
+    flags = all_reduce_count(FP64 * (1 + lay["n_params"]), world)
     parts = [layout_bytes(part, itemsize, "to", bucket) for part in lay["stats_parts"]]
     stats = [sum(x) for x in zip(*parts, strict=True)]
     # the decisions' share of the gather back: what the parameters' layout with them sends more
     back = layout_bytes(lay["grads"], FP32, "from", bucket)
     dec = [w - b for w, b in zip(layout_bytes(lay["params_and_decisions"], FP32, "from", bucket), back, strict=True)]
-    counts = all_reduce_count(FP64 * lay["n_stats"], world)
+    counts = all_reduce_count(FP64 * (1 + lay["n_params"] + lay["n_stats"]), world) - flags
     return {
         "no_refresh": [g + flags for g in grads],
         "grads": grads,

@@ -276,7 +276,21 @@ class SPNGD(Optimizer):
         return [id(p) in got or p.grad is not None for p in params]
 
     # -- statistics -----------------------------------------------------------------------------------
-    def refresh_curvature(self, share_decisions: bool = True) -> list[tuple[Block, Any]]:
+    def due_now(self) -> list[tuple[Block, Any]]:
+        """The (block, statistic) pairs due at this step, in block order (the same on every rank)."""
+        step = self.step_count
+        return [(b, s) for b in self.blocks.values() for s in b.stats.values() if s.schedule.is_due(step)]
+
+    def local_sample_counts(self) -> torch.Tensor:
+        """This rank's sample count of each statistic of :meth:`due_now`, (len(due),) float64 on the
+        communicator's device: what :meth:`refresh_curvature` sums over the ranks."""
+        early = {id(s): c for (_, s), c in zip(self._early.stats, self._early.counts, strict=True)} \
+            if self._early is not None else {}
+        return torch.tensor([early.get(id(s), s.local_count) for _, s in self.due_now()],
+                            dtype=torch.float64, device=self.comm.device)
+
+    def refresh_curvature(self, share_decisions: bool = True, sample_totals: torch.Tensor | None = None
+                          ) -> list[tuple[Block, Any]]:
         """Reduce due statistics to owners, refresh and re-invert them, share refresh decisions;
         returns the (block, statistic) pairs that were due, in the order every rank agrees on.
 
@@ -284,11 +298,13 @@ class SPNGD(Optimizer):
         its gathered update (DESIGN.md rule 6; the fast path: :meth:`decision_states`,
         :meth:`load_decisions`), which must happen before the next step.
 
-        Sample counts are summed over all ranks first (one small all-reduce), so that fp16 statistics
-        can be pre-scaled by the global count: exact whatever each rank's share of the samples.
+        Sample counts are summed over all ranks first (one small all-reduce, unless the caller
+        summed :meth:`local_sample_counts` already and gives ``sample_totals``), so that fp16
+        statistics can be pre-scaled by the global count: exact whatever each rank's share of the
+        samples.
         """
         step = self.step_count
-        due = [(b, s) for b in self.blocks.values() for s in b.stats.values() if s.schedule.is_due(step)]
+        due = self.due_now()
         self._last_refreshed = len(due)
         early = self._take_early()
         if not due:
@@ -303,9 +319,11 @@ class SPNGD(Optimizer):
         count_of = {id(s): c for (_, s), (_, c) in zip(late, local, strict=True)}
         if early is not None:
             count_of.update((id(s), c) for (_, s), c in zip(early.stats, early.counts, strict=True))
-        counts = torch.tensor([count_of[id(s)] for _, s in due], dtype=torch.float64, device=self.comm.device)
-        with self.stats_log.timer("comm"):
-            totals = dict(zip((id(s) for _, s in due), all_reduce_sum(self.comm, counts).tolist(), strict=True))
+        if sample_totals is None:
+            counts = torch.tensor([count_of[id(s)] for _, s in due], dtype=torch.float64, device=self.comm.device)
+            with self.stats_log.timer("comm"):
+                sample_totals = all_reduce_sum(self.comm, counts)
+        totals = dict(zip((id(s) for _, s in due), sample_totals.tolist(), strict=True))
         prescale = self.config.comm_dtype == "fp16"
         # the global mean cannot overflow fp16; the owner multiplies back
         divisors = [totals[id(s)] for _, s in late] if prescale else None

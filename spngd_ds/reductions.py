@@ -32,3 +32,16 @@ def any_rank_each(comm: Communicator, flags: Sequence[bool]) -> list[bool]:
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=getattr(comm, "group", None))
     comm.bytes_sent += int(2 * (comm.world_size - 1) * t.numel() * t.element_size() / comm.world_size)
     return [bool(v > 0) for v in t.tolist()]
+
+
+def any_rank_each_and_sum(comm: Communicator, flags: Sequence[bool], values: torch.Tensor
+                          ) -> tuple[list[bool], torch.Tensor]:
+    """:func:`any_rank_each` of ``flags`` and :func:`all_reduce_sum` of ``values`` ((K,) float64,
+    on ``comm.device``) in ONE all-reduce: a float64 sum of the flags as 0/1 (true on some rank:
+    a sum > 0) followed by the values."""
+    if comm.world_size == 1:
+        return list(flags), values
+    t = torch.cat([torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64, device=values.device),
+                   values.to(torch.float64)])
+    summed = all_reduce_sum(comm, t)
+    return [bool(v > 0) for v in summed[: len(flags)].tolist()], summed[len(flags) :]

@@ -13,7 +13,7 @@ from torch import nn
 import spngd_ds
 from spngd_ds.assignment import BlockCost, assign_owners, load_per_rank
 from spngd_ds.comm import Communicator, OwnerLayout, pack_sym, triu_numel, unpack_sym
-from spngd_ds.reductions import any_rank_each
+from spngd_ds.reductions import any_rank_each, any_rank_each_and_sum
 
 # --------------------------------------------------------------------------------------------------
 # packing
@@ -77,6 +77,9 @@ def test_single_rank_communicator() -> None:
     gathered = comm.from_owners(layout, [a, b], a.dtype)
     assert len(gathered) == 2 and torch.equal(gathered[0], a) and torch.equal(gathered[1], b)
     assert any_rank_each(comm, [True, False]) == [True, False]
+    counts = torch.tensor([3.0, 5.0], dtype=torch.float64)
+    flags, totals = any_rank_each_and_sum(comm, [False, True], counts)
+    assert flags == [False, True] and torch.equal(totals, counts)
     assert (comm.rank, comm.world_size, comm.bytes_sent) == (0, 1, 0)
 
 

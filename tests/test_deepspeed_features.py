@@ -26,8 +26,8 @@ def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
     layout (DESIGN.md §3), computed here from the assignment alone: gradients to owners and
     parameters back (reduce-scatter of equal shards + all-to-all, both ways), the packed due
     statistics to owners, the owners' refresh decisions back with the parameters (their (interval,
-    next step) pairs as two more fp32 elements per statistic in the parameters' layout), and the two
-    small all-reduces."""
+    next step) pairs as two more fp32 elements per statistic in the parameters' layout), and the one
+    small all-reduce (the flags and the sample counts)."""
     torchrun(2, ["--stage", "0", "--staleness", "off", "--out", str(tmp_path / "r{rank}")])
     infos = [torch.load(tmp_path / f"r{r}", weights_only=False)["info"] for r in range(2)]
     model = build_model("mlp")
@@ -66,7 +66,7 @@ def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
     sent_grads = [t + f for t, f in zip(layout_bytes(grads, 4, "to"), layout_bytes(back, 4, "from"), strict=True)]
     sent_stats = [a + g for a, g in zip(layout_bytes(packed(early), 4, "to"), layout_bytes(packed(late), 4, "to"),
                                         strict=True)]  # packed statistics to owners (comm_dtype fp32)
-    small = all_reduce(4 * (1 + nparams)) + all_reduce(8 * len(due))  # flags (fp32), sample counts (fp64)
+    small = all_reduce(8 * (1 + nparams + len(due)))  # flags and sample counts, one float64 all-reduce
     for r, info in enumerate(infos):
         assert info["comm_nbytes"] == sent_grads[r] + sent_stats[r] + small, r
     # nothing padded to the most-loaded owner: the gradient exchange is a first-order all-reduce of

@@ -15,7 +15,7 @@ from torch import nn
 
 import spngd_ds
 from spngd_ds.comm import Communicator
-from spngd_ds.reductions import all_reduce_sum, any_rank_each
+from spngd_ds.reductions import all_reduce_sum, any_rank_each, any_rank_each_and_sum
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,7 +190,9 @@ def test_helpers_build_their_buffers_on_the_communicator_device(monkeypatch: pyt
     gather_full(comm, None, None, torch.Size([2, 3]))  # a rank that holds no fragment
     with pytest.raises(NotImplementedError, match="meta"):  # the flags reached the collective on 'meta'
         any_rank_each(comm, [True, False])
-    assert len(seen) == 3 and all(d.type == "meta" for d in seen), seen
+    with pytest.raises(NotImplementedError, match="meta"):  # flags and sample counts in one buffer, on 'meta'
+        any_rank_each_and_sum(comm, [True, False], torch.zeros(2, dtype=torch.float64, device="meta"))
+    assert len(seen) == 4 and all(d.type == "meta" for d in seen), seen
 
 
 def test_library_creates_no_tensor_on_a_hard_coded_cpu_device() -> None:

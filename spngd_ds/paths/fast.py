@@ -3,7 +3,8 @@
 One step, on every rank:
 
 1. one small all-reduce: was any gradient non-finite on any rank (then the whole step, statistics
-   included, is skipped), and which parameters received a gradient on some rank;
+   included, is skipped), which parameters received a gradient on some rank, and the due
+   statistics' sample counts summed over the ranks;
 2. gradients are reduced to the owners of their blocks through the exchange layout
    (:class:`~spngd_ds.comm.OwnerLayout`: a reduce-scatter of equal shards and an all-to-all of
    the parts another rank owns), due statistics too (refreshed and re-inverted there);
@@ -28,7 +29,7 @@ from torch import nn
 
 from spngd_ds.blocks.base import all_finite_many
 from spngd_ds.comm import OwnerLayout
-from spngd_ds.reductions import any_rank_each
+from spngd_ds.reductions import any_rank_each_and_sum
 
 if TYPE_CHECKING:
     from spngd_ds.optimizer import SPNGD
@@ -52,8 +53,10 @@ class FastPath:
         opt.comm.reset_bytes()
         live = opt._aligned()
         local_bad = not all_finite_many([g for g in (live[id(q)].grad for q in opt._params) if g is not None])
-        with opt.stats_log.timer("comm"):
-            flags = any_rank_each(opt.comm, [local_bad, *opt.received_gradient(opt._params)])
+        with opt.stats_log.timer("comm"):  # the due statistics' sample counts in the same all-reduce
+            flags, totals = any_rank_each_and_sum(
+                opt.comm, [local_bad, *opt.received_gradient(opt._params)], opt.local_sample_counts()
+            )
         if flags[0]:
             opt.skip_step("non-finite gradient")
             target.overflow = True
@@ -63,7 +66,7 @@ class FastPath:
             b.name: [_grad_or_zeros(live[id(p)]) for p in b.params] for b in opt.blocks.values()
         }
         owned_grads = self._reduce_gradients(opt, grads)
-        due = opt.refresh_curvature(share_decisions=False)
+        due = opt.refresh_curvature(share_decisions=False, sample_totals=totals)
         directions = opt.precondition_owned(owned_grads)
         group_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
         with opt.stats_log.timer("precondition"):
