@@ -446,11 +446,12 @@ class SPNGD(Optimizer):
 
     def decisions_exact_in(self, dtype: torch.dtype) -> bool:
         """Whether every decision of this step, intervals and next steps, is an integer ``dtype``
-        holds exactly (float32: below 2**24), so that it can travel with values of that dtype."""
+        holds exactly (float32: up to 2**24), so that it can travel with values of that dtype. The
+        largest is a next step, at most this step + ``max_interval``."""
         mantissa = {torch.float64: 53, torch.float32: 24}.get(dtype)
         cfg = self.config.staleness
         longest = cfg.max_interval if cfg is not None else 1
-        return mantissa is not None and self.step_count + longest + 1 < 2**mantissa
+        return mantissa is not None and self.step_count + longest <= 2**mantissa
 
     # -- preconditioning, clipping, update -----------------------------------------------------------
     def precondition_owned(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:

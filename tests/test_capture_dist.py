@@ -8,7 +8,12 @@ staleness makes some steps capture nothing at all.
 The reference is a standalone SP-NGD on one process that runs micro-batch k of every rank, in
 rank order, with ``stat_micro_batches`` = the number of ranks (so it captures exactly the ranks'
 first micro-batches) and the capture's gradient scale set to what N ranks x gas micro-batches
-divide the loss by."""
+divide the loss by.
+
+The owners' refresh decisions reach the other ranks with the gathered parameters; the variant
+``decisions_alone`` forces the exchange of their own that a dtype unable to hold the step numbers
+exactly takes (paths/fast.py). A decision that did not arrive would change what the next step
+captures, and the run."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +29,8 @@ from torch import nn
 import spngd_ds
 import spngd_ds.blocks.conv_gram as conv_gram
 from tests.distributed import fork_ranks
+
+DECISIONS_ALONE = "SPNGD_TEST_DECISIONS_ALONE"  # set before forking: the ranks inherit it
 
 WORLD, GAS, PER, STEPS, CHANNELS = 3, 2, 4, 5, 8
 STALENESS = {"threshold": 1e9, "max_interval": 2}  # refreshed at steps 0, 1, 3: steps 2 and 4 are stale
@@ -70,6 +78,8 @@ def _rank(rank: int, port: int, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    if os.environ.get(DECISIONS_ALONE) == "1":
+        spngd_ds.SPNGD.decisions_exact_in = lambda self, dtype: False  # type: ignore[method-assign]
     shifted: list[int] = []
     real = conv_gram.shift_gram
     conv_gram.shift_gram = lambda x, *a: shifted.append(x.shape[0]) or real(x, *a)  # type: ignore[assignment]
@@ -91,7 +101,10 @@ def _reference(stat_micro_batches: int) -> dict[str, Any]:
     return _train(opt, model, _passes, WORLD * GAS)
 
 
-def test_three_ranks_with_accumulation_equal_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decisions_alone", [False, True], ids=["decisions_with_params", "decisions_alone"])
+def test_three_ranks_with_accumulation_equal_one_process(tmp_path: Path, decisions_alone: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DECISIONS_ALONE, "1" if decisions_alone else "0")
     results = fork_ranks(_rank, WORLD, tmp_path)
     assert sorted(len(r["owned"]) for r in results) == [0, 1, 1]  # one rank owns nothing
     # the shift Gram ran on the first micro-batch of each due step (0, 1, 3), and only there

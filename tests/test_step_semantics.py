@@ -208,3 +208,16 @@ def test_library_creates_no_tensor_on_a_hard_coded_cpu_device() -> None:
                 if (path.name, node.arg) not in allowed and node.arg == "device":
                     bad.append(f"{path.relative_to(ROOT)}:{node.value.lineno}")
     assert not bad, bad
+
+
+def test_decisions_travel_with_values_only_where_their_dtype_holds_the_step_numbers() -> None:
+    """The fast path sends the refresh decisions (interval, next step) with the gathered parameters
+    only in a dtype that holds them exactly: float32 below 2**24 steps, float64, never bf16/fp16."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    opt = spngd_ds.SPNGD(model, staleness={"threshold": 0.1, "max_interval": 20})
+    assert opt.decisions_exact_in(torch.float32) and opt.decisions_exact_in(torch.float64)
+    assert not opt.decisions_exact_in(torch.bfloat16) and not opt.decisions_exact_in(torch.float16)
+    opt.step_count = 2**24 - 20  # the next step may be step + 20 = 2**24: still exact, 2**24 + 1 is not
+    assert opt.decisions_exact_in(torch.float32)
+    opt.step_count += 1
+    assert not opt.decisions_exact_in(torch.float32) and opt.decisions_exact_in(torch.float64)
