@@ -281,12 +281,13 @@ class SPNGD(Optimizer):
         step = self.step_count
         return [(b, s) for b in self.blocks.values() for s in b.stats.values() if s.schedule.is_due(step)]
 
-    def local_sample_counts(self) -> torch.Tensor:
-        """This rank's sample count of each statistic of :meth:`due_now`, (len(due),) float64 on the
-        communicator's device: what :meth:`refresh_curvature` sums over the ranks."""
+    def local_sample_counts(self, due: list[tuple[Block, Any]]) -> torch.Tensor:
+        """This rank's sample count of each statistic of ``due`` (:meth:`due_now`), (len(due),)
+        float64 on the communicator's device: what :meth:`refresh_curvature` sums over the ranks.
+        An A factor already sent behind the backward counts what it was sent with."""
         early = {id(s): c for (_, s), c in zip(self._early.stats, self._early.counts, strict=True)} \
             if self._early is not None else {}
-        return torch.tensor([early.get(id(s), s.local_count) for _, s in self.due_now()],
+        return torch.tensor([early.get(id(s), s.local_count) for _, s in due],
                             dtype=torch.float64, device=self.comm.device)
 
     def refresh_curvature(self, share_decisions: bool = True, sample_totals: torch.Tensor | None = None
@@ -306,23 +307,20 @@ class SPNGD(Optimizer):
         step = self.step_count
         due = self.due_now()
         self._last_refreshed = len(due)
+        if due and sample_totals is None:
+            with self.stats_log.timer("comm"):
+                sample_totals = all_reduce_sum(self.comm, self.local_sample_counts(due))
         early = self._take_early()
         if not due:
             if early is not None:  # cannot happen (A is sent only when due); keep the ranks in step anyway
                 early.pending.wait()
             return due
+        assert sample_totals is not None
         if early is not None:  # sent before the step began counting its bytes
             self.comm.bytes_sent += early.nbytes
         sent = early.ids() if early is not None else set()
         late = [(b, s) for b, s in due if id(s) not in sent]
         local = [s.take_local() for _, s in late]
-        count_of = {id(s): c for (_, s), (_, c) in zip(late, local, strict=True)}
-        if early is not None:
-            count_of.update((id(s), c) for (_, s), c in zip(early.stats, early.counts, strict=True))
-        if sample_totals is None:
-            counts = torch.tensor([count_of[id(s)] for _, s in due], dtype=torch.float64, device=self.comm.device)
-            with self.stats_log.timer("comm"):
-                sample_totals = all_reduce_sum(self.comm, counts)
         totals = dict(zip((id(s) for _, s in due), sample_totals.tolist(), strict=True))
         prescale = self.config.comm_dtype == "fp16"
         # the global mean cannot overflow fp16; the owner multiplies back

@@ -55,7 +55,7 @@ class FastPath:
         local_bad = not all_finite_many([g for g in (live[id(q)].grad for q in opt._params) if g is not None])
         with opt.stats_log.timer("comm"):  # the due statistics' sample counts in the same all-reduce
             flags, totals = any_rank_each_and_sum(
-                opt.comm, [local_bad, *opt.received_gradient(opt._params)], opt.local_sample_counts()
+                opt.comm, [local_bad, *opt.received_gradient(opt._params)], opt.local_sample_counts(opt.due_now())
             )
         if flags[0]:
             opt.skip_step("non-finite gradient")
