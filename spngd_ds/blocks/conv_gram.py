@@ -99,7 +99,9 @@ class _ShiftPlan:
     term_groups: tuple[tuple[int, int], ...]
     pixel_offsets: tuple[int, ...]
     pixel_shifts: tuple[int, ...]
-    #: (block, term, ±1): block = product of its shift - Σ sign·term (inclusion-exclusion)
+    #: (block, term, sign), each pair once: block = product of its shift - Σ sign·term
+    #: (inclusion-exclusion; on a one-pixel-wide image a row's term is a crossing's, and their
+    #: signs are summed here)
     corrections: tuple[tuple[int, int, int], ...]
     #: per tap pair (t1, t2) in row-major order, the index of its block in [blocks, blocksᵀ]
     pair_index: tuple[int, ...]
@@ -155,13 +157,16 @@ def _shift_plan(h: int, w: int, kh: int, kw: int, dh: int, dw: int, ph: int, pw:
             groups[-1] = (groups[-1][0] + 1, len(offs))
         else:
             groups.append((1, len(offs)))
+    merged: dict[tuple[int, int], int] = {}
+    for blk, t, sign in signed:
+        merged[(blk, new_index[t])] = merged.get((blk, new_index[t]), 0) + sign
     nb = len(block_of)
     pair_index = tuple(block_of[(t1, t2)] if t1 <= t2 else nb + block_of[(t2, t1)]
                        for t1 in range(taps) for t2 in range(taps))
     return _ShiftPlan(width, rows_per_image, shifts, tuple(block_shift), tuple(groups),
                       tuple(o for _, offs in order for o in offs),
                       tuple(shifts[s] for s, offs in order for _ in offs),
-                      tuple((blk, new_index[t], sign) for blk, t, sign in signed),
+                      tuple((blk, t, sign) for (blk, t), sign in merged.items() if sign),
                       pair_index, inside_rows, inside_cols)
 
 
@@ -203,9 +208,7 @@ def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, in
         border = torch.cat(terms).view(-1, c * c)  # (terms, C·C)
         blk, term, sign = zip(*plan.corrections, strict=True)
         signs = torch.zeros(len(plan.block_shift), border.shape[0], dtype=dtype, device=x.device)
-        # accumulated: on a one-pixel-wide image a row's term and a crossing's are the same term
-        signs.index_put_((torch.tensor(blk, device=x.device), torch.tensor(term, device=x.device)),
-                         torch.tensor(sign, dtype=dtype, device=x.device), accumulate=True)
+        signs[list(blk), list(term)] = torch.tensor(sign, dtype=dtype, device=x.device)
         upper = upper - (signs @ border).view(-1, c, c)
     both = torch.cat([upper, upper.transpose(1, 2)])
     pairs = both.index_select(0, torch.tensor(plan.pair_index, device=x.device))  # (taps·taps, C, C)
