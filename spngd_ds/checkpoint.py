@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import pickle
 import re
 import zipfile
 from typing import Any
@@ -106,8 +107,16 @@ def read_states(tag_dir: str) -> tuple[list[dict[str, Any]], int]:
         )
     states = []
     for f in files:
+        # weights_only: SP-NGD's state is tensors, dicts, lists, numbers and strings; a file that
+        # carries anything else (a pickled callable can run code on load) is refused, not executed
         try:
-            states.append(torch.load(f, map_location="cpu", weights_only=False))
+            states.append(torch.load(f, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as exc:
+            raise RuntimeError(
+                f"refusing SP-NGD checkpoint file {f}: it holds objects other than tensors, containers, "
+                f"numbers and strings, which torch.load(weights_only=True) will not unpickle ({exc}); "
+                "load only checkpoints you trust, and never with weights_only=False"
+            ) from None
         except Exception as exc:  # truncated or corrupt file: name it
             raise RuntimeError(f"cannot read SP-NGD checkpoint file {f}: {type(exc).__name__}: {exc}") from None
     return states, world
