@@ -32,8 +32,11 @@ def _env(wandb_mode: str = "disabled") -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path, wandb_mode: str = "disabled", timeout: int = 240) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(wandb_mode), capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
+    for _ in range(3):  # a one-process group binds a port found free a moment earlier: retry if taken
+        proc = subprocess.run(cmd, cwd=cwd, env=_env(wandb_mode), capture_output=True, text=True, timeout=timeout)
+        out = proc.stdout + proc.stderr
+        if proc.returncode == 0 or not port_taken(out):
+            break
     assert proc.returncode == 0, out[-4000:]
     return out
 
