@@ -1,5 +1,6 @@
 """A worker for the distributed tests: trains a tiny model with spngd_ds.initialize under
-torchrun (or one process) on a deterministic global batch and writes the final parameters.
+torchrun (or one process) on a deterministic global batch and writes the final parameters; each
+rank also records how it ended in ``<out>.rank{r}.json`` (tests/rank_records.py).
 
 Not collected by pytest (no test_ prefix); tests/test_deepspeed_*.py launch it.
 """
