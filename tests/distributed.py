@@ -157,7 +157,7 @@ def run_worker(nproc: int, out: Path, *args: str, **kw: Any) -> dict[str, Any]:
     return dict(torch.load(out, weights_only=False))
 
 
-#: torchrun timeout of a launch that must fail at start-up; measured on 2 busy cores: ~30 s.
+#: torchrun timeout of a launch that must fail at start-up (7-39 s measured on 2 busy cores).
 REFUSAL_TIMEOUT_S = 150.0
 
 
