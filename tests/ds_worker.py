@@ -1,5 +1,6 @@
 """A worker for the distributed tests: trains a tiny model with spngd_ds.initialize under
-torchrun (or one process) on a deterministic global batch and writes the final parameters.
+torchrun (or one process) on a deterministic global batch and writes the final parameters; each
+rank also records how it ended in ``<out>.rank{r}.json`` (tests/rank_records.py).
 
 Not collected by pytest (no test_ prefix); tests/test_deepspeed_*.py launch it.
 """
@@ -295,8 +296,37 @@ def run_cells(path: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+#: How long a failing rank waits for its siblings to record their outcome before it exits (torchrun
+#: stops every rank once one has exited non-zero); only a sibling that never records costs all of it.
+SIBLING_WAIT_S = 60.0
+
+
+def recorded_main() -> int:
+    """Run :func:`main` and record how this rank ended in ``<out>.rank{r}.json``
+    (tests/rank_records.py): the exception, or success, with the collectives called until then.
+    A failing rank prints its traceback, records, waits for its siblings' records, and returns 1."""
+    from tests.rank_records import count_collectives, failure_record, success_record, wait_for_records, write_record
+
+    # Counted from the start of the process: spngd_ds.initialize validates the config before it
+    # calls deepspeed.init_distributed, so a refusal must come with 0 calls and no process group.
+    counts = count_collectives()
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--out", required=True)
+    out = p.parse_known_args()[0].out
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        main()
+    except BaseException as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)  # torch's hook prefixes it with [rankN]
+        write_record(out, rank, failure_record(exc, counts))
+        wait_for_records(out, world, SIBLING_WAIT_S)
+        return 1
+    write_record(out, rank, success_record(counts))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    code = recorded_main()
     from spngd_ds.process_exit import exit_process
 
-    exit_process(0)  # the result is written: skip the teardown gloo's threads can abort
+    exit_process(code)  # the result is written: skip the teardown gloo's threads can abort

@@ -322,10 +322,14 @@ def forked_rank(rank: int, world: int, port: int, out: str) -> None:
         run_cases(out)
         dist.destroy_process_group()
         code = 0
-    except BaseException:
+    except BaseException as exc:
         import traceback
 
+        from tests.distributed import PORT_TAKEN, port_taken
+
         traceback.print_exc()
+        if port_taken(str(exc)):
+            code = PORT_TAKEN  # another process bound the port first: the launcher retries
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -13,9 +13,10 @@ import torch
 
 import spngd_ds
 from spngd_ds.comm import OwnerLayout, layout_bytes, triu_numel
-from tests.distributed import max_rel_err, run_worker, torchrun
+from tests.distributed import REFUSAL_TIMEOUT_S, assert_refused_on_every_rank, max_rel_err, run_worker, torchrun
 from tests.ds_reference import reference_params
 from tests.ds_worker import build_model
+from tests.rank_records import read_records
 
 TOL = 2e-5
 
@@ -131,21 +132,23 @@ def test_checkpoint_resumes_at_another_world_size(tmp_path: Path, stage: int, sa
 
 
 def test_bad_config_fails_on_every_rank_without_hanging(tmp_path: Path) -> None:
+    """Raised on both ranks before any collective (each rank's own record, tests/rank_records.py)."""
     proc = torchrun(
         2, ["--config_override", '{"optimizer": {"type": "SPNGD", "params": {"fisher": "kfac"}}}',
-            "--out", str(tmp_path / "x")], timeout=120, check=False,
+            "--out", str(tmp_path / "x")], timeout=REFUSAL_TIMEOUT_S, check=False,
     )
     assert proc.returncode != 0
-    text = proc.stdout + proc.stderr
-    # raised before any collective, so on both ranks (no "[rankN]" prefix yet: dist is not set up)
-    assert text.count("ValueError: optimizer.params (SPNGD): 'fisher' = 'kfac' is invalid") == 2
+    assert_refused_on_every_rank(
+        read_records(tmp_path / "x", 2), "ValueError: optimizer.params (SPNGD): 'fisher' = 'kfac' is invalid", proc
+    )
 
 
 def test_fp16_at_stage_0_is_refused_with_the_alternative(tmp_path: Path) -> None:
     proc = torchrun(2, ["--stage", "0", "--precision", "fp16", "--patch_fp16", "--out", str(tmp_path / "x")],
-                    timeout=120, check=False)
+                    timeout=REFUSAL_TIMEOUT_S, check=False)
     assert proc.returncode != 0
-    assert "use fp16 with stage 1, 2 or 3, or bf16 with stage 0" in proc.stdout + proc.stderr
+    assert_refused_on_every_rank(read_records(tmp_path / "x", 2), "use fp16 with stage 1, 2 or 3, or bf16 with stage 0",
+                                 proc)
 
 
 def test_timeout_is_enforced() -> None:

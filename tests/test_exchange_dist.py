@@ -8,32 +8,18 @@ this test checks their exit codes and rank 0's summary."""
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 from pathlib import Path
 
 import pytest
 
-from tests.distributed import free_port
+from tests.distributed import start_ranks
 from tests.exchange_worker import forked_rank
 
 TIMEOUT_S = 60.0
 
 
 def launch(world: int, out: Path) -> dict[str, object]:
-    ctx = mp.get_context("fork")
-    port = free_port()
-    procs = [ctx.Process(target=forked_rank, args=(r, world, port, str(out))) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(TIMEOUT_S)
-    finally:
-        for p in procs:  # only the ranks started here, by their own handle
-            if p.is_alive():
-                p.kill()
-                p.join()
-    codes = [p.exitcode for p in procs]
+    codes = start_ranks(lambda rank, port: forked_rank(rank, world, port, str(out)), world, TIMEOUT_S)
     assert codes == [0] * world, f"rank exit codes {codes} (tracebacks above, in the captured stderr)"
     return dict(json.loads(out.read_text()))
 

@@ -51,7 +51,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_fp16_statistics_are_exact_for_unequal_per_rank_sample_counts(tmp_path: Path) -> None:
-    fork_ranks(_rank, 2, tmp_path, timeout=60)
+    fork_ranks(_rank, 2, tmp_path)  # 240 s: 32 s measured on 2 busy cores
     import spngd_ds
 
     model = _model()

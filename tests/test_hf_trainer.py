@@ -17,9 +17,9 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -162,12 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------ tests
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RunFailed(AssertionError):
     """A Trainer run exited non-zero; ``log`` holds its whole output (the message only its tail)."""
 
@@ -176,12 +170,16 @@ class RunFailed(AssertionError):
         self.log = log
 
 
-def launch(nproc: int, tmp_path: Path, *args: str, timeout: float = 150.0) -> dict[str, Any]:
-    """Run this file on ``nproc`` ranks; rank 0's JSON result (every rank killed on timeout)."""
+def launch(nproc: int, tmp_path: Path, *args: str, timeout: float = 300.0) -> dict[str, Any]:
+    """Run this file on ``nproc`` ranks; rank 0's JSON result (every rank killed on timeout; a run
+    takes 45-95 s on 2 busy cores)."""
     out = tmp_path / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    from tests.distributed import STANDALONE, kill_tagged
+
+    tag = uuid.uuid4().hex  # marks every process of this launch (torchrun detaches its ranks)
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT), SPNGD_TEST_LAUNCH=tag)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+        sys.executable, "-m", "torch.distributed.run", *STANDALONE, f"--nproc_per_node={nproc}",
         str(Path(__file__).resolve()), *args, "--out", str(out),
     ]
     with subprocess.Popen(
@@ -192,6 +190,7 @@ def launch(nproc: int, tmp_path: Path, *args: str, timeout: float = 150.0) -> di
             log, _ = popen.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(popen.pid, signal.SIGKILL)
+            kill_tagged(tag)  # ranks in sessions of their own would keep the pipe open
             popen.communicate()
             raise
     if popen.returncode != 0 or not out.exists():
@@ -238,7 +237,7 @@ def test_trainer_refused_combination_has_spngd_error(tmp_path: Path) -> None:
     cfg["fp16"]["enabled"] = True
     with pytest.raises(ValueError) as direct:
         check_combination(cfg)
-    r = launch(1, tmp_path, "--stage", "0", "--fp16", "--steps", "1", timeout=120.0)
+    r = launch(1, tmp_path, "--stage", "0", "--fp16", "--steps", "1")
     assert r.get("error") == str(direct.value), r
 
 

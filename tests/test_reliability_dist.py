@@ -40,8 +40,9 @@ import torch
 
 import spngd_ds
 from spngd_ds.checkpoint import wrap_checkpointing
-from tests.distributed import ROOT, free_port, run_worker, torchrun
+from tests.distributed import ROOT, STANDALONE, run_worker, torchrun
 from tests.ds_worker import build_model
+from tests.rank_records import read_records
 
 RANK1_FILE = "spngd_rank00001-of-00002.pt"
 TAG = "global_step20"
@@ -61,10 +62,13 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _rank_lines(text: str, rank: int) -> list[str]:
-    """What rank ``rank`` printed (torchrun prefixes a failing worker's traceback with ``[rankN]:``)."""
-    prefix = f"[rank{rank}]:"
-    return [line[len(prefix):].strip() for line in text.splitlines() if line.startswith(prefix)]
+def _records(out: Path, proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    """How each of 2 worker ranks ended, from its own record (tests/rank_records.py): torchrun stops
+    a rank once the other has failed, which can cut what that rank prints to the shared output."""
+    records = read_records(out, 2)
+    for rank, record in enumerate(records):
+        assert record is not None and not record["ok"], (rank, record, proc.stderr[-3000:])
+    return [r for r in records if r is not None]
 
 
 def _same(a: Any, b: Any, where: str = "") -> None:
@@ -139,12 +143,11 @@ def test_a_rank_that_diverges_stops_the_job(tmp_path: Path) -> None:
     job on every rank, naming the rank."""
     with _env(SPNGD_CHECK_AGREEMENT="1"):
         proc = torchrun(2, ["--steps", "6", "--perturb_rank", "1", "--perturb_step", "3", "--out", str(tmp_path / "x")],
-                        timeout=120, check=False)
+                        check=False)
     assert proc.returncode != 0
-    text = proc.stdout + proc.stderr
-    for rank in (0, 1):
-        last = _rank_lines(text, rank)[-1]
-        assert last.startswith("RuntimeError: SPNGD: ranks [1] disagree with rank 0 after step 4"), last
+    for rank, record in enumerate(_records(tmp_path / "x", proc)):  # each rank's own account
+        assert record["last_line"].startswith("RuntimeError: SPNGD: ranks [1] disagree with rank 0 after step 4"), (
+            rank, record["last_line"])
 
 
 # -- (b) truncated and missing files -------------------------------------------------------------------
@@ -156,13 +159,12 @@ def test_truncated_rank_file_fails_naming_the_file(straight: dict[str, Any], tmp
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
     proc = torchrun(2, ["--load_dir", str(ck), "--start_step", "20", "--steps", "1", "--out", str(tmp_path / "x")],
-                    timeout=120, check=False)
+                    check=False)
     assert proc.returncode != 0
-    text = proc.stdout + proc.stderr
-    for rank in (0, 1):  # every rank reads every file: each stops with the same one line
-        last = _rank_lines(text, rank)[-1]
-        assert last.startswith(f"RuntimeError: cannot read SP-NGD checkpoint file {bad}"), last
-        assert "During handling of the above exception" not in "\n".join(_rank_lines(text, rank))
+    for rank, record in enumerate(_records(tmp_path / "x", proc)):  # every rank reads every file: each stops
+        assert record["last_line"].startswith(f"RuntimeError: cannot read SP-NGD checkpoint file {bad}"), (
+            rank, record["last_line"])  # with the same one line
+        assert "During handling of the above exception" not in record["traceback"], rank
 
 
 class StubEngine:
@@ -266,7 +268,7 @@ def test_crash_while_saving_leaves_latest_on_the_previous_checkpoint(straight: d
     ``latest`` at global_step22."""
     ck = _copy_ck(straight, tmp_path / "ck")
     proc = torchrun(2, ["--load_dir", str(ck), "--save_dir", str(ck), "--start_step", "20", "--steps", "2",
-                        "--crash_in_save_rank", "1", "--out", str(tmp_path / "x")], timeout=120, check=False)
+                        "--crash_in_save_rank", "1", "--out", str(tmp_path / "x")], check=False)
     assert proc.returncode != 0
     assert (ck / "latest").read_text().strip() == TAG
     crashed = ck / "global_step22"
@@ -368,7 +370,7 @@ def _train_cmd(cfg: Path, ck: Path) -> list[str]:
 
 def _launch(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *STANDALONE, "--nproc_per_node=2", *args]
     with open(log, "wb") as f:
         return subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 

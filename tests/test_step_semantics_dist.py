@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed import max_rel_err, run_worker, torchrun
+from tests.distributed import REFUSAL_TIMEOUT_S, assert_refused_on_every_rank, max_rel_err, run_worker, torchrun
+from tests.rank_records import read_records
 
 TOL = 2e-5
 
@@ -54,6 +55,11 @@ def test_a_step_spngd_skips_is_skipped_for_deepspeed(tmp_path: Path, stage: int,
 
 def test_unset_gradient_clipping_is_logged_once(tmp_path: Path) -> None:
     proc = torchrun(2, ["--stage", "0", "--steps", "1", "--out", str(tmp_path / "x")])
+    # both ranks finished (their records say so), so the output holds all either of them printed
+    records = read_records(tmp_path / "x", 2)
+    assert [r is not None and r["ok"] for r in records] == [True, True], records
+    # control for the refusal test below: the worker's collective counter sees a run's collectives
+    assert all(r is not None and r["collectives"] > 0 for r in records), records
     text = proc.stdout + proc.stderr
     assert text.count("SPNGD: gradient_clipping is not set: no clipping") == 1  # rank 0 only
 
@@ -69,7 +75,10 @@ def test_unset_gradient_clipping_is_logged_once(tmp_path: Path) -> None:
     ],
 )
 def test_unsupported_combination_is_refused_on_every_rank(tmp_path: Path, override: dict, message: str) -> None:
+    """Each rank records its own refusal (tests/rank_records.py), so a rank that torchrun stops
+    once the other has failed cannot hide it; the records also show that no collective had been
+    called and no process group existed when the error was raised."""
     proc = torchrun(2, ["--config_override", json.dumps(override), "--out", str(tmp_path / "x")],
-                    timeout=120, check=False)
+                    timeout=REFUSAL_TIMEOUT_S, check=False)
     assert proc.returncode != 0
-    assert (proc.stdout + proc.stderr).count(message) >= 2  # raised on both ranks, before any collective
+    assert_refused_on_every_rank(read_records(tmp_path / "x", 2), message, proc)
