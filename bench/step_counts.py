@@ -54,9 +54,10 @@ def force(opt: spngd_ds.SPNGD, due: bool) -> None:
     opt.capture.start_step(opt._due(step))
 
 
-def spngd_counts(kind: str) -> dict[str, Any]:
+def spngd_counts(kind: str, **spngd_kwargs: Any) -> dict[str, Any]:
+    """Counts of SP-NGD's steps on ``kind`` (``spngd_kwargs``: SPNGD arguments beside the defaults)."""
     model = build(kind)
-    opt = spngd_ds.SPNGD(model)
+    opt = spngd_ds.SPNGD(model, **spngd_kwargs)
     out: dict[str, Any] = {}
     for step in range(2):  # warm-up: the first refresh, momentum buffers, cached plans
         x, y = batch(step)
@@ -82,6 +83,7 @@ def spngd_counts(kind: str) -> dict[str, Any]:
 
 
 def sgd_counts(kind: str, foreach: bool) -> dict[str, Any]:
+    """Counts of ``torch.optim.SGD(momentum=0.9)``'s second step on ``kind``."""
     model = build(kind)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=foreach)
     for step in range(2):
