@@ -91,7 +91,7 @@ def all_finite_device(tensors: list[torch.Tensor]) -> torch.Tensor:
     where this says False, :func:`all_finite_many` decides)."""
     tensors = [t for t in tensors if t.numel() > 0]
     if not tensors:
-        return torch.ones((), dtype=torch.bool, device="cpu")
+        raise ValueError("all_finite_device: no tensor with entries given")
     return torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))).all()
 
 
@@ -127,7 +127,7 @@ def invert_spd_many(matrices: list[torch.Tensor]) -> tuple[list[torch.Tensor], t
     each entry of ok is about (ok[j] is matrix order[j]: stacks follow each other).
     """
     if not matrices:
-        return [], torch.ones(0, dtype=torch.bool, device="cpu"), []
+        return [], torch.ones(0, dtype=torch.bool), []
     groups: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
     for i, m in enumerate(matrices):
         groups.setdefault((m.shape[-1], m.dtype, m.device), []).append(i)

@@ -193,21 +193,23 @@ def _plan_tensors(plan: _ShiftPlan, device: torch.device, dtype: torch.dtype) ->
     hit = _PLAN_TENSORS.get(key)
     if hit is not None and hit[0] is plan:
         return hit[1]
-    offsets = torch.tensor(plan.pixel_offsets, dtype=torch.int64, device="cpu")
+    offsets = torch.tensor(plan.pixel_offsets, dtype=torch.int64, device=device)
     signs = None
     if plan.corrections:
         blk, term, sign = zip(*plan.corrections, strict=True)
         terms = sum(count for count, _ in plan.term_groups)
-        signs = torch.zeros(len(plan.block_shift), terms, dtype=dtype, device="cpu")
-        signs[list(blk), list(term)] = torch.tensor(sign, dtype=dtype, device="cpu")
+        signs = torch.zeros(len(plan.block_shift), terms, dtype=dtype, device=device)
+        rows = torch.tensor(blk, dtype=torch.int64, device=device)
+        cols = torch.tensor(term, dtype=torch.int64, device=device)
+        signs[rows, cols] = torch.tensor(sign, dtype=dtype, device=device)
     built = _PlanTensors(
-        block_shift=torch.tensor(plan.block_shift, dtype=torch.int64, device="cpu").to(device),
-        offsets=offsets.to(device),
-        partners=(offsets + torch.tensor(plan.pixel_shifts, dtype=torch.int64, device="cpu")).to(device),
-        signs=signs.to(device) if signs is not None else None,
-        pair_index=torch.tensor(plan.pair_index, dtype=torch.int64, device="cpu").to(device),
-        inside_rows=torch.tensor(plan.inside_rows, dtype=dtype, device="cpu").to(device),
-        inside_cols=torch.tensor(plan.inside_cols, dtype=dtype, device="cpu").to(device),
+        block_shift=torch.tensor(plan.block_shift, dtype=torch.int64, device=device),
+        offsets=offsets,
+        partners=offsets + torch.tensor(plan.pixel_shifts, dtype=torch.int64, device=device),
+        signs=signs,
+        pair_index=torch.tensor(plan.pair_index, dtype=torch.int64, device=device),
+        inside_rows=torch.tensor(plan.inside_rows, dtype=dtype, device=device),
+        inside_cols=torch.tensor(plan.inside_cols, dtype=dtype, device=device),
     )
     if len(_PLAN_TENSORS) > 512:
         _PLAN_TENSORS.clear()

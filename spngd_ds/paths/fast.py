@@ -53,7 +53,8 @@ class FastPath:
         live = opt._aligned()
         # the step's one host synchronisation when nothing is refreshed: must it be skipped?
         present = [g for g in (live[id(q)].grad for q in opt._params) if g is not None]
-        local_bad = not bool(all_finite_device(present)) and not all_finite_many(present)
+        present = [g for g in present if g.numel() > 0]
+        local_bad = bool(present) and not bool(all_finite_device(present)) and not all_finite_many(present)
         totals: torch.Tensor | None = None
         if opt.comm.world_size == 1:
             flags = [local_bad, *opt.received_gradient(opt._params)]
@@ -160,7 +161,7 @@ def _rescale_many(weights: list[torch.Tensor], targets: list[float]) -> None:
     key = (tuple(targets), norms.device)
     bound = _TARGETS.get(key)
     if bound is None:  # the targets are fixed for a run: uploaded once
-        bound = _TARGETS[key] = torch.tensor(targets, dtype=torch.float64, device="cpu").to(norms.device)
+        bound = _TARGETS[key] = torch.tensor(targets, dtype=torch.float64, device=norms.device)
     act = torch.isfinite(norms) & (norms > bound)
     factors = torch.where(act, bound / torch.where(act, norms, 1.0), 1.0)
     torch._foreach_mul_(weights, list(factors.to(weights[0].dtype).unbind(0)))
