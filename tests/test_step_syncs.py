@@ -121,3 +121,32 @@ def test_syncs_with_clipping_and_rescaling() -> None:
     counts = spngd_counts("resnet18", clip_norm=1.0, weight_rescale=True, weight_decay=5e-5)
     assert counts["refresh_none"]["step_syncs"] <= QUIET_SYNCS, counts["refresh_none"]["step_sync_names"]
     assert counts["refresh_all"]["step_syncs"] <= REFRESH_SYNCS, counts["refresh_all"]["step_sync_names"]
+
+
+@pytest.mark.parametrize("solve", [False, True])
+def test_batched_inversion_matches_dense_inverses_and_flags_failures(monkeypatch: pytest.MonkeyPatch,
+                                                                     solve: bool) -> None:
+    """Both inversion branches (CPU: cholesky_inverse; accelerators: cholesky_solve against I)
+    against float64 dense inverses, with failures (indefinite, NaN) flagged and not fatal."""
+    import spngd_ds.blocks.base as base
+
+    monkeypatch.setattr(base, "CPU_CHOLESKY_INVERSE", not solve)
+    g = torch.Generator().manual_seed(3)
+    spd = []
+    for d in (3, 5, 3, 5, 7):
+        x = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+        spd.append(x @ x.t() / d + 0.1 * torch.eye(d, dtype=torch.float64))
+    bad = [-torch.eye(5, dtype=torch.float64), torch.full((3, 3), float("nan"), dtype=torch.float64)]
+    matrices = [spd[0], bad[0], spd[1], spd[2], bad[1], spd[3], spd[4]]
+    inverses, ok, order = base.invert_spd_many(matrices)
+    flags = [False] * len(matrices)
+    for j, i in enumerate(order):
+        flags[i] = bool(ok[j])
+    assert sorted(order) == list(range(len(matrices)))
+    assert flags == [True, False, True, True, False, True, True]
+    for m, inv, f in zip(matrices, inverses, flags, strict=True):
+        if f:
+            torch.testing.assert_close(inv, torch.linalg.inv(m), rtol=1e-10, atol=1e-12)
+    reports = base.run_inversions([base.InversionJob([("X", m)], [], lambda got, _s, m=m: got)  # type: ignore[misc]
+                                   for m in matrices])
+    assert [r["X"] is not None for r in reports] == flags  # type: ignore[index]

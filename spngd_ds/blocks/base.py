@@ -116,11 +116,17 @@ def _float64_inverse(matrix: torch.Tensor) -> torch.Tensor | None:
     return inv if bool(ok[0]) and all_finite(inv) else None  # fp64 -> fp32 can overflow
 
 
+#: :func:`invert_spd_many` inverts CPU factors by ``torch.cholesky_inverse`` (tests switch this off
+#: to take the accelerators' branch, ``torch.cholesky_solve`` against the identity, on the CPU)
+CPU_CHOLESKY_INVERSE = True
+
+
 def invert_spd_many(matrices: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
     """Inverses of symmetric positive-definite matrices (each (d, d)), in their own dtype, without
     a host synchronisation: the matrices are stacked by (d, dtype, device), factored by one
     batched ``torch.linalg.cholesky_ex`` per stack and inverted by ``torch.cholesky_solve``
-    against the identity (``torch.cholesky_inverse`` reads its error flag on the host).
+    against the identity on an accelerator (``torch.cholesky_inverse`` reads its error flag on the
+    host there) and by ``torch.cholesky_inverse`` on the CPU.
 
     Returns the inverses (garbage where not ok), ok (len(matrices),) bool on the first matrix's
     device: the factorisation succeeded and the matrix and its inverse are finite, and which matrix
@@ -138,7 +144,12 @@ def invert_spd_many(matrices: list[torch.Tensor]) -> tuple[list[torch.Tensor], t
         stack = torch.stack([matrices[i] for i in idx]) if len(idx) > 1 else matrices[idx[0]].unsqueeze(0)
         chol, info = torch.linalg.cholesky_ex(stack)
         eye = torch.eye(d, dtype=dtype, device=device).expand(len(idx), d, d)
-        inv = torch.cholesky_solve(eye, chol)
+        # a failed factorisation gets an identity factor: inverted harmlessly, flagged by info below
+        chol = torch.where((info == 0)[:, None, None], chol, eye)
+        # the CPU runs LAPACK's potri (half the work of two triangular solves; its error check
+        # costs nothing there); an accelerator solves against the identity, which reads nothing back
+        potri = CPU_CHOLESKY_INVERSE and device.type == "cpu"
+        inv = torch.cholesky_inverse(chol) if potri else torch.cholesky_solve(eye, chol)
         finite = torch.isfinite(inv).flatten(1).all(1) & torch.isfinite(stack).flatten(1).all(1)
         oks.append((info == 0) & finite)
         for k, i in enumerate(idx):
