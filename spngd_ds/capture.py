@@ -65,7 +65,10 @@ class CurvatureCapture:
         self.last_seconds = 0.0
         self.feeds_bn: set[str] = set()
         self._mc_targets: list[tuple[torch.Tensor, BackwardCapture]] = []
-        self._bn_snapshot: list[tuple[nn.Module, list[torch.Tensor]]] = []
+        #: BatchNorm running statistics (live tensors) and their copies from the step's start
+        self._bn_live: list[torch.Tensor] = []
+        self._bn_saved: list[torch.Tensor] = []
+        self._bn_valid = False
         self._handles: list[RemovableHandle] = []
         self._probe_handles: list[RemovableHandle] = []
         self._probe_outputs: dict[tuple[int, tuple[int, ...], int], tuple[torch.Tensor, str]] = {}
@@ -130,21 +133,31 @@ class CurvatureCapture:
 
     def _snapshot_batchnorm(self) -> None:
         """Remember BatchNorm running statistics before the step's first forward, so that a
-        skipped step (non-finite gradients, fp16 overflow) can undo what its forwards did to them."""
-        self._bn_snapshot = [
-            (m, [getattr(m, name).detach().clone() for name in _BN_BUFFERS])
+        skipped step (non-finite gradients, fp16 overflow) can undo what its forwards did to them:
+        one multi-tensor copy into buffers kept from step to step (allocated again only when the
+        model's BatchNorm buffers change)."""
+        live = [
+            getattr(m, name)
             for m in self.model.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and all(isinstance(getattr(m, name, None), torch.Tensor) for name in _BN_BUFFERS)
+            for name in _BN_BUFFERS
         ]
+        saved = self._bn_saved
+        if len(saved) != len(live) or any(a is not b for a, b in zip(self._bn_live, live, strict=True)):
+            self._bn_live = live
+            self._bn_saved = [t.detach().clone() for t in live]
+        elif live:
+            with torch.no_grad():
+                torch._foreach_copy_(saved, live)
+        self._bn_valid = True
 
     def restore_batchnorm(self) -> None:
         """Put back the running statistics of :meth:`_snapshot_batchnorm` (a skipped step)."""
-        with torch.no_grad():
-            for m, saved in self._bn_snapshot:
-                for name, value in zip(_BN_BUFFERS, saved, strict=True):
-                    getattr(m, name).copy_(value)
-        self._bn_snapshot = []
+        if self._bn_valid and self._bn_live:
+            with torch.no_grad():
+                torch._foreach_copy_(self._bn_live, self._bn_saved)
+        self._bn_valid = False
 
     def _presence_hook(self, key: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:

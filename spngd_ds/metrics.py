@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class StepMetrics:
@@ -17,6 +19,11 @@ class StepMetrics:
     (steps skipped for non-finite gradients or an fp16 overflow), ``bn_channel_failures``,
     ``rejected_stats`` (finite refreshes rejected as outliers: relative change above 1e6),
     ``factors_sent_early`` (A factors whose exchange ran behind the backward, spngd_ds.overlap).
+
+    Timers: on the CPU, the wall time of each part. On an accelerator (``device``) the host only
+    queues kernels, so its wall time is launch time; with ``sync_timing`` true each timed part is
+    bracketed by a synchronisation of the device, and the timers hold device time (the price:
+    two synchronisations per timed part, so leave it off where the step's speed matters).
     """
 
     inversion_failures: int = 0
@@ -26,14 +33,25 @@ class StepMetrics:
     bn_channel_failures: int = 0
     factors_sent_early: int = 0
     timers: dict[str, float] = field(default_factory=dict)
+    #: where the step's kernels run (the parameters' device); None: the CPU
+    device: torch.device | None = None
+    #: on an accelerator: synchronise around each timed part, so that timers hold device time
+    sync_timing: bool = False
+
+    def _synchronize(self) -> None:
+        if self.sync_timing and self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @contextmanager
     def timer(self, name: str) -> Iterator[None]:
-        """Add the wall time of the ``with`` body to ``timers[name]``."""
+        """Add the time of the ``with`` body to ``timers[name]`` (class docstring: wall time on
+        the CPU, device time on an accelerator with ``sync_timing``)."""
+        self._synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
+            self._synchronize()
             self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - start
 
     def reset_timers(self) -> None:

@@ -25,7 +25,8 @@ from torch.optim import Optimizer
 
 from spngd_ds.assignment import assign_owners, block_cost
 from spngd_ds.blocks import Block, KronBlock, UnitwiseBlock, build_blocks
-from spngd_ds.blocks.base import all_finite
+from spngd_ds.blocks.base import InversionJob, InversionReport, all_finite, run_inversions
+from spngd_ds.blocks.batched import BatchedPreconditioner
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.capture import CurvatureCapture
 from spngd_ds.comm import DTYPES, Communicator, OwnerLayout, pack_sym, unpack_sym
@@ -33,7 +34,7 @@ from spngd_ds.config import DEFAULT_STALENESS, SPNGDConfig, validate_spngd_param
 from spngd_ds.metrics import StepMetrics
 from spngd_ds.overlap import EarlyFactors, can_send_early, send_factors_early, worth_sending_early
 from spngd_ds.reductions import all_reduce_sum
-from spngd_ds.staleness import RefreshSchedule, relative_change
+from spngd_ds.staleness import RefreshSchedule, change_figures, ratio_from
 
 logger = logging.getLogger("spngd_ds")
 
@@ -142,11 +143,13 @@ class SPNGD(Optimizer):
         for b in block_list:
             if isinstance(b, KronBlock):
                 b.a_samples = cfg.a_samples
-        self.comm = communicator or Communicator()
+        # standalone: the world of one rank lives where the model does
+        self.comm = communicator or Communicator(device=params[0].device)
         self.assignment: dict[str, int] = assign_owners([block_cost(b) for b in block_list], self.comm.world_size)
         self.capture = CurvatureCapture(model, block_list, cfg.fisher)
         self.capture.stat_micro_batches = cfg.stat_micro_batches
-        self.stats_log = StepMetrics()
+        self.stats_log = StepMetrics(device=params[0].device)
+        self._batched = BatchedPreconditioner()
         self.step_count = 0
         from spngd_ds.paths.fast import FastPath
 
@@ -307,79 +310,128 @@ class SPNGD(Optimizer):
         step = self.step_count
         due = self.due_now()
         self._last_refreshed = len(due)
-        if due and sample_totals is None:
-            with self.stats_log.timer("comm"):
-                sample_totals = all_reduce_sum(self.comm, self.local_sample_counts(due))
-        early = self._take_early()
-        if not due:
-            if early is not None:  # cannot happen (A is sent only when due); keep the ranks in step anyway
-                early.pending.wait()
-            return due
-        assert sample_totals is not None
-        if early is not None:  # sent before the step began counting its bytes
-            self.comm.bytes_sent += early.nbytes
-        sent = early.ids() if early is not None else set()
-        late = [(b, s) for b, s in due if id(s) not in sent]
-        local = [s.take_local() for _, s in late]
-        totals = dict(zip((id(s) for _, s in due), sample_totals.tolist(), strict=True))
-        prescale = self.config.comm_dtype == "fp16"
-        # the global mean cannot overflow fp16; the owner multiplies back
-        divisors = [totals[id(s)] for _, s in late] if prescale else None
-        packed_all, layout, wire = self.pack_statistics(late, [total for total, _ in local], divisors)
         rank = self.comm.rank
-        with self.stats_log.timer("comm"):
-            got: dict[int, torch.Tensor] = {}
-            if late:
-                got.update(zip((id(s) for b, s in late if self.assignment[b.name] == rank),
-                               self.comm.to_owners(layout, packed_all, wire), strict=True))
-            if early is not None:
-                got.update(zip((id(s) for b, s in early.stats if self.assignment[b.name] == rank),
-                               early.pending.wait(), strict=True))
-        mine = [(b, s, totals[id(s)]) for b, s in due if self.assignment[b.name] == rank]
-        sums = [got[id(s)] for _, s, _ in mine]
-        refreshed: dict[str, set[str]] = {}
+        if self.comm.world_size == 1:  # nothing to exchange: the local sums are the global ones
+            if not due:
+                return due
+            local = [s.take_local() for _, s in due]
+            counts = [float(c) for _, c in local] if sample_totals is None else [float(c) for c in sample_totals]
+            mine = [(b, s, count) for (b, s), count in zip(due, counts, strict=True)]
+            sums: list[torch.Tensor | None] = [total for total, _ in local]
+            prescale = False
+        else:
+            if due and sample_totals is None:
+                with self.stats_log.timer("comm"):
+                    sample_totals = all_reduce_sum(self.comm, self.local_sample_counts(due))
+            early = self._take_early()
+            if not due:
+                if early is not None:  # cannot happen (A is sent only when due); keep the ranks in step anyway
+                    early.pending.wait()
+                return due
+            assert sample_totals is not None
+            if early is not None:  # sent before the step began counting its bytes
+                self.comm.bytes_sent += early.nbytes
+            sent = early.ids() if early is not None else set()
+            late = [(b, s) for b, s in due if id(s) not in sent]
+            local = [s.take_local() for _, s in late]
+            totals = dict(zip((id(s) for _, s in due), sample_totals.tolist(), strict=True))
+            prescale = self.config.comm_dtype == "fp16"
+            # the global mean cannot overflow fp16; the owner multiplies back
+            divisors = [totals[id(s)] for _, s in late] if prescale else None
+            packed_all, layout, wire = self.pack_statistics(late, [total for total, _ in local], divisors)
+            with self.stats_log.timer("comm"):
+                got: dict[int, torch.Tensor] = {}
+                if late:
+                    got.update(zip((id(s) for b, s in late if self.assignment[b.name] == rank),
+                                   self.comm.to_owners(layout, packed_all, wire), strict=True))
+                if early is not None:
+                    got.update(zip((id(s) for b, s in early.stats if self.assignment[b.name] == rank),
+                                   early.pending.wait(), strict=True))
+            mine = [(b, s, totals[id(s)]) for b, s in due if self.assignment[b.name] == rank]
+            sums = [unpack_sym(got[id(s)], s.shape[-1]) for _, s, _ in mine]
         with self.stats_log.timer("inversion"):
-            for (b, s, count), packed in zip(mine, sums, strict=True):
-                if count <= 0:
-                    self._warn_never_captured(b)
-                    s.schedule.postpone(step)
-                    continue
-                packed = packed.to(b.dtype) * (count if prescale else 1.0)
-                value = b.normalise(s.name, unpack_sym(packed, s.shape[-1]), count)
-                if not all_finite(value):
-                    self.stats_log.nonfinite_stats += 1
-                    logger.warning("SPNGD: non-finite %s of %s at step %d ignored", s.name, b.name, step)
-                    s.schedule.postpone(step)
-                    continue
-                ratio = relative_change(s.value, value)
-                if s.value is not None and ratio > EXPLOSION_RATIO and s.rejections < MAX_REJECTIONS:
-                    s.rejections += 1
-                    self.stats_log.rejected_stats += 1
-                    logger.warning(
-                        "SPNGD: %s of %s changed by a factor %.3g at step %d: rejected as an outlier",
-                        s.name, b.name, ratio, step,
-                    )
-                    s.schedule.postpone(step)
-                    continue
-                s.value = value
-                s.rejections = 0
-                s.refreshes += 1
-                s.schedule.observe(step, ratio, samples=count)
-                refreshed.setdefault(b.name, set()).add(s.name)
-            for name, names in refreshed.items():
-                block = self.blocks[name]
-                report = block.invert(self.damping, names)
-                if isinstance(block, UnitwiseBlock):
-                    self.stats_log.bn_channel_failures += block.failed_channels
-                for failed in report.failed:
-                    if isinstance(block, KronBlock):
-                        self.stats_log.inversion_failures += 1
-                        logger.warning("SPNGD: inversion of %s.%s failed; plain gradient this step", name, failed)
-                    block.stats[failed].schedule.postpone(step)
+            refreshed = self._take_refreshes(step, mine, sums, prescale)
+            self._invert(step, refreshed)
         if share_decisions:
             with self.stats_log.timer("comm"):
                 self._share_schedules(due)
         return due
+
+    def _take_refreshes(self, step: int, mine: list[tuple[Block, Any, float]], sums: list[torch.Tensor | None],
+                        prescale: bool) -> dict[str, set[str]]:
+        """Normalise the owned due statistics ``mine`` ((block, statistic, global count)) from their
+        global ``sums`` and take each one that is finite and no outlier (rule 6 decides its next
+        refresh); returns block name -> the statistics refreshed. Finiteness, relative changes
+        and noise figures of all of them are read back in one host synchronisation."""
+        values: list[tuple[Block, Any, float, torch.Tensor]] = []
+        for (b, s, count), total in zip(mine, sums, strict=True):
+            if count <= 0 or total is None:
+                self._warn_never_captured(b)
+                s.schedule.postpone(step)
+                continue
+            total = total.to(b.dtype) * (count if prescale else 1.0)
+            values.append((b, s, count, b.normalise(s.name, total, count)))
+        if not values:
+            return {}
+        figures = []
+        for _, s, _, value in values:
+            pending = s.schedule.rho_pending
+            rho = pending[0] if pending is not None else value.new_zeros(2, dtype=torch.float64)
+            # ||X|| of the value taken (the finiteness test below): the noted figures' own when they are of it
+            norm = rho[:1] if pending is not None and pending[1] is value else \
+                torch.linalg.vector_norm(value).to(torch.float64).reshape(1)
+            figures.append(torch.cat([norm, rho, change_figures(s.value, value).to(rho.device)]))
+        read = torch.stack(figures).tolist()  # (K, 5): ||X||, ρ's ||X|| and (Σ tr)², ||X_old||, ||X - X_old||
+        refreshed: dict[str, set[str]] = {}
+        for (b, s, count, value), (fro, rho_fro, trace2, old_norm, diff_norm) in zip(values, read, strict=True):
+            if s.schedule.rho_pending is not None:
+                s.schedule.settle_rho([rho_fro, trace2])
+            if not math.isfinite(fro) and not all_finite(value):  # an infinite norm may be an overflow
+                self.stats_log.nonfinite_stats += 1
+                logger.warning("SPNGD: non-finite %s of %s at step %d ignored", s.name, b.name, step)
+                s.schedule.postpone(step)
+                continue
+            ratio = ratio_from([old_norm, diff_norm], s.value, value)
+            if s.value is not None and ratio > EXPLOSION_RATIO and s.rejections < MAX_REJECTIONS:
+                s.rejections += 1
+                self.stats_log.rejected_stats += 1
+                logger.warning(
+                    "SPNGD: %s of %s changed by a factor %.3g at step %d: rejected as an outlier",
+                    s.name, b.name, ratio, step,
+                )
+                s.schedule.postpone(step)
+                continue
+            s.value = value
+            s.rejections = 0
+            s.refreshes += 1
+            s.schedule.observe(step, ratio, samples=count)
+            refreshed.setdefault(b.name, set()).add(s.name)
+        return refreshed
+
+    def _invert(self, step: int, refreshed: dict[str, set[str]]) -> None:
+        """Re-invert the damped statistics ``refreshed`` (block name -> names): every block's
+        matrices in batches by size and their outcome read back at once (:func:`run_inversions`);
+        a block kind that overrides ``invert`` inverts itself."""
+        jobs: list[tuple[str, InversionJob]] = []
+        reports: list[tuple[str, InversionReport]] = []
+        for name, names in refreshed.items():
+            block = self.blocks[name]
+            if type(block).invert is not Block.invert:
+                reports.append((name, block.invert(self.damping, names)))
+                continue
+            job = block.inversion_job(self.damping, names)
+            if job is not None:
+                jobs.append((name, job))
+        reports += zip((n for n, _ in jobs), run_inversions([j for _, j in jobs]), strict=True)
+        for name, report in reports:
+            block = self.blocks[name]
+            if isinstance(block, UnitwiseBlock):
+                self.stats_log.bn_channel_failures += block.failed_channels
+            for failed in report.failed:
+                if isinstance(block, KronBlock):
+                    self.stats_log.inversion_failures += 1
+                    logger.warning("SPNGD: inversion of %s.%s failed; plain gradient this step", name, failed)
+                block.stats[failed].schedule.postpone(step)
 
     def pack_statistics(
         self,
@@ -454,12 +506,16 @@ class SPNGD(Optimizer):
     # -- preconditioning, clipping, update -----------------------------------------------------------
     def precondition_owned(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
         """P(∇) of every owned block (``grads``: block name -> averaged gradients in ``params``
-        order), scaled by :meth:`clip_factor`. A collective when ``clip_norm`` is set."""
+        order), scaled by :meth:`clip_factor`: blocks of equal shapes batched
+        (:class:`~spngd_ds.blocks.batched.BatchedPreconditioner`), no host synchronisation. A
+        collective when ``clip_norm`` is set."""
         with self.stats_log.timer("precondition"):
-            out = {b.name: self.precondition_block(b, grads[b.name]) for b in self.owned()}
+            out = self._batched.precondition(self.owned(), grads)
         factor = self.clip_factor(out)
-        if factor != 1.0:
-            out = {name: [d * factor for d in ds] for name, ds in out.items()}
+        if isinstance(factor, torch.Tensor):
+            flat = [d for ds in out.values() for d in ds]
+            it = iter(torch._foreach_mul(flat, factor.to(flat[0].device)) if flat else [])
+            out = {name: [next(it) for _ in ds] for name, ds in out.items()}
         return out
 
     def precondition_block(self, block: Block, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -468,35 +524,63 @@ class SPNGD(Optimizer):
             return grads
         return block.precondition(grads)
 
-    def clip_factor(self, directions: dict[str, list[torch.Tensor]]) -> float:
+    def clip_factor(self, directions: dict[str, list[torch.Tensor]]) -> float | torch.Tensor:
         """min(1, clip_norm / ||P(∇)||) with the norm over every rank's owned directions (one
-        all-reduce, on every rank); 1 when ``clip_norm`` is unset."""
+        all-reduce, on every rank), as a float64 0-d tensor on the device (no host
+        synchronisation); the float 1.0 when ``clip_norm`` is unset."""
         limit = self.config.clip_norm
         if limit is None:
             self.last_clip_factor = 1.0
             return 1.0
-        local = sum(float(torch.sum(d.double() ** 2)) for ds in directions.values() for d in ds)
-        total = all_reduce_sum(self.comm, torch.tensor([local], dtype=torch.float64, device=self.comm.device))
-        norm = math.sqrt(float(total[0]))
-        self.last_clip_factor = min(1.0, limit / norm) if norm > 0 and math.isfinite(norm) else 1.0
-        return self.last_clip_factor
+        flat = [d for ds in directions.values() for d in ds if d.numel() > 0]
+        if flat:
+            local = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float64)).square().sum()
+        else:
+            local = torch.zeros((), dtype=torch.float64, device=self.comm.device)
+        total = all_reduce_sum(self.comm, local.reshape(1).to(self.comm.device))
+        norm = total[0].sqrt()
+        ok = torch.isfinite(norm) & (norm > 0)
+        factor = torch.where(ok, torch.clamp(limit / torch.where(ok, norm, 1.0), max=1.0), 1.0)
+        self.last_clip_factor = factor
+        return factor
+
+    @property
+    def last_clip_factor(self) -> float:
+        """The clip factor of the last step (1.0 without clipping); read from the device here."""
+        f = self._last_clip_factor
+        return float(f) if isinstance(f, torch.Tensor) else f
+
+    @last_clip_factor.setter
+    def last_clip_factor(self, value: float | torch.Tensor) -> None:
+        self._last_clip_factor = value
 
     def momentum_update(self, p: torch.Tensor, direction: torch.Tensor, gi: int) -> None:
         """Rule 7 on ``p`` of group ``gi``: v <- m_eff v - lr (d + wd θ); θ <- θ + v, with
         m_eff = m · lr / lr_prev when the learning rate changed since the last update."""
+        self.momentum_update_many([p], [direction], gi)
+
+    def momentum_update_many(self, params: list[torch.Tensor], directions: list[torch.Tensor], gi: int) -> None:
+        """:meth:`momentum_update` of every parameter of ``params`` (all of group ``gi``) with its
+        direction, in three multi-tensor ops (four with weight decay)."""
+        if not params:
+            return
         group = self.param_groups[gi]
         lr, m, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
         prev = self._prev_lr[gi] if gi < len(self._prev_lr) else None
         m_eff = m * lr / prev if prev is not None and prev > 0 and prev != lr else m
-        d = direction.to(p.dtype)
+        ds = [d if d.dtype == p.dtype else d.to(p.dtype) for p, d in zip(params, directions, strict=True)]
         if wd != 0.0:
-            d = d.add(p, alpha=wd)
-        state = self.state[p]
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = torch.zeros_like(p)
-        buf.mul_(m_eff).add_(d, alpha=-lr)
-        p.add_(buf)
+            ds = list(torch._foreach_add(ds, params, alpha=wd))
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(buf)
+        torch._foreach_mul_(bufs, m_eff)
+        torch._foreach_add_(bufs, ds, alpha=-lr)
+        torch._foreach_add_(params, bufs)
 
     def rescaled_blocks(self) -> list[Block]:
         """Blocks whose weight rule 8 rescales (every rank computes the same list)."""
@@ -569,7 +653,7 @@ class SPNGD(Optimizer):
         curvature = {
             b.name: {
                 # the sample count behind the value: the owner's noise floor for the next refresh
-                s.name: {"value": s.value, "inverse": s.inverse, "samples": s.schedule.last_samples}
+                s.name: {"value": s.value, "inverse": _own_storage(s.inverse), "samples": s.schedule.last_samples}
                 for s in b.stats.values()
                 if s.value is not None
             }
@@ -649,3 +733,11 @@ class SPNGD(Optimizer):
             else:
                 logger.warning("SPNGD: resuming with %s = %r (checkpoint had %r)", key, new, old)
         return "staleness" not in changed
+
+
+def _own_storage(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or a copy of it when it is a view of a larger tensor (a slot of a stack of inverses),
+    so that a checkpoint holds only its own elements."""
+    if t is None or t._base is None:
+        return t
+    return t.clone()

@@ -26,14 +26,60 @@ from dataclasses import dataclass, field
 import torch
 
 
-def relative_change(old: torch.Tensor | None, new: torch.Tensor) -> float:
-    """``||new - old||_F / ||old||_F``; ``inf`` when there is no (or a zero) old value."""
+def change_figures(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """(2,) float64 on ``new``'s device, without a host synchronisation: ``||old||_F`` and
+    ``||new - old||_F``, each computed in the statistics' own dtype (zeros when there is no old
+    value); :func:`ratio_from` turns them into the relative change."""
+    if old is None:
+        return new.new_zeros(2, dtype=torch.float64)
+    return torch.stack([torch.linalg.vector_norm(old), torch.linalg.vector_norm(new - old)]).to(torch.float64)
+
+
+def ratio_from(figures: list[float], old: torch.Tensor | None, new: torch.Tensor) -> float:
+    """``||new - old||_F / ||old||_F`` from :func:`change_figures` read back; ``inf`` when there is
+    no (or a zero, or a non-finite) old value. A norm that overflowed its dtype (finite entries
+    whose squares do not fit) is recomputed in float64: rare, one synchronisation."""
     if old is None:
         return math.inf
-    denom = float(torch.linalg.vector_norm(old.double()))
-    if denom == 0.0 or not math.isfinite(denom):
+    denom, diff = figures
+    if not (math.isfinite(denom) and math.isfinite(diff)):
+        denom = float(torch.linalg.vector_norm(old.double()))
+        if denom == 0.0 or not math.isfinite(denom):
+            return math.inf
+        return float(torch.linalg.vector_norm((new - old).double())) / denom
+    if denom == 0.0:
         return math.inf
-    return float(torch.linalg.vector_norm((new - old).double())) / denom
+    return diff / denom
+
+
+def relative_change(old: torch.Tensor | None, new: torch.Tensor) -> float:
+    """``||new - old||_F / ||old||_F``; ``inf`` when there is no (or a zero) old value. Norms in the
+    statistics' dtype, float64 only where they overflow it (:func:`ratio_from`)."""
+    if old is None:
+        return math.inf
+    return ratio_from(change_figures(old, new).tolist(), old, new)
+
+
+def rho_figures(value: torch.Tensor) -> torch.Tensor:
+    """(2,) float64 on ``value``'s device, without a host synchronisation: ``||X||_F`` (in X's
+    dtype) and ``(Σ tr X)²`` over the blocks of ``value`` (in float64); :func:`rho_from` turns
+    them into :func:`wishart_rho`."""
+    v = value.unsqueeze(0) if value.dim() == 2 else value
+    fro = torch.linalg.vector_norm(v).to(torch.float64)
+    trace2 = torch.diagonal(v, dim1=-2, dim2=-1).to(torch.float64).sum(-1).pow(2).sum()
+    return torch.stack([fro, trace2])
+
+
+def rho_from(figures: list[float], value: torch.Tensor, vectors_per_sample: float = 1.0) -> float:
+    """:func:`wishart_rho` of ``value`` from its :func:`rho_figures` read back (float64 again
+    only when the norm overflowed ``value``'s dtype)."""
+    fro, trace2 = figures
+    if not math.isfinite(fro):  # the squares overflowed v's dtype (or v is not finite)
+        return wishart_rho(value, vectors_per_sample)
+    fro2 = fro * fro
+    if not (math.isfinite(fro2) and math.isfinite(trace2)) or fro2 <= 0.0:
+        return 0.0
+    return (1.0 + trace2 / fro2) / max(float(vectors_per_sample), 1.0)
 
 
 def wishart_rho(value: torch.Tensor, vectors_per_sample: float = 1.0) -> float:
@@ -89,6 +135,9 @@ class RefreshSchedule:
     last_samples: float | None = field(default=None, compare=False)
     last_ratio: float = field(default=math.nan, compare=False)
     last_floor: float = field(default=0.0, compare=False)
+    #: ρ noted as device figures (:func:`rho_figures`, the value, vectors per sample), not yet
+    #: read back: :meth:`settle_rho` turns them into ``noise_rho``
+    rho_pending: tuple[torch.Tensor, torch.Tensor, float] | None = field(default=None, compare=False, repr=False)
 
     def is_due(self, step: int) -> bool:
         """Whether the statistic is captured, communicated and re-inverted at ``step``."""
@@ -96,13 +145,30 @@ class RefreshSchedule:
 
     def note_value(self, rho: float, samples: float) -> None:
         """What the block knows about the value it is about to hand in: its ρ and sample count."""
-        self.noise_rho = rho
+        self.noise_rho, self.rho_pending = rho, None
         self.pending_samples = samples
+
+    def note_value_figures(self, value: torch.Tensor, vectors_per_sample: float, samples: float) -> None:
+        """:meth:`note_value` without a host synchronisation: ρ of ``value`` as device figures
+        (:func:`rho_figures`), read back by :meth:`settle_rho` (the optimizer reads every due
+        statistic's figures at once)."""
+        self.rho_pending = (rho_figures(value), value, vectors_per_sample)
+        self.pending_samples = samples
+
+    def settle_rho(self, figures: list[float] | None = None) -> None:
+        """Set ``noise_rho`` from the noted figures: ``figures`` read back by the caller, or read
+        here (one synchronisation). Nothing to do when none are pending."""
+        if self.rho_pending is None:
+            return
+        tensor, value, vectors = self.rho_pending
+        self.rho_pending = None
+        self.noise_rho = rho_from(figures if figures is not None else tensor.tolist(), value, vectors)
 
     def noise_floor(self, samples: float | None = None) -> float:
         """ν = noise_scale · sqrt(ρ (1/n_new + 1/n_old)): the r expected from sampling noise alone
         between the current value (``last_samples``) and a new one from ``samples`` samples;
         0 when any of them is unknown (the first refreshes) or ``noise_scale`` is 0."""
+        self.settle_rho()
         n_new = samples if samples is not None else self.pending_samples
         n_old = self.last_samples
         rho = self.noise_rho

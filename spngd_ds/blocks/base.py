@@ -84,23 +84,125 @@ def all_finite_many(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(sums).all()) or all(all_finite(t) for t in tensors)
 
 
+def all_finite_device(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every entry of every tensor is finite, as a 0-d bool tensor on their device, without
+    a host synchronisation: float64 norms of all of them in one multi-tensor op (the squares of
+    finite fp32/bf16/fp16 entries cannot overflow float64; float64 entries beyond 1e154 can:
+    where this says False, :func:`all_finite_many` decides)."""
+    tensors = [t for t in tensors if t.numel() > 0]
+    if not tensors:
+        raise ValueError("all_finite_device: no tensor with entries given")
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))).all()
+
+
 def robust_inverse(matrix: torch.Tensor) -> torch.Tensor | None:
     """Inverse of a symmetric positive-definite ``matrix`` (d, d) by Cholesky.
 
     Tries the matrix's own dtype first, then float64; returns ``None`` when neither gives a finite
     inverse (the caller then falls back to the plain gradient, rule 5).
     """
-    if not all_finite(matrix):
+    inverses, ok, _ = invert_spd_many([matrix])
+    if bool(ok[0]):
+        return inverses[0]
+    return _float64_inverse(matrix)
+
+
+def _float64_inverse(matrix: torch.Tensor) -> torch.Tensor | None:
+    """The float64 retry of :func:`robust_inverse` (after the matrix's own dtype failed)."""
+    if matrix.dtype == torch.float64 or not all_finite(matrix):
         return None
-    for dtype in (matrix.dtype, torch.float64):
-        work = matrix.to(dtype)
-        chol, info = torch.linalg.cholesky_ex(work)
-        if int(info) != 0:
-            continue
-        inv = torch.cholesky_inverse(chol).to(matrix.dtype)
-        if all_finite(inv):  # checked after the cast: fp64 -> fp32 can overflow
-            return inv
-    return None
+    inverses, ok, _ = invert_spd_many([matrix.to(torch.float64)])
+    inv = inverses[0].to(matrix.dtype)
+    return inv if bool(ok[0]) and all_finite(inv) else None  # fp64 -> fp32 can overflow
+
+
+#: :func:`invert_spd_many` inverts CPU factors by ``torch.cholesky_inverse`` (tests switch this off
+#: to take the accelerators' branch, ``torch.cholesky_solve`` against the identity, on the CPU)
+CPU_CHOLESKY_INVERSE = True
+
+
+def invert_spd_many(matrices: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
+    """Inverses of symmetric positive-definite matrices (each (d, d)), in their own dtype, without
+    a host synchronisation: the matrices are stacked by (d, dtype, device), factored by one
+    batched ``torch.linalg.cholesky_ex`` per stack and inverted by ``torch.cholesky_solve``
+    against the identity on an accelerator (``torch.cholesky_inverse`` reads its error flag on the
+    host there) and by ``torch.cholesky_inverse`` on the CPU.
+
+    Returns the inverses (garbage where not ok), ok (len(matrices),) bool on the first matrix's
+    device: the factorisation succeeded and the matrix and its inverse are finite, and which matrix
+    each entry of ok is about (ok[j] is matrix order[j]: stacks follow each other).
+    """
+    if not matrices:
+        return [], torch.ones(0, dtype=torch.bool), []
+    groups: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    for i, m in enumerate(matrices):
+        groups.setdefault((m.shape[-1], m.dtype, m.device), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(matrices)
+    oks: list[torch.Tensor] = []
+    order: list[int] = []
+    for (d, dtype, device), idx in groups.items():
+        stack = torch.stack([matrices[i] for i in idx]) if len(idx) > 1 else matrices[idx[0]].unsqueeze(0)
+        chol, info = torch.linalg.cholesky_ex(stack)
+        eye = torch.eye(d, dtype=dtype, device=device).expand(len(idx), d, d)
+        # a failed factorisation gets an identity factor: inverted harmlessly, flagged by info below
+        chol = torch.where((info == 0)[:, None, None], chol, eye)
+        # the CPU runs LAPACK's potri (half the work of two triangular solves; its error check
+        # costs nothing there); an accelerator solves against the identity, which reads nothing back
+        potri = CPU_CHOLESKY_INVERSE and device.type == "cpu"
+        inv = torch.cholesky_inverse(chol) if potri else torch.cholesky_solve(eye, chol)
+        finite = torch.isfinite(inv).flatten(1).all(1) & torch.isfinite(stack).flatten(1).all(1)
+        oks.append((info == 0) & finite)
+        for k, i in enumerate(idx):
+            out[i] = inv[k]
+        order += idx
+    ok = torch.cat([o.to(oks[0].device) for o in oks]) if len(oks) > 1 else oks[0]
+    return [t for t in out if t is not None], ok, order
+
+
+@dataclass
+class InversionJob:
+    """What a block hands the batched inversion of a step (:func:`run_inversions`).
+
+    Attributes:
+        matrices: (statistic name, damped SPD matrix (d, d)) to invert.
+        scalars: float64 figures (0-d or (k,) tensors, on any device) the block needs back on the host.
+        finish: called with {name: inverse or None (the inversion failed)} and the scalars as
+            floats; updates the block and returns its report.
+    """
+
+    matrices: list[tuple[str, torch.Tensor]]
+    scalars: list[torch.Tensor]
+    finish: Callable[[dict[str, torch.Tensor | None], list[float]], InversionReport]
+
+
+def run_inversions(jobs: list[InversionJob]) -> list[InversionReport]:
+    """Every job's matrices inverted in batches (:func:`invert_spd_many`), their success flags and
+    the jobs' scalars read back in ONE host synchronisation; a matrix whose own-dtype inversion
+    failed is retried in float64 (:func:`robust_inverse`'s rule: rare, a synchronisation each)."""
+    matrices = [m for job in jobs for _, m in job.matrices]
+    inverses, ok, order = invert_spd_many(matrices)
+    parts = [ok.to(torch.float64)] if matrices else []
+    parts += [t.reshape(-1).to(torch.float64) for job in jobs for t in job.scalars]
+    if parts:
+        device = parts[0].device
+        values = torch.cat([t.to(device) for t in parts]).tolist()
+    else:
+        values = []
+    flags = [0.0] * len(matrices)
+    for j, i in enumerate(order):
+        flags[i] = values[j]
+    rest = values[len(matrices) :]
+    reports = []
+    k = 0
+    for job in jobs:
+        got: dict[str, torch.Tensor | None] = {}
+        for name, m in job.matrices:
+            got[name] = inverses[k] if flags[k] > 0 else _float64_inverse(m)
+            k += 1
+        n = sum(t.numel() for t in job.scalars)
+        reports.append(job.finish(got, rest[:n]))
+        rest = rest[n:]
+    return reports
 
 
 def stat_dtype(module: nn.Module) -> torch.dtype:
@@ -147,8 +249,16 @@ class Block:
         return total / count
 
     def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
-        """(Re-)invert the damped statistics named in ``refreshed``."""
-        return InversionReport()
+        """(Re-)invert the damped statistics named in ``refreshed`` (:meth:`inversion_job`, run
+        alone). A block kind may override this instead of :meth:`inversion_job`; the optimizer
+        then calls it, outside the step's batched inversion."""
+        job = self.inversion_job(damping, refreshed)
+        return run_inversions([job])[0] if job is not None else InversionReport()
+
+    def inversion_job(self, damping: float, refreshed: set[str]) -> InversionJob | None:
+        """What (re-)inverting the statistics named in ``refreshed`` takes, for the step's batched
+        inversion (:func:`run_inversions`); ``None``: nothing to invert."""
+        return None
 
     def ready(self) -> bool:
         """Whether every inverse exists, so :meth:`precondition` is not the identity."""

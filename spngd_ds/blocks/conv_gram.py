@@ -170,6 +170,53 @@ def _shift_plan(h: int, w: int, kh: int, kw: int, dh: int, dw: int, ph: int, pw:
                       pair_index, inside_rows, inside_cols)
 
 
+@dataclass(frozen=True)
+class _PlanTensors:
+    """A :class:`_ShiftPlan`'s index and sign tensors on one device, in one dtype (built once: a
+    tensor built from a Python list is a host-to-device copy, a stream synchronisation)."""
+
+    block_shift: torch.Tensor  #: (blocks,) int64
+    offsets: torch.Tensor  #: (pixels,) int64: ``pixel_offsets``
+    partners: torch.Tensor  #: (pixels,) int64: ``pixel_offsets + pixel_shifts``
+    signs: torch.Tensor | None  #: (blocks, terms) of ``dtype``: the corrections, or None
+    pair_index: torch.Tensor  #: (taps·taps,) int64
+    inside_rows: torch.Tensor  #: (kh, H) of ``dtype``
+    inside_cols: torch.Tensor  #: (kw, W) of ``dtype``
+
+
+_PLAN_TENSORS: dict[tuple[int, torch.device, torch.dtype], tuple[_ShiftPlan, _PlanTensors]] = {}
+
+
+def _plan_tensors(plan: _ShiftPlan, device: torch.device, dtype: torch.dtype) -> _PlanTensors:
+    """The tensors of ``plan`` on ``device`` (cached per plan, device and dtype)."""
+    key = (id(plan), torch.device(device), dtype)
+    hit = _PLAN_TENSORS.get(key)
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    offsets = torch.tensor(plan.pixel_offsets, dtype=torch.int64, device=device)
+    signs = None
+    if plan.corrections:
+        blk, term, sign = zip(*plan.corrections, strict=True)
+        terms = sum(count for count, _ in plan.term_groups)
+        signs = torch.zeros(len(plan.block_shift), terms, dtype=dtype, device=device)
+        rows = torch.tensor(blk, dtype=torch.int64, device=device)
+        cols = torch.tensor(term, dtype=torch.int64, device=device)
+        signs[rows, cols] = torch.tensor(sign, dtype=dtype, device=device)
+    built = _PlanTensors(
+        block_shift=torch.tensor(plan.block_shift, dtype=torch.int64, device=device),
+        offsets=offsets,
+        partners=offsets + torch.tensor(plan.pixel_shifts, dtype=torch.int64, device=device),
+        signs=signs,
+        pair_index=torch.tensor(plan.pair_index, dtype=torch.int64, device=device),
+        inside_rows=torch.tensor(plan.inside_rows, dtype=dtype, device=device),
+        inside_cols=torch.tensor(plan.inside_cols, dtype=dtype, device=device),
+    )
+    if len(_PLAN_TENSORS) > 512:
+        _PLAN_TENSORS.clear()
+    _PLAN_TENSORS[key] = (plan, built)
+    return built
+
+
 def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
                bias: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gram (d, d) of the im2col patches of a stride-1 convolution on ``x`` (N, C, H, W), in
@@ -189,16 +236,15 @@ def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, in
     products = flat.new_empty(len(plan.shifts), c, c)
     for k, sh in enumerate(plan.shifts):
         torch.mm(lhs, flat[sh : sh + span], out=products[k])
+    idx = _plan_tensors(plan, x.device, dtype)
     # (blocks, C, C): block t1 <= t2 before its corrections
-    upper = products.index_select(0, torch.tensor(plan.block_shift, device=x.device))
+    upper = products.index_select(0, idx.block_shift)
     if plan.corrections:
         # every term's pixels (term after term, each over every image) and their partners: two
         # gathers, then one batched product per run of equal-sized terms
         images = torch.arange(n, device=x.device) * pitch
-        offsets = torch.tensor(plan.pixel_offsets, device=x.device)
-        partner = offsets + torch.tensor(plan.pixel_shifts, device=x.device)
-        first = flat.index_select(0, (offsets[:, None] + images).reshape(-1))
-        second = flat.index_select(0, (partner[:, None] + images).reshape(-1))
+        first = flat.index_select(0, (idx.offsets[:, None] + images).reshape(-1))
+        second = flat.index_select(0, (idx.partners[:, None] + images).reshape(-1))
         terms, start = [], 0
         for count, size in plan.term_groups:
             stop = start + count * size * n
@@ -206,20 +252,16 @@ def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, in
             terms.append(torch.bmm(a.transpose(1, 2), b))
             start = stop
         border = torch.cat(terms).view(-1, c * c)  # (terms, C·C)
-        blk, term, sign = zip(*plan.corrections, strict=True)
-        signs = torch.zeros(len(plan.block_shift), border.shape[0], dtype=dtype, device=x.device)
-        signs[list(blk), list(term)] = torch.tensor(sign, dtype=dtype, device=x.device)
-        upper = upper - (signs @ border).view(-1, c, c)
+        assert idx.signs is not None
+        upper = upper - (idx.signs @ border).view(-1, c, c)
     both = torch.cat([upper, upper.transpose(1, 2)])
-    pairs = both.index_select(0, torch.tensor(plan.pair_index, device=x.device))  # (taps·taps, C, C)
+    pairs = both.index_select(0, idx.pair_index)  # (taps·taps, C, C)
     taps = kh * kw
     gram = pairs.view(taps, taps, c, c).permute(2, 0, 3, 1).reshape(c * taps, c * taps)
     colsum = None
     if bias:
         per_pixel = buf[:, :h, :w].sum(0)  # (H, W, C)
-        rows_in = torch.tensor(plan.inside_rows, dtype=dtype, device=x.device)
-        cols_in = torch.tensor(plan.inside_cols, dtype=dtype, device=x.device)
-        colsum = torch.einsum("ir,aq,rqc->cia", rows_in, cols_in, per_pixel).reshape(c * kh * kw)
+        colsum = torch.einsum("ir,aq,rqc->cia", idx.inside_rows, idx.inside_cols, per_pixel).reshape(c * kh * kw)
     return gram, colsum
 
 

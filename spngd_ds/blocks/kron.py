@@ -17,10 +17,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from spngd_ds.blocks.base import Block, InversionReport, Statistic, robust_inverse
+from spngd_ds.blocks.base import Block, InversionJob, InversionReport, Statistic
 from spngd_ds.blocks.conv_gram import patch_gram
 from spngd_ds.blocks.shapes import full_shape
-from spngd_ds.staleness import RefreshSchedule, wishart_rho
+from spngd_ds.staleness import RefreshSchedule
 
 
 def conv_supported(module: nn.Module) -> bool:
@@ -31,6 +31,15 @@ def conv_supported(module: nn.Module) -> bool:
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
     )
+
+
+def pi_tensor(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """π of rule 5 as a float64 0-d tensor on a's device (no host synchronisation); 1 when either
+    mean trace is not a positive finite number. The same arithmetic as :func:`compute_pi`."""
+    ta = torch.trace(a).to(torch.float64) / a.shape[0]
+    tg = torch.trace(g).to(torch.float64).to(ta.device) / g.shape[0]
+    valid = torch.isfinite(ta) & torch.isfinite(tg) & (ta > 0.0) & (tg > 0.0)
+    return torch.where(valid, torch.sqrt(ta / torch.where(valid, tg, 1.0)), 1.0)
 
 
 def compute_pi(a: torch.Tensor, g: torch.Tensor) -> float:
@@ -148,29 +157,38 @@ class KronBlock(Block):
     def normalise(self, name: str, total: torch.Tensor, count: float) -> torch.Tensor:
         value = super().normalise(name, total, count)
         # the staleness rule's noise floor (staleness.py): ρ of this value and its sample count
-        self.stats[name].schedule.note_value(wishart_rho(value, self.vectors_per_sample[name]), count)
+        self.stats[name].schedule.note_value_figures(value, self.vectors_per_sample[name], count)
         return value
 
     # -- inversion and preconditioning -----------------------------------------------------------
-    def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
-        report = InversionReport()
+    def inversion_job(self, damping: float, refreshed: set[str]) -> InversionJob | None:
         a, g = self.stats["A"].value, self.stats["G"].value
         if a is None or g is None:
-            return report
-        self.pi = compute_pi(a, g)
+            return None
+        pi = pi_tensor(a, g)
         root = math.sqrt(damping)
-        shift = {"A": self.pi * root, "G": root / self.pi}
+        shift = {"A": pi * root, "G": root / pi}
+        matrices = []
         for name in ("A", "G"):
             stat = self.stats[name]
             if name not in refreshed and stat.inverse is not None:
                 continue
             assert stat.value is not None
             damped = stat.value.clone()
-            damped.diagonal().add_(shift[name])  # X + shift·I without an identity matrix
-            stat.inverse = robust_inverse(damped)
-            stat.inversions += 1
-            (report.inverted if stat.inverse is not None else report.failed).append(name)
-        return report
+            damped.diagonal().add_(shift[name].to(device=damped.device))  # X + shift·I without an identity matrix
+            matrices.append((name, damped))
+
+        def finish(inverses: dict[str, torch.Tensor | None], scalars: list[float]) -> InversionReport:
+            self.pi = scalars[0]
+            report = InversionReport()
+            for name, inverse in inverses.items():
+                stat = self.stats[name]
+                stat.inverse = inverse
+                stat.inversions += 1
+                (report.inverted if inverse is not None else report.failed).append(name)
+            return report
+
+        return InversionJob(matrices, [pi], finish)
 
     def grad_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """M = [∇W.reshape(d_G, -1) | ∇b], shape (d_G, d_A), in the statistics dtype."""

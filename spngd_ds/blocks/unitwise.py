@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from spngd_ds.blocks.base import Block, InversionReport, Statistic
+from spngd_ds.blocks.base import Block, InversionJob, InversionReport, Statistic
 from spngd_ds.blocks.shapes import full_shape
-from spngd_ds.staleness import RefreshSchedule, wishart_rho
+from spngd_ds.staleness import RefreshSchedule
 
 
 def channel_moments(
@@ -102,22 +102,26 @@ class UnitwiseBlock(Block):
     def normalise(self, name: str, total: torch.Tensor, count: float) -> torch.Tensor:
         value = super().normalise(name, total, count)
         # the staleness rule's noise floor (staleness.py): u is one vector per sample and channel
-        self.stats[name].schedule.note_value(wishart_rho(value), count)
+        self.stats[name].schedule.note_value_figures(value, 1.0, count)
         return value
 
-    def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
+    def inversion_job(self, damping: float, refreshed: set[str]) -> InversionJob | None:
         stat = self.stats["F"]
-        report = InversionReport()
         if stat.value is None or ("F" not in refreshed and stat.inverse is not None):
+            return None
+        inv, ok = inverse_2x2(stat.value, self.damping_scale * damping)  # closed form: nothing to batch
+
+        def finish(inverses: dict[str, torch.Tensor | None], scalars: list[float]) -> InversionReport:
+            report = InversionReport()
+            stat.inversions += 1
+            self.failed_channels = int(scalars[0])
+            if self.failed_channels:
+                report.failed.append("F")
+            stat.inverse = inv
+            report.inverted.append("F")
             return report
-        inv, ok = inverse_2x2(stat.value, self.damping_scale * damping)
-        stat.inversions += 1
-        self.failed_channels = int((~ok).sum())
-        if self.failed_channels:
-            report.failed.append("F")
-        stat.inverse = inv
-        report.inverted.append("F")
-        return report
+
+        return InversionJob([], [(~ok).sum()], finish)
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         inv = self.stats["F"].inverse

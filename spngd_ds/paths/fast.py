@@ -21,13 +21,12 @@ engine counts the step as skipped and does not advance its learning-rate schedul
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from spngd_ds.blocks.base import all_finite_many
+from spngd_ds.blocks.base import all_finite_device, all_finite_many
 from spngd_ds.comm import OwnerLayout
 from spngd_ds.reductions import any_rank_each_and_sum
 
@@ -52,11 +51,18 @@ class FastPath:
         opt.stats_log.reset_timers()
         opt.comm.reset_bytes()
         live = opt._aligned()
-        local_bad = not all_finite_many([g for g in (live[id(q)].grad for q in opt._params) if g is not None])
-        with opt.stats_log.timer("comm"):  # the due statistics' sample counts in the same all-reduce
-            flags, totals = any_rank_each_and_sum(
-                opt.comm, [local_bad, *opt.received_gradient(opt._params)], opt.local_sample_counts(opt.due_now())
-            )
+        # the step's one host synchronisation when nothing is refreshed: must it be skipped?
+        present = [g for g in (live[id(q)].grad for q in opt._params) if g is not None]
+        present = [g for g in present if g.numel() > 0]
+        local_bad = bool(present) and not bool(all_finite_device(present)) and not all_finite_many(present)
+        totals: torch.Tensor | None = None
+        if opt.comm.world_size == 1:
+            flags = [local_bad, *opt.received_gradient(opt._params)]
+        else:
+            with opt.stats_log.timer("comm"):  # the due statistics' sample counts in the same all-reduce
+                flags, totals = any_rank_each_and_sum(
+                    opt.comm, [local_bad, *opt.received_gradient(opt._params)], opt.local_sample_counts(opt.due_now())
+                )
         if flags[0]:
             opt.skip_step("non-finite gradient")
             target.overflow = True
@@ -70,14 +76,19 @@ class FastPath:
         directions = opt.precondition_owned(owned_grads)
         group_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
         with opt.stats_log.timer("precondition"):
+            per_group: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
             for b in opt.owned():
                 for p, d in zip(b.params, directions[b.name], strict=True):
                     if has_grad[id(p)]:
                         target_p = live[id(p)]
-                        opt.momentum_update(target_p, d, group_of[id(target_p)])
-            for b in opt.rescaled_blocks():
-                if opt.assignment[b.name] == opt.comm.rank:
-                    _rescale(live[id(b.params[0])], opt.rescale_target(b.params[0]))
+                        ps, ds = per_group.setdefault(group_of[id(target_p)], ([], []))
+                        ps.append(target_p)
+                        ds.append(d)
+            for gi, (ps, ds) in sorted(per_group.items()):
+                opt.momentum_update_many(ps, ds, gi)
+            rescaled = [b for b in opt.rescaled_blocks() if opt.assignment[b.name] == opt.comm.rank]
+            _rescale_many([live[id(b.params[0])] for b in rescaled],
+                          [opt.rescale_target(b.params[0]) for b in rescaled])
         with opt.stats_log.timer("comm"):
             self._gather_parameters(opt, live, due)
         opt.finish_step(opt.current_lrs())
@@ -138,8 +149,19 @@ def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
-def _rescale(weight: torch.Tensor, target: float) -> None:
-    """Rule 8 on a full weight: W <- W · min(1, target/||W||_F)."""
-    norm = float(torch.linalg.vector_norm(weight.double()))
-    if norm > target and math.isfinite(norm):
-        weight.mul_(target / norm)
+_TARGETS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+
+
+def _rescale_many(weights: list[torch.Tensor], targets: list[float]) -> None:
+    """Rule 8 on full weights: W <- W · min(1, target/||W||_F), each with its target, norms in
+    float64, without a host synchronisation."""
+    if not weights:
+        return
+    norms = torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float64))
+    key = (tuple(targets), norms.device)
+    bound = _TARGETS.get(key)
+    if bound is None:  # the targets are fixed for a run: uploaded once
+        bound = _TARGETS[key] = torch.tensor(targets, dtype=torch.float64, device=norms.device)
+    act = torch.isfinite(norms) & (norms > bound)
+    factors = torch.where(act, bound / torch.where(act, norms, 1.0), 1.0)
+    torch._foreach_mul_(weights, list(factors.to(weights[0].dtype).unbind(0)))
