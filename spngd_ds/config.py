@@ -52,7 +52,7 @@ class SPNGDConfig(BaseModel):
 
     _numbers = field_validator(
         "lr", "momentum", "damping", "weight_decay", "bn_damping_scale", "stat_micro_batches", "clip_norm",
-        mode="before",
+        "kl_clip", "max_consecutive_skips", mode="before",
     )(_no_bool)
 
     lr: float = Field(0.1, ge=0.0, description="a float >= 0")
@@ -81,6 +81,15 @@ class SPNGDConfig(BaseModel):
     clip_norm: float | None = Field(
         None, gt=0.0, description="null (no clipping) or a float > 0: limit on the global L2 norm of the "
         "preconditioned gradient (DeepSpeed's gradient_clipping maps here)",
+    )
+    kl_clip: float | None = Field(
+        1e-3, ge=0.0, description="null or 0 (no bound: the paper's update) or a float > 0 (default 1e-3): "
+        "bound on the KL divergence of a step, the preconditioned gradient of every layer scaled by "
+        "min(1, sqrt(kl_clip / (lr^2 * sum <P(grad), grad>)))",
+    )
+    max_consecutive_skips: int | None = Field(
+        50, ge=0, description="null or 0 (never stop) or an integer >= 1 (default 50): this many skipped steps "
+        "in a row stop the run with an error",
     )
 
 
