@@ -87,9 +87,10 @@ class SPNGD(Optimizer):
             A is the capture's costliest part (one micro-batch's exact A Gram costs about its
             forward and backward on a CPU), and its sampling noise is the smallest of the
             statistics'; G and BatchNorm's F always use every sample.
-        kl_clip: rule 13's bound on a step (:func:`spngd_ds.safety.step_bound`): every layer's
-            preconditioned gradient is scaled by min(1, sqrt(kl_clip / (lr² Σ ⟨P(∇), ∇⟩))), the sum
-            over all layers of all ranks; ``None`` or 0: the paper's update, unbounded.
+        step_bound: rule 13's bound c on a step (:func:`spngd_ds.safety.step_bound`): every layer's
+            preconditioned gradient is scaled by min(1, c·L / (lr ‖P(∇)‖ ‖∇‖)), L the loss observed
+            for the step (``step(closure)``, :meth:`observe_loss`, DeepSpeed's ``engine.backward``),
+            norms over all layers of all ranks; ``None`` or 0: the paper's update, unbounded.
         max_consecutive_skips: this many skipped steps in a row (non-finite gradients, overflows)
             raise :class:`spngd_ds.safety.TrainingStalledError` on every rank; ``None`` or 0: never.
         communicator: how ranks talk (default: one rank). Set by :func:`spngd_ds.initialize`.
@@ -111,7 +112,7 @@ class SPNGD(Optimizer):
         clip_norm: float | None = None,
         overlap_statistics: bool | str = "auto",
         a_samples: int | None = None,
-        kl_clip: float | None = 1e-3,
+        step_bound: float | None = 1.0,
         max_consecutive_skips: int | None = 50,
         *,
         communicator: Communicator | None = None,
@@ -127,7 +128,7 @@ class SPNGD(Optimizer):
             staleness=DEFAULT_STALENESS if staleness is _DEFAULT else staleness,
             comm_dtype=comm_dtype, stat_micro_batches=stat_micro_batches, clip_norm=clip_norm,
             overlap_statistics=overlap_statistics, a_samples=a_samples,
-            kl_clip=kl_clip, max_consecutive_skips=max_consecutive_skips,
+            step_bound=step_bound, max_consecutive_skips=max_consecutive_skips,
         )
         self.config: SPNGDConfig = validate_spngd_params(params_in)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -160,7 +161,7 @@ class SPNGD(Optimizer):
         #: read by DeepSpeed's engine after ``step()``: True when the step was skipped
         self.overflow = False
         self.last_clip_factor: float | torch.Tensor = 1.0
-        self.last_kl_factor: float | torch.Tensor = 1.0
+        self.last_bound_factor: float | torch.Tensor = 1.0
         #: rule 13: the outlier rule's memory and the consecutive-skip stop (spngd_ds.safety)
         self.outliers = OutlierGuard()
         self.skips = SkipGuard(limit=cfg.max_consecutive_skips or None)
@@ -247,7 +248,8 @@ class SPNGD(Optimizer):
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """The loss of the step in progress, kept (not read) for the error that stops a run whose
         steps are all skipped (``max_consecutive_skips``). ``step(closure)`` and DeepSpeed's
-        ``engine.backward`` call it; a plain loop may."""
+        ``engine.backward`` call it; a plain loop may. It is also the L of rule 13's ``step_bound``:
+        a step that observed no loss is not bounded."""
         self.skips.observe_loss(loss)
 
     @contextlib.contextmanager
@@ -484,25 +486,19 @@ class SPNGD(Optimizer):
     # -- preconditioning, clipping, update -----------------------------------------------------------
     def precondition_owned(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
         """P(∇) of every owned block (``grads``: block name -> averaged gradients in ``params``
-        order), scaled by rule 13's KL bound and ``clip_norm`` (:func:`spngd_ds.safety.step_bound`,
+        order), scaled by rule 13's ``step_bound`` and ``clip_norm`` (:func:`spngd_ds.safety.step_bound`,
         factors on the device). One all-reduce when either is set, none otherwise."""
         with self.stats_log.timer("precondition"):
             out = {b.name: self.precondition_block(b, grads[b.name]) for b in self.owned()}
-        kl_clip = self.config.kl_clip or None
+        bound = self.config.step_bound or None
         lr = float(self.param_groups[0]["lr"])
-        curved = {b.name for b in self.owned() if b.stats}
-        kl, norm = step_bound(self.comm, out, grads, curved, lr, kl_clip, self.config.clip_norm)
-        self.last_kl_factor = kl if kl is not None else 1.0
+        nu, norm = step_bound(self.comm, out, grads, lr, bound, self.skips.pending_loss, self.config.clip_norm)
+        self.last_bound_factor = nu if nu is not None else 1.0
         self.last_clip_factor = norm if norm is not None else 1.0
-        if kl is None and norm is None:
+        factor = nu * norm if nu is not None and norm is not None else nu if nu is not None else norm
+        if factor is None:
             return out
-        scaled = {}
-        for name, ds in out.items():
-            factor = kl if kl is not None and name in curved else None
-            if norm is not None:
-                factor = norm if factor is None else factor * norm
-            scaled[name] = [d * factor.to(d.dtype) for d in ds] if factor is not None else ds
-        return scaled
+        return {name: [d * factor.to(d.dtype) for d in ds] for name, ds in out.items()}
 
     def precondition_block(self, block: Block, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """P(∇) of one owned block, or the plain gradient when it has no inverse yet."""
@@ -569,7 +565,7 @@ class SPNGD(Optimizer):
             "spngd/time_capture": float(self.capture.last_seconds),
             "spngd/first_order_layers": float(len(self.first_order_layers) + self._never_captured()),
             "spngd/clip_factor": float(self.last_clip_factor),
-            "spngd/step_bound_factor": float(self.last_kl_factor),
+            "spngd/step_bound_factor": float(self.last_bound_factor),
             "spngd/accepted_after_rejections": float(self.outliers.accepted_after_rejections),
             "spngd/accepted_after_collapse": float(self.outliers.recovered),
             "spngd/consecutive_skips": float(self.skips.consecutive),

@@ -2,14 +2,19 @@
 
 Three guards, each one idea:
 
-- :func:`step_bound` -- the KL clip of the preconditioned step (kfac-pytorch's ``kl_clip``):
-  with Δθ = -η P(∇) the quadratic model of the KL divergence between the predictive distributions
-  before and after the step is ½ η² Σ_layers ⟨P(∇), ∇⟩; the preconditioned gradient of every layer
-  with curvature is scaled by ν = min(1, sqrt(kl_clip / (η² Σ ⟨P(∇), ∇⟩))). The sum runs over
-  every rank's owned blocks (one all-reduce, shared with ``clip_norm``'s), and ν is computed on the
-  device. The step's size is measured in the metric the preconditioner itself defines, so the bound
-  leaves a well-scaled natural-gradient step alone and acts on a step that is large in that
-  metric (lr too high, a gradient far above what the curvature has seen).
+- :func:`step_bound` -- the preconditioned step may not be longer than the loss allows. Along
+  the gradient, the first-order model of the loss reaches 0 at distance L / ‖∇‖ (the Polyak step
+  length of a loss bounded below by 0: cross-entropy, squared error); every layer's P(∇) is scaled
+  by ν = min(1, step_bound · L / (η ‖P(∇)‖ ‖∇‖)), norms over all layers of all ranks, so that the
+  step η ν ‖P(∇)‖ is at most ``step_bound`` times that distance (and its predicted decrease
+  η ν ⟨P(∇), ∇⟩ at most ``step_bound`` · L). The bound does not trust P: when the preconditioner
+  is too large by any factor or points off the gradient (damping far too small; a statistic that
+  collapsed at zero loss, where the empirical Fisher falls like L² while the curvature falls like
+  L; a stale inverse), the bounded step is the same. A KL clip (kfac-pytorch) measures the step in
+  P's own metric and lets exactly those steps through. L is the loss the optimizer observed for
+  the step (``step(closure)``, :meth:`SPNGD.observe_loss`, DeepSpeed's ``engine.backward``),
+  averaged over ranks; without one, or with L <= 0, ν = 1. The sums ride one all-reduce, shared
+  with ``clip_norm``'s, and ν is computed on the device.
 - :class:`OutlierGuard` -- when a refreshed statistic is rejected as an outlier (relative change
   above ``EXPLOSION_RATIO``), but its new norm is no larger than a scale the statistic has had
   before (the peak norm of its accepted values), the jump is a return from a collapse (the
@@ -47,9 +52,9 @@ def step_bound(
     comm: Communicator,
     directions: dict[str, list[torch.Tensor]],
     grads: dict[str, list[torch.Tensor]],
-    curved: set[str],
     lr: float,
-    kl_clip: float | None,
+    bound: float | None,
+    loss: torch.Tensor | None,
     clip_norm: float | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The factors that scale the owned preconditioned gradients, as 0-dim float64 device tensors.
@@ -58,46 +63,44 @@ def step_bound(
         comm: the communicator (the sums run over every rank's owned blocks: one all-reduce).
         directions: block name -> P(∇) of each parameter (this rank's owned blocks).
         grads: block name -> ∇ of each parameter, same shapes as ``directions``.
-        curved: the names of the blocks with curvature (the KL sum and ν cover these only; the
-            others take the plain gradient, as in kfac-pytorch).
         lr: η of the step (the learning rate the update uses).
-        kl_clip: the KL bound (``None``: no KL clip).
-        clip_norm: the limit on the global L2 norm of every direction after the KL clip
-            (``None``: none).
+        bound: ``step_bound`` c (``None``: no bound).
+        loss: this rank's observed loss of the step (0-dim), or ``None``.
+        clip_norm: the limit on the global L2 norm of every direction after ν (``None``: none).
 
     Returns:
-        ``(kl_factor, norm_factor)``: ν, for the blocks in ``curved``, and
-        min(1, clip_norm / ‖P(∇) after ν‖), for every block; ``None`` for one that is off. A
-        non-positive or non-finite sum leaves its factor at 1.
+        ``(bound_factor, norm_factor)``: ν = min(1, c L / (η ‖P(∇)‖ ‖∇‖)) with L the mean over ranks
+        of their losses (1 when a rank observed none, L <= 0, or the product is not positive and
+        finite), and min(1, clip_norm / ‖ν P(∇)‖); ``None`` for one that is off.
     """
-    if kl_clip is None and clip_norm is None:
+    if bound is None and clip_norm is None:
         return None, None
     device = comm.device
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    sq_curved, sq_plain, vg = zero, zero, zero
+    sq, gsq = zero, zero
     for name, ds in directions.items():
-        sq = torch.stack([torch.sum(d.double() ** 2) for d in ds]).sum().to(device) if ds else zero
-        if name in curved:
-            sq_curved = sq_curved + sq
-            if kl_clip is not None and ds:
-                vg = vg + torch.stack(
-                    [torch.sum(d.double() * g.double()) for d, g in zip(ds, grads[name], strict=True)]
-                ).sum().to(device)
-        else:
-            sq_plain = sq_plain + sq
-    sums = all_reduce_sum(comm, torch.stack([sq_curved, sq_plain, vg]))
+        if not ds:
+            continue
+        sq = sq + torch.stack([torch.sum(d.double() ** 2) for d in ds]).sum().to(device)
+        if bound is not None:
+            gsq = gsq + torch.stack([torch.sum(g.double() ** 2) for g in grads[name]]).sum().to(device)
+    seen = zero + (1.0 if loss is not None else 0.0)
+    value = loss.detach().to(device, torch.float64).reshape(()) if loss is not None else zero
+    sums = all_reduce_sum(comm, torch.stack([sq, gsq, value, seen]))
     one = torch.ones((), dtype=torch.float64, device=device)
-    kl = norm = None
-    if kl_clip is not None:
-        quad = sums[2] * (lr * lr)
-        ok = torch.isfinite(quad) & (quad > 0)
-        kl = torch.where(ok, torch.clamp(torch.sqrt(kl_clip / torch.where(ok, quad, one)), max=1.0), one)
+    nu = norm = None
+    if bound is not None:
+        mean_loss = sums[2] / comm.world_size
+        predicted = torch.sqrt(sums[0] * sums[1]) * lr
+        ok = (sums[3] == comm.world_size) & torch.isfinite(predicted) & (predicted > 0) \
+            & torch.isfinite(mean_loss) & (mean_loss > 0)
+        nu = torch.where(ok, torch.clamp(bound * mean_loss / torch.where(ok, predicted, one), max=1.0), one)
     if clip_norm is not None:
-        nu = kl if kl is not None else one
-        total = torch.sqrt(sums[0] * nu * nu + sums[1])
+        scale = nu if nu is not None else one
+        total = torch.sqrt(sums[0]) * scale
         ok = torch.isfinite(total) & (total > 0)
         norm = torch.where(ok, torch.clamp(clip_norm / torch.where(ok, total, one), max=1.0), one)
-    return kl, norm
+    return nu, norm
 
 
 @dataclass
@@ -151,23 +154,34 @@ class SkipGuard:
     consecutive: int = 0
     causes: dict[str, int] = field(default_factory=dict)
     pending_loss: torch.Tensor | None = None
+    pending_sum: torch.Tensor | None = None
+    pending_count: int = 0
     last_loss: torch.Tensor | None = None
     last_loss_step: int | None = None
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
-        """The loss of the step in progress (a tensor is detached, never read here)."""
-        self.pending_loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        """A loss of the step in progress (a tensor is detached, never read here); several (micro-
+        batches) are averaged."""
+        value = loss.detach().double().mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self.pending_sum = value if self.pending_sum is None else self.pending_sum + value
+        self.pending_count += 1
+        self.pending_loss = self.pending_sum / self.pending_count
+
+    def _clear_pending(self) -> None:
+        self.pending_loss, self.pending_sum, self.pending_count = None, None, 0
 
     def applied(self, step: int) -> None:
         """Step ``step`` was applied: the skip count restarts, its loss becomes the last finite one."""
         self.consecutive = 0
         self.causes.clear()
         if self.pending_loss is not None:
-            self.last_loss, self.last_loss_step, self.pending_loss = self.pending_loss, step, None
+            self.last_loss, self.last_loss_step = self.pending_loss, step
+        self._clear_pending()
 
     def skipped(self, step: int, reason: str, lr: float, damping: float) -> None:
-        """Step ``step`` was skipped for ``reason``; raises :class:`TrainingStalledError` at the limit."""
-        self.pending_loss = None
+        """A step was skipped for ``reason`` (``step``: the optimizer's step count, which a skipped
+        step does not advance); raises :class:`TrainingStalledError` at the limit."""
+        self._clear_pending()
         self.consecutive += 1
         self.causes[reason] = self.causes.get(reason, 0) + 1
         if self.limit is None or self.consecutive < self.limit:
@@ -180,7 +194,7 @@ class SkipGuard:
         else:
             loss = "no loss was observed (pass a closure to step(), or call observe_loss(loss))"
         raise TrainingStalledError(
-            f"SPNGD: {self.consecutive} consecutive steps skipped, up to step {step} ({causes}); {loss}. "
+            f"SPNGD: {self.consecutive} consecutive steps skipped since step {step} ({causes}); {loss}. "
             f"The run cannot go on: every update is non-finite. Lower lr (now {lr:g}) or raise damping "
             f"(now {damping:g}), check the data and the model's forward for NaN/Inf, or set "
             "max_consecutive_skips to null to keep skipping"

@@ -583,7 +583,7 @@ def make_spngd(
         bn_damping_scale=bn_damping_scale,
         weight_rescale=False,
         staleness=None,
-        kl_clip=None,  # the paper's update (rule 13's bound off)
+        step_bound=None,  # the paper's update (rule 13's bound off)
     )
 
 
