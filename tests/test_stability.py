@@ -292,7 +292,7 @@ def test_bad_values_name_the_key(bad: dict[str, Any]) -> None:
 def _ds(tmp_path: Path, stage: int, name: str, extra: list[str], params: dict[str, Any]) -> list[dict[str, Any]]:
     base = {"lr": 0.05, "momentum": 0.9, "damping": 1e-3, "staleness": {"threshold": 0.1, "max_interval": 20}}
     override = {"optimizer": {"type": "SPNGD", "params": {**base, **params}}}
-    out = tmp_path / f"{name}-z{stage}-{{rank}}.pt"
+    out = tmp_path / f"{name}-z{stage}-rank{{rank}}"  # every rank writes its own file
     torchrun(2, ["--model", "convbn", "--stage", str(stage), "--global_batch", "64", "--repeat_batch",
                  "--config_override", json.dumps(override), "--out", str(out), *extra], timeout=600)
     return [torch.load(str(out).replace("{rank}", str(r)), weights_only=False) for r in range(2)]
