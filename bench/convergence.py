@@ -127,6 +127,8 @@ def train(data: Data, name: str, lr: float, batch: int, seed: int, cap: int, sto
         start = time.perf_counter()
         loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
         loss.backward()
+        if hasattr(opt, "observe_loss"):
+            opt.observe_loss(loss)  # the L of SP-NGD's step bound (rule 13)
         opt.step()
         opt.zero_grad()
         spent += time.perf_counter() - start

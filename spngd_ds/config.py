@@ -52,7 +52,7 @@ class SPNGDConfig(BaseModel):
 
     _numbers = field_validator(
         "lr", "momentum", "damping", "weight_decay", "bn_damping_scale", "stat_micro_batches", "clip_norm",
-        mode="before",
+        "step_bound", "max_consecutive_skips", mode="before",
     )(_no_bool)
 
     lr: float = Field(0.1, ge=0.0, description="a float >= 0")
@@ -81,6 +81,15 @@ class SPNGDConfig(BaseModel):
     clip_norm: float | None = Field(
         None, gt=0.0, description="null (no clipping) or a float > 0: limit on the global L2 norm of the "
         "preconditioned gradient (DeepSpeed's gradient_clipping maps here)",
+    )
+    step_bound: float | None = Field(
+        1.0, ge=0.0, description="null or 0 (no bound: the paper's update) or a float > 0 (default 1): the "
+        "preconditioned gradient of every layer scaled by min(1, step_bound * loss / (lr * ||P(grad)|| * ||grad||)), "
+        "so that a step is at most step_bound times the distance at which the loss's linear model reaches 0",
+    )
+    max_consecutive_skips: int | None = Field(
+        50, ge=0, description="null or 0 (never stop) or an integer >= 1 (default 50): this many skipped steps "
+        "in a row stop the run with an error",
     )
 
 

@@ -9,7 +9,8 @@ hooks need, and the engine's ``step`` at the gradient-accumulation boundary.
 
 Either way a step SP-NGD skips is reported to the engine as an overflow (counted in
 ``engine.skipped_steps``, learning-rate scheduler not advanced), and a step DeepSpeed skips (fp16
-overflow) discards SP-NGD's statistics of that step.
+overflow) discards SP-NGD's statistics of that step; ``max_consecutive_skips`` skipped steps in a
+row raise on every rank (rule 13), naming the loss ``engine.backward`` last saw at an applied step.
 """
 
 from __future__ import annotations
@@ -48,9 +49,22 @@ def attach(engine: Any, opt: SPNGD) -> None:
         return result
 
     engine.step = checked_step if agreement_enabled() else step
+    _observe_losses(engine, opt)
     from spngd_ds.checkpoint import wrap_checkpointing
 
     wrap_checkpointing(engine, opt)
+
+
+def _observe_losses(engine: Any, opt: SPNGD) -> None:
+    """``engine.backward(loss)`` hands the loss to :meth:`SPNGD.observe_loss` (kept as a tensor, read
+    only by the error that stops a run whose steps are all skipped)."""
+    backward = engine.backward
+
+    def observed_backward(loss: Any, *args: Any, **kwargs: Any) -> Any:
+        opt.observe_loss(loss)
+        return backward(loss, *args, **kwargs)
+
+    engine.backward = observed_backward
 
 
 def _fast_step(engine: Any, opt: SPNGD) -> Any:

@@ -34,17 +34,15 @@ from spngd_ds.config import DEFAULT_STALENESS, SPNGDConfig, validate_spngd_param
 from spngd_ds.metrics import StepMetrics
 from spngd_ds.overlap import EarlyFactors, can_send_early, send_factors_early, worth_sending_early
 from spngd_ds.reductions import all_reduce_sum
+from spngd_ds.safety import EXPLOSION_RATIO, MAX_REJECTIONS, OutlierGuard, SkipGuard, step_bound
 from spngd_ds.staleness import RefreshSchedule, change_figures, ratio_from
 
 logger = logging.getLogger("spngd_ds")
 
 _DEFAULT: Any = object()
 
-# A refreshed statistic whose relative change ||X_new - X_old|| / ||X_old|| exceeds this is an outlier
-# (a corrupted batch, an overflow that stayed finite): it is rejected, the old value is kept.
-# Three outliers in a row are taken as a real change and accepted.
-EXPLOSION_RATIO = 1e6
-MAX_REJECTIONS = 3
+# the outlier rule's constants (spngd_ds.safety), importable from here
+__all__ = ["EXPLOSION_RATIO", "MAX_REJECTIONS", "SPNGD"]
 
 
 class StepPath(Protocol):
@@ -90,6 +88,12 @@ class SPNGD(Optimizer):
             A is the capture's costliest part (one micro-batch's exact A Gram costs about its
             forward and backward on a CPU), and its sampling noise is the smallest of the
             statistics'; G and BatchNorm's F always use every sample.
+        step_bound: rule 13's bound c on a step (:func:`spngd_ds.safety.step_bound`): every layer's
+            preconditioned gradient is scaled by min(1, c·L / (lr ‖P(∇)‖ ‖∇‖)), L the loss observed
+            for the step (``step(closure)``, :meth:`observe_loss`, DeepSpeed's ``engine.backward``),
+            norms over all layers of all ranks; ``None`` or 0: the paper's update, unbounded.
+        max_consecutive_skips: this many skipped steps in a row (non-finite gradients, overflows)
+            raise :class:`spngd_ds.safety.TrainingStalledError` on every rank; ``None`` or 0: never.
         communicator: how ranks talk (default: one rank). Set by :func:`spngd_ds.initialize`.
     """
 
@@ -109,6 +113,8 @@ class SPNGD(Optimizer):
         clip_norm: float | None = None,
         overlap_statistics: bool | str = "auto",
         a_samples: int | None = None,
+        step_bound: float | None = 1.0,
+        max_consecutive_skips: int | None = 50,
         *,
         communicator: Communicator | None = None,
     ) -> None:
@@ -123,6 +129,7 @@ class SPNGD(Optimizer):
             staleness=DEFAULT_STALENESS if staleness is _DEFAULT else staleness,
             comm_dtype=comm_dtype, stat_micro_batches=stat_micro_batches, clip_norm=clip_norm,
             overlap_statistics=overlap_statistics, a_samples=a_samples,
+            step_bound=step_bound, max_consecutive_skips=max_consecutive_skips,
         )
         self.config: SPNGDConfig = validate_spngd_params(params_in)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -157,6 +164,10 @@ class SPNGD(Optimizer):
         #: read by DeepSpeed's engine after ``step()``: True when the step was skipped
         self.overflow = False
         self.last_clip_factor = 1.0
+        self.last_bound_factor = 1.0
+        #: rule 13: the outlier rule's memory and the consecutive-skip stop (spngd_ds.safety)
+        self.outliers = OutlierGuard()
+        self.skips = SkipGuard(limit=cfg.max_consecutive_skips or None)
         self._held = False
         self._prev_lr: list[float | None] = [None for _ in self.param_groups]
         self._last_refreshed = 0
@@ -231,9 +242,18 @@ class SPNGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if isinstance(loss, torch.Tensor):
+                self.observe_loss(loss)
         if not self._held:
             self.path.step(self)
         return loss
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """The loss of the step in progress, kept (not read) for the error that stops a run whose
+        steps are all skipped (``max_consecutive_skips``). ``step(closure)`` and DeepSpeed's
+        ``engine.backward`` call it; a plain loop may. It is also the L of rule 13's ``step_bound``:
+        a step that observed no loss is not bounded."""
+        self.skips.observe_loss(loss)
 
     @contextlib.contextmanager
     def hold_steps(self) -> Iterator[None]:
@@ -260,12 +280,15 @@ class SPNGD(Optimizer):
             for s in b.stats.values():
                 s.take_local()
         self.capture.start_step(self._due(self.step_count))
+        # every rank skips the same steps, so every rank stops at the same one
+        self.skips.skipped(self.step_count, reason, float(self.param_groups[0]["lr"]), self.damping)
 
     def finish_step(self, lrs: list[float] | None = None) -> None:
         """Advance the step counter and tell the hooks what to capture next. ``lrs``: the learning
         rate of each group that this step's update used (default: the groups' current ones), which
         the momentum correction of the next step divides by (rule 7)."""
         self._prev_lr = list(lrs if lrs is not None else self.current_lrs())
+        self.skips.applied(self.step_count)
         self.step_count += 1
         self.capture.start_step(self._due(self.step_count))
 
@@ -392,7 +415,9 @@ class SPNGD(Optimizer):
                 s.schedule.postpone(step)
                 continue
             ratio = ratio_from([old_norm, diff_norm], s.value, value)
-            if s.value is not None and ratio > EXPLOSION_RATIO and s.rejections < MAX_REJECTIONS:
+            verdict = self.outliers.judge(id(s), ratio, fro, old_norm, s.rejections) \
+                if s.value is not None else "accept"
+            if verdict == "reject":
                 s.rejections += 1
                 self.stats_log.rejected_stats += 1
                 logger.warning(
@@ -401,6 +426,13 @@ class SPNGD(Optimizer):
                 )
                 s.schedule.postpone(step)
                 continue
+            if verdict != "accept":
+                logger.warning(
+                    "SPNGD: %s of %s changed by a factor %.3g at step %d: accepted (%s)", s.name, b.name,
+                    ratio, step, "back to a scale it had before" if verdict == "recover"
+                    else f"after {s.rejections} rejections in a row",
+                )
+            self.outliers.accepted(id(s), fro)
             s.value = value
             s.rejections = 0
             s.refreshes += 1
@@ -506,43 +538,29 @@ class SPNGD(Optimizer):
     # -- preconditioning, clipping, update -----------------------------------------------------------
     def precondition_owned(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
         """P(∇) of every owned block (``grads``: block name -> averaged gradients in ``params``
-        order), scaled by :meth:`clip_factor`: blocks of equal shapes batched
-        (:class:`~spngd_ds.blocks.batched.BatchedPreconditioner`), no host synchronisation. A
-        collective when ``clip_norm`` is set."""
+        order), scaled by rule 13's ``step_bound`` and ``clip_norm`` (:func:`spngd_ds.safety.step_bound`):
+        blocks of equal shapes batched (:class:`~spngd_ds.blocks.batched.BatchedPreconditioner`),
+        the factors computed on the device (no host synchronisation). One all-reduce when either
+        is set, none otherwise."""
         with self.stats_log.timer("precondition"):
             out = self._batched.precondition(self.owned(), grads)
-        factor = self.clip_factor(out)
-        if isinstance(factor, torch.Tensor):
-            flat = [d for ds in out.values() for d in ds]
-            it = iter(torch._foreach_mul(flat, factor.to(flat[0].device)) if flat else [])
-            out = {name: [next(it) for _ in ds] for name, ds in out.items()}
-        return out
+        bound = self.config.step_bound or None
+        lr = float(self.param_groups[0]["lr"])
+        nu, norm = step_bound(self.comm, out, grads, lr, bound, self.skips.pending_loss, self.config.clip_norm)
+        self.last_bound_factor = nu if nu is not None else 1.0
+        self.last_clip_factor = norm if norm is not None else 1.0
+        factor = nu * norm if nu is not None and norm is not None else nu if nu is not None else norm
+        flat = [d for ds in out.values() for d in ds]
+        if factor is None or not flat:
+            return out
+        it = iter(torch._foreach_mul(flat, factor.to(flat[0].device)))  # one multi-tensor product
+        return {name: [next(it) for _ in ds] for name, ds in out.items()}
 
     def precondition_block(self, block: Block, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """P(∇) of one owned block, or the plain gradient when it has no inverse yet."""
         if not block.ready():
             return grads
         return block.precondition(grads)
-
-    def clip_factor(self, directions: dict[str, list[torch.Tensor]]) -> float | torch.Tensor:
-        """min(1, clip_norm / ||P(∇)||) with the norm over every rank's owned directions (one
-        all-reduce, on every rank), as a float64 0-d tensor on the device (no host
-        synchronisation); the float 1.0 when ``clip_norm`` is unset."""
-        limit = self.config.clip_norm
-        if limit is None:
-            self.last_clip_factor = 1.0
-            return 1.0
-        flat = [d for ds in directions.values() for d in ds if d.numel() > 0]
-        if flat:
-            local = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float64)).square().sum()
-        else:
-            local = torch.zeros((), dtype=torch.float64, device=self.comm.device)
-        total = all_reduce_sum(self.comm, local.reshape(1).to(self.comm.device))
-        norm = total[0].sqrt()
-        ok = torch.isfinite(norm) & (norm > 0)
-        factor = torch.where(ok, torch.clamp(limit / torch.where(ok, norm, 1.0), max=1.0), 1.0)
-        self.last_clip_factor = factor
-        return factor
 
     @property
     def last_clip_factor(self) -> float:
@@ -553,6 +571,16 @@ class SPNGD(Optimizer):
     @last_clip_factor.setter
     def last_clip_factor(self, value: float | torch.Tensor) -> None:
         self._last_clip_factor = value
+
+    @property
+    def last_bound_factor(self) -> float:
+        """Rule 13's factor ν of the last step (1.0 when the bound is off or did not act); read from the device here."""
+        f = self._last_bound_factor
+        return float(f) if isinstance(f, torch.Tensor) else f
+
+    @last_bound_factor.setter
+    def last_bound_factor(self, value: float | torch.Tensor) -> None:
+        self._last_bound_factor = value
 
     def momentum_update(self, p: torch.Tensor, direction: torch.Tensor, gi: int) -> None:
         """Rule 7 on ``p`` of group ``gi``: v <- m_eff v - lr (d + wd θ); θ <- θ + v, with
@@ -624,6 +652,10 @@ class SPNGD(Optimizer):
             "spngd/time_capture": float(self.capture.last_seconds),
             "spngd/first_order_layers": float(len(self.first_order_layers) + self._never_captured()),
             "spngd/clip_factor": float(self.last_clip_factor),
+            "spngd/step_bound_factor": float(self.last_bound_factor),
+            "spngd/accepted_after_rejections": float(self.outliers.accepted_after_rejections),
+            "spngd/accepted_after_collapse": float(self.outliers.recovered),
+            "spngd/consecutive_skips": float(self.skips.consecutive),
             "spngd/factors_sent_early": float(m.factors_sent_early),
         }
         for key in ("comm", "inversion", "precondition"):

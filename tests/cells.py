@@ -36,6 +36,7 @@ class Cell:
     zero_init: bool = False
     steps: int = 5
     staleness: bool = True
+    step_bound: float | None = None  # rule 13's step bound: off unless a cell sets it
 
     @property
     def name(self) -> str:
@@ -46,6 +47,8 @@ class Cell:
             parts.append("zinit")
         if not self.staleness:
             parts.append("nostale")
+        if self.step_bound:
+            parts.append(f"bound{self.step_bound:g}")
         return "-".join(parts)
 
     def to_json(self) -> dict[str, Any]:
@@ -132,7 +135,8 @@ def spngd_params(cell: Cell) -> dict[str, Any]:
     return {"lr": 0.05, "momentum": 0.9, "damping": 1e-2, "weight_decay": 1e-4, "staleness": stal,
             "weight_rescale": cell.rescale, "bn_damping_scale": 64.0,
             "stat_micro_batches": None,  # every micro-batch: k micro-batches are exactly one batch
-            "overlap_statistics": True}  # forced: with every micro-batch captured, "auto" on a CPU does not
+            "overlap_statistics": True,  # forced: with every micro-batch captured, "auto" on a CPU does not
+            "step_bound": cell.step_bound}
 
 
 POLY = {"steps_per_epoch": 1, "start_epoch": 0.0, "end_epoch": 12.0, "power": 2.0}
@@ -179,7 +183,9 @@ def reference(cell: Cell, ranks: int, steps: int | None = None) -> dict[str, tor
         opt.zero_grad()
         xs, ys = x.chunk(splits), y.chunk(splits)
         for i in order:
-            (loss_of(model(xs[i]), ys[i]) / splits).backward()
+            loss = loss_of(model(xs[i]), ys[i])
+            opt.observe_loss(loss)  # what engine.backward hands over on each rank (rule 13's L)
+            (loss / splits).backward()
         opt.step()
         if sched is not None:
             sched.step()

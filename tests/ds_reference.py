@@ -37,6 +37,8 @@ def reference_params(
         opt.zero_grad()
         xs, ys = x.chunk(splits), y.chunk(splits)
         for i in order:
-            (F.cross_entropy(model(xs[i]), ys[i]) / splits).backward()
+            loss = F.cross_entropy(model(xs[i]), ys[i])
+            opt.observe_loss(loss)  # what engine.backward hands over on each rank (rule 13's L)
+            (loss / splits).backward()
         opt.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -139,6 +139,11 @@ def main() -> None:
     p.add_argument("--config_override", default="")
     p.add_argument("--patch_fp16", action="store_true")
     p.add_argument("--inject_overflow_step", type=int, default=-1)
+    p.add_argument("--repeat_batch", action="store_true", help="the batch of step 0 at every step")
+    p.add_argument("--nan_forward_from", type=int, default=-1,
+                   help="rank 0's loss is NaN at every step from this one on (a forward that turns NaN)")
+    p.add_argument("--stall_ok", action="store_true",
+                   help="a TrainingStalledError ends the loop (recorded in info['stalled']) instead of failing")
     # fault injection for tests/test_reliability_dist.py (off by default)
     p.add_argument("--perturb_rank", type=int, default=-1,
                    help="this rank adds 1e-3 to one parameter right after SP-NGD's update of --perturb_step "
@@ -176,8 +181,9 @@ def main() -> None:
     micro = a.global_batch // (world * a.gas)
     dtype = next(engine.module.parameters()).dtype
     losses = []
+    stalled = None
     for step in range(a.start_step, a.start_step + a.steps):
-        x, y = global_batch(step, a.global_batch)
+        x, y = global_batch(0 if a.repeat_batch else step, a.global_batch)
         xs = x[rank * micro * a.gas : (rank + 1) * micro * a.gas]
         ys = y[rank * micro * a.gas : (rank + 1) * micro * a.gas]
         for k in range(a.gas):
@@ -187,9 +193,20 @@ def main() -> None:
                 loss = loss * float("inf")
             if step == a.nan_grad_step and k == 0 and rank == 0:
                 loss = loss * float("nan")
+            if 0 <= a.nan_forward_from <= step and rank == 0:
+                loss = loss * float("nan")
             engine.backward(loss)
-            engine.step()
+            try:
+                engine.step()
+            except RuntimeError as exc:
+                from spngd_ds.safety import TrainingStalledError
+
+                if not (a.stall_ok and isinstance(exc, TrainingStalledError)):
+                    raise
+                stalled = {"message": str(exc), "step": step}
         losses.append(float(loss.detach()))
+        if stalled is not None:
+            break
     if a.save_dir:
         engine.save_checkpoint(a.save_dir)
     from deepspeed.utils import safe_get_full_fp32_param
@@ -210,6 +227,7 @@ def main() -> None:
         "skipped_steps": engine.skipped_steps,
         "lr": engine.get_lr(),
         "step_count": opt.step_count,
+        "stalled": stalled,
     }
     if rank == 0 or a.out.endswith("{rank}"):
         torch.save({"params": params, "info": info}, a.out.replace("{rank}", str(rank)))

@@ -570,7 +570,7 @@ def make_spngd(
     bn_damping_scale: float = 1.0,
     fisher: str = "empirical",
 ) -> object:
-    """The optimizer with the contract's test settings (no momentum, decay, rescale, staleness)."""
+    """The optimizer with the contract's test settings (no momentum, decay, rescale, staleness, step bound)."""
     import spngd_ds
 
     return spngd_ds.SPNGD(
@@ -583,6 +583,7 @@ def make_spngd(
         bn_damping_scale=bn_damping_scale,
         weight_rescale=False,
         staleness=None,
+        step_bound=None,  # the paper's update (rule 13's bound off)
     )
 
 

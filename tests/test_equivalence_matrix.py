@@ -56,6 +56,10 @@ FP32_2 = [
     Cell("tied", 1),
     Cell("tied", 2, schedule="poly"),
     Cell("tied", 3, clip=0.5),
+    # rule 13's step bound on (the other cells compare the paper's update), on both paths, with and
+    # without clip_norm sharing its all-reduce
+    Cell("convbn", 0, clip=0.5, step_bound=0.01),
+    Cell("convbn", 2, schedule="poly", step_bound=0.01),
 ]
 FP32_3 = [
     Cell("bnpool", 0, schedule="poly", rescale=True, clip=0.5),
@@ -137,10 +141,14 @@ def test_cell_equals_standalone(
     ref = C.reference(cell, world)
     assert info["step_count"] == cell.steps  # SP-NGD stepped once per DeepSpeed step, never at construction
     assert info["skipped_steps"] == 0 and info["metrics"]["spngd/skipped_steps"] == 0
-    if cell.clip:
+    if cell.clip and not cell.step_bound:  # (the step bound shortens the update below the limit)
         assert info["metrics"]["spngd/clip_factor"] < 1.0  # the limit is below the update norm: it acts
-    else:
+    elif not cell.clip:
         assert info["metrics"]["spngd/clip_factor"] == 1.0
+    if cell.step_bound:
+        assert info["metrics"]["spngd/step_bound_factor"] < 1.0  # the bound acts on the last step
+    else:
+        assert info["metrics"]["spngd/step_bound_factor"] == 1.0
     if world == 3 and cell.model == "bnpool":
         assert sorted(info["owned_counts"]) == [0, 1, 1]  # one rank owns nothing
     assert info["metrics"]["spngd/factors_sent_early"] > 0  # A went to its owners behind the backward
@@ -159,7 +167,7 @@ def test_the_matrix_axes_change_the_run() -> None:
     path that ignored it would fail its cell (a test that cannot fail is no test)."""
     base = Cell("convbn", 0)
     ref = C.reference(base, 2)
-    for changed in (base.but(clip=0.5), base.but(schedule="poly"), base.but(rescale=True)):
+    for changed in (base.but(clip=0.5), base.but(schedule="poly"), base.but(rescale=True), base.but(step_bound=0.01)):
         assert C.rel_err(C.reference(changed, 2), ref) > 100 * TOL, changed
     assert C.rel_err(ref, C.reference(base, 2, steps=0)) > 1e-2  # and the run moves
     pool = Cell("bnpool", 0)  # rule 8 binds on the 3-rank model too

@@ -115,7 +115,7 @@ def test_inverse_2x2_flags_bad_channels() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_indefinite_factor_falls_back_to_plain_gradient(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     model = _mlp().to(dtype)
-    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=1e-2, staleness=None)
+    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=1e-2, staleness=None, step_bound=None)
     _backward(model, 0, _batch(0)[0].to(dtype))
     opt.step()
     opt.zero_grad()
@@ -182,7 +182,8 @@ def test_indefinite_factor_falls_back_to_plain_gradient(monkeypatch: pytest.Monk
 def test_failed_factor_is_retried_at_the_next_step_under_staleness(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed inversion does not wait for the (grown) interval: the factor is due next step."""
     model = _mlp()
-    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.9, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3})
+    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.9, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3},
+                         step_bound=None)
     first = opt.blocks["0"]
     _backward(model, 0)
     opt.step()
@@ -223,7 +224,7 @@ def test_failed_factor_is_retried_at_the_next_step_under_staleness(monkeypatch: 
 @pytest.mark.parametrize("block_name,stat_name", [("0", "A"), ("3", "G"), ("1", "F")])
 def test_nonfinite_statistic_is_rejected(block_name: str, stat_name: str) -> None:
     model = _mlp()
-    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.9, damping=1e-2, staleness=None)
+    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.9, damping=1e-2, staleness=None, step_bound=None)
     _backward(model, 0)
     opt.step()
     opt.zero_grad()
@@ -260,7 +261,7 @@ def test_nonfinite_statistic_is_rejected(block_name: str, stat_name: str) -> Non
 def test_nonfinite_normalised_value_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same through ``normalise`` (e.g. an overflow when the global sum is normalised)."""
     model = _mlp()
-    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=1e-2, staleness=None)
+    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=1e-2, staleness=None, step_bound=None)
     _backward(model, 0)
     opt.step()
     opt.zero_grad()
@@ -341,7 +342,8 @@ def test_nonfinite_gradient_skips_the_step(poison: float) -> None:
 
 def test_bn_channel_failure_falls_back_for_that_channel_only(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _mlp()
-    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=1e-2, bn_damping_scale=4.0, staleness=None)
+    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=1e-2, bn_damping_scale=4.0, staleness=None,
+                         step_bound=None)
     bn = opt.blocks["1"]
     assert bn.kind == "unitwise"
     _backward(model, 0)

@@ -40,7 +40,7 @@ from spngd_ds.optimizer import EXPLOSION_RATIO, MAX_REJECTIONS
 
 DT = torch.float64
 KW: dict[str, Any] = dict(lr=0.05, momentum=0.9, damping=1e-2, weight_decay=1e-4,
-                          staleness={"threshold": 0.5, "max_interval": 3})
+                          staleness={"threshold": 0.5, "max_interval": 3}, step_bound=None)
 
 
 def _model() -> nn.Module:

@@ -219,7 +219,8 @@ def test_stale_step_preconditions_with_the_old_inverses() -> None:
     """At a step where nothing is due the update is -lr Ĝ⁻¹ M Â⁻¹ with the inverses of the last
     refresh (momentum 0), i.e. stale is not the same as the plain gradient."""
     model = _mlp()
-    opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3})
+    opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3},
+                         step_bound=None)
     for step in range(2):
         _train_step(model, opt, step)
     assert opt.step_count == 2 and not any(s.schedule.is_due(2) for b in opt.blocks.values() for s in b.stats.values())

@@ -76,7 +76,7 @@ def test_tied_weights_are_one_parameter_updated_once() -> None:
     from tests.cells import Tied
 
     model = Tied()
-    opt = spngd_ds.SPNGD(model, lr=0.1, momentum=0.0, staleness=None)
+    opt = spngd_ds.SPNGD(model, lr=0.1, momentum=0.0, staleness=None, step_bound=None)
     owners = [b.name for b in opt.blocks.values() if any(p is model.a.weight for p in b.params)]
     assert owners == ["a.weight"]
     assert "a" not in opt.blocks and "b" not in opt.blocks and "head" in opt.blocks

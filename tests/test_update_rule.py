@@ -45,7 +45,7 @@ def test_momentum_update_with_lr_changes(wd: float) -> None:
     torch.manual_seed(0)
     model = PlainNet().double()
     m = 0.9
-    opt = spngd_ds.SPNGD(model, lr=0.1, momentum=m, weight_decay=wd)
+    opt = spngd_ds.SPNGD(model, lr=0.1, momentum=m, weight_decay=wd, step_bound=None)
     lrs = [0.1, 0.1, 0.04, 0.04, 0.2]
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     v = {n: torch.zeros_like(p) for n, p in theta.items()}
@@ -116,7 +116,7 @@ def test_zero_lr_then_positive_uses_plain_momentum() -> None:
     """A warm-up starting at lr 0 must not divide by zero: m_eff falls back to m."""
     torch.manual_seed(0)
     model = PlainNet().double()
-    opt = spngd_ds.SPNGD(model, lr=0.0, momentum=0.9)
+    opt = spngd_ds.SPNGD(model, lr=0.0, momentum=0.9, step_bound=None)
     x, y = _plain_batch(0)
     F.cross_entropy(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
@@ -137,7 +137,7 @@ def test_weight_decay_is_added_after_preconditioning() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     lr, m, wd = 0.05, 0.8, 0.03
-    opt = spngd_ds.SPNGD(model, lr=lr, momentum=m, damping=1e-2, weight_decay=wd, staleness=None)
+    opt = spngd_ds.SPNGD(model, lr=lr, momentum=m, damping=1e-2, weight_decay=wd, staleness=None, step_bound=None)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     v = {n: torch.zeros_like(p) for n, p in theta.items()}
     for step in range(3):

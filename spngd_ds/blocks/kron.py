@@ -7,6 +7,8 @@ Activations are im2col patches in ``F.unfold`` order (c_in slowest, then kh, kw)
 Statistics (n samples, T output locations per sample, g = n·∂L/∂s the per-sample output gradient):
 A = (1/n) Σ_i Σ_t ā ā^T,  G = (1/(n T)) Σ_i Σ_t g g^T.
 Damping: π = sqrt((tr A/d_A)/(tr G/d_G)), Â = A + π√λ I, Ĝ = G + √λ/π I, P(M) = Ĝ⁻¹ M Â⁻¹.
+π is recomputed when both factors are re-inverted; a factor re-inverted alone (the other one stale,
+rule 6) reuses the π of its partner's inverse, so that the shifts' product stays λ.
 """
 
 from __future__ import annotations
@@ -165,14 +167,19 @@ class KronBlock(Block):
         a, g = self.stats["A"].value, self.stats["G"].value
         if a is None or g is None:
             return None
-        pi = pi_tensor(a, g)
+        due = [n for n in ("A", "G") if n in refreshed or self.stats[n].inverse is None]
+        # the shifts' product is λ only when both inverses use the same π: π follows the traces
+        # when both factors are re-inverted; a factor re-inverted alone takes the π its partner's
+        # inverse was built with (else a stale A with a fresh, collapsed G gives damping λ·π_old/π_new)
+        if len(due) == 2:
+            pi = pi_tensor(a, g)
+        else:
+            pi = torch.full((), self.pi, dtype=torch.float64, device=a.device)  # a fill, no host copy
         root = math.sqrt(damping)
         shift = {"A": pi * root, "G": root / pi}
         matrices = []
-        for name in ("A", "G"):
+        for name in due:
             stat = self.stats[name]
-            if name not in refreshed and stat.inverse is not None:
-                continue
             assert stat.value is not None
             damped = stat.value.clone()
             damped.diagonal().add_(shift[name].to(device=damped.device))  # X + shift·I without an identity matrix
