@@ -24,7 +24,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from spngd_ds.assignment import assign_owners, block_cost
-from spngd_ds.blocks import Block, KronBlock, UnitwiseBlock, build_blocks
+from spngd_ds.blocks import Block, BlockOptions, KronBlock, UnitwiseBlock, build_blocks
 from spngd_ds.blocks.base import all_finite
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.capture import CurvatureCapture
@@ -89,6 +89,15 @@ class SPNGD(Optimizer):
             A is the capture's costliest part (one micro-batch's exact A Gram costs about its
             forward and backward on a CPU), and its sampling noise is the smallest of the
             statistics'; G and BatchNorm's F always use every sample.
+        positions_as_samples: rule 10: every position of a Linear, HF Conv1D, Embedding, LayerNorm or
+            RMSNorm applied over (N, T, ...) inputs is a sample (n = N·T, the per-token Fisher of a
+            token-mean loss; lr and damping carry over between sequence lengths); ``False``: the
+            sequence is the sample (n = N), for losses per sequence. Conv2d always counts images.
+        curvature_conv1d, curvature_norm, curvature_embedding: give HF Conv1D layers (Kronecker),
+            LayerNorm/RMSNorm (unit-wise, rule 11) and untied nn.Embedding (rule 12) a curvature
+            block; ``False``: that kind takes the first-order update.
+        max_factor_dim: a Kronecker factor of a larger dimension is kept diagonal (d instead of d²
+            elements; a Conv2d with one goes first order); ``None``: no limit.
         communicator: how ranks talk (default: one rank). Set by :func:`spngd_ds.initialize`.
     """
 
@@ -108,6 +117,11 @@ class SPNGD(Optimizer):
         clip_norm: float | None = None,
         overlap_statistics: bool | str = "auto",
         a_samples: int | None = None,
+        positions_as_samples: bool = True,
+        curvature_conv1d: bool = True,
+        curvature_norm: bool = True,
+        curvature_embedding: bool = True,
+        max_factor_dim: int | None = 16384,
         *,
         communicator: Communicator | None = None,
     ) -> None:
@@ -122,6 +136,8 @@ class SPNGD(Optimizer):
             staleness=DEFAULT_STALENESS if staleness is _DEFAULT else staleness,
             comm_dtype=comm_dtype, stat_micro_batches=stat_micro_batches, clip_norm=clip_norm,
             overlap_statistics=overlap_statistics, a_samples=a_samples,
+            positions_as_samples=positions_as_samples, curvature_conv1d=curvature_conv1d,
+            curvature_norm=curvature_norm, curvature_embedding=curvature_embedding, max_factor_dim=max_factor_dim,
         )
         self.config: SPNGDConfig = validate_spngd_params(params_in)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -133,12 +149,23 @@ class SPNGD(Optimizer):
         )
         self.model = model
         self._params = params
-        block_list, fallback = build_blocks(model, self._new_schedule, cfg.bn_damping_scale)
+        options = BlockOptions(
+            positions_as_samples=cfg.positions_as_samples, curvature_conv1d=cfg.curvature_conv1d,
+            curvature_norm=cfg.curvature_norm, curvature_embedding=cfg.curvature_embedding,
+            max_factor_dim=cfg.max_factor_dim,
+        )
+        block_list, fallback = build_blocks(model, self._new_schedule, cfg.bn_damping_scale, options)
         self.first_order_layers = fallback
         if fallback:
             logger.warning("SPNGD: first-order update (no curvature) for %d layer(s): %s",
                            len(fallback), "; ".join(fallback))
         self.blocks: dict[str, Block] = {b.name: b for b in block_list}
+        #: "<layer>.<factor>" of every factor kept diagonal (max_factor_dim; an Embedding's A aside)
+        self.diagonal_factors = [f"{b.name}.{n}" for b in block_list
+                                 for n in sorted(getattr(b, "diagonal", ())) if b.kind != "embedding" or n != "A"]
+        if self.diagonal_factors:
+            logger.warning("SPNGD: %d Kronecker factor(s) larger than max_factor_dim = %s kept diagonal: %s",
+                           len(self.diagonal_factors), cfg.max_factor_dim, ", ".join(self.diagonal_factors))
         for b in block_list:
             if isinstance(b, KronBlock):
                 b.a_samples = cfg.a_samples
@@ -541,6 +568,7 @@ class SPNGD(Optimizer):
             "spngd/first_order_layers": float(len(self.first_order_layers) + self._never_captured()),
             "spngd/clip_factor": float(self.last_clip_factor),
             "spngd/factors_sent_early": float(m.factors_sent_early),
+            "spngd/diagonal_factors": float(len(self.diagonal_factors)),
         }
         for key in ("comm", "inversion", "precondition"):
             out[f"spngd/time_{key}"] = float(m.timers.get(key, 0.0))
