@@ -45,7 +45,8 @@ def batch(kind: str, n: int = 8, t: int = 16, seed: int = 0) -> dict[str, Any]:
     """Keyword inputs (with labels) for :func:`build`'s model."""
     g = torch.Generator().manual_seed(seed)
     if kind == "vit":
-        return {"pixel_values": torch.randn(n, 3, 16, 16, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
+        pixels = torch.randn(n, 3, 16, 16, generator=g)
+        return {"pixel_values": pixels, "labels": torch.randint(0, 3, (n,), generator=g)}
     ids = torch.randint(0, VOCAB, (n, t), generator=g)
     if kind == "bert":
         return {"input_ids": ids, "labels": torch.randint(0, 3, (n,), generator=g)}
