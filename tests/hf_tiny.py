@@ -53,14 +53,28 @@ def batch(kind: str, n: int = 8, t: int = 16, seed: int = 0) -> dict[str, Any]:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+def tied_parameters(model: nn.Module) -> set[int]:
+    """ids of parameters registered in more than one module (tied input/output embeddings)."""
+    seen: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, v in seen.items() if v > 1}
+
+
 def coverage(model: nn.Module, **spngd_kwargs: Any) -> tuple[float, list[str]]:
-    """Share of trainable parameters in a curvature block under :func:`spngd_ds.blocks.build_blocks`
-    with the options of ``spngd_kwargs``, and the fallback lines."""
+    """Share of trainable parameters (tied ones left out of the count) in a curvature block under
+    :func:`spngd_ds.blocks.build_blocks` with the options of ``spngd_kwargs``, and the fallback lines."""
     from spngd_ds.blocks import BlockOptions, build_blocks
     from spngd_ds.staleness import RefreshSchedule
 
     opts = BlockOptions(**spngd_kwargs)
     blocks, fallback = build_blocks(model, lambda: RefreshSchedule(threshold=None), 64.0, opts)
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tied = tied_parameters(model)
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in tied)
     curved = sum(p.numel() for b in blocks if b.stats for p in b.params)
     return curved / total, fallback
+
+
+KINDS_OFF = {"curvature_conv1d": False, "curvature_norm": False, "curvature_embedding": False}
+"""The options that give the layer kinds of Linear/Conv2d/BatchNorm only."""
