@@ -75,6 +75,8 @@ class CurvatureCapture:
         self._mc_targets: list[tuple[torch.Tensor, BackwardCapture]] = []
         #: the ``labels`` and ``attention_mask`` keywords of the current forward (fisher="mc")
         self._mc_keywords: dict[str, Any] = {}
+        #: leading dim of the current forward's first tensor argument (the model's batch size)
+        self.batch_size: int | None = None
         self._bn_snapshot: list[tuple[nn.Module, list[torch.Tensor]]] = []
         self._handles: list[RemovableHandle] = []
         self._probe_handles: list[RemovableHandle] = []
@@ -130,6 +132,8 @@ class CurvatureCapture:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _root_pre_hook(self, module: nn.Module, inputs: Any, kwargs: dict[str, Any]) -> None:
+        first = next((t for t in (*inputs, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        self.batch_size = int(first.shape[0]) if first is not None else None
         if self.fisher == "mc":
             self._mc_keywords = {k: kwargs.get(k) for k in ("labels", "attention_mask")}
         if self.model.training and torch.is_grad_enabled():
@@ -176,6 +180,8 @@ class CurvatureCapture:
             start = time.perf_counter()
             stat_a = block.stats.get("A")
             count_before = stat_a.local_count if stat_a is not None else 0.0
+            if hasattr(block, "batch_hint"):  # an Embedding looked up with broadcast (1, T) indices
+                block.batch_hint = self.batch_size
             backward = block.capture_forward(inputs[0], due)
             if stat_a is not None and "A" in due:
                 # rule 3: a module called several times in one forward adds locations, not samples

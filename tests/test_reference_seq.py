@@ -290,3 +290,42 @@ def test_step_size_carries_over_sequence_lengths(tiled: bool) -> None:
     else:
         assert 0.8 < ratio_tokens < 1.25, ratio_tokens
     assert ratio_seq > 2.0 * ratio_tokens, (ratio_seq, ratio_tokens)
+
+
+class PositionModel(nn.Module):
+    """Token + position embeddings, positions looked up as (1, T) and broadcast (HF's GPT-2, BERT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok = nn.Embedding(V, D)
+        self.pos = nn.Embedding(T, D)
+        self.head = nn.Linear(D, C)
+        self.double()
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.tok(idx) + self.pos(torch.arange(idx.shape[1])[None])))
+
+
+@pytest.mark.parametrize("positions", [True, False])
+def test_broadcast_position_embedding(positions: bool) -> None:
+    """A (1, T) lookup in a forward of N sequences counts N·T samples (N sequences), A = counts·N/n,
+    and G from the batch-summed output gradient: (1/(n·T_rows)) Σ_t (Σ_i g_it)(Σ_i g_it)ᵀ."""
+    model, twin = PositionModel(), PositionModel()  # twin: the output gradient, without SP-NGD's hooks
+    idx, y = data()
+    e_pos: list[Tensor] = []
+    twin.pos.register_forward_hook(lambda m, i, out: e_pos.append(out))
+    twin_loss = F.cross_entropy(twin(idx).reshape(-1, C), y.reshape(-1))
+    (grad_pos,) = torch.autograd.grad(twin_loss, e_pos[0])  # (1, T, D): summed over the N sequences
+    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=DAMPING, staleness=None,
+                         positions_as_samples=positions)
+    F.cross_entropy(model(idx).reshape(-1, C), y.reshape(-1)).backward()
+    opt.step()
+    n, rows_per_sample = (N * T, 1) if positions else (N, T)
+    summed = n * grad_pos[0]  # Σ_i g_it, g = n·∂L/∂s
+    g_expected = summed.t() @ summed / (n * rows_per_sample)
+    a_expected = torch.full((T,), N / n, dtype=torch.float64)
+    block = opt.blocks["pos"]
+    R.assert_rel(block.stats["A"].value.view(-1), a_expected, RTOL, "A of the position embedding")
+    R.assert_rel(block.stats["G"].value, g_expected, RTOL, "G of the position embedding")
+    assert block.stats["G"].refreshes == 1 and block.stats["G"].captures == 1

@@ -6,6 +6,11 @@ the (d, d) Gram of the output gradients g = n·∂L/∂s (diagonal too above ``m
 ``positions_as_samples`` every looked-up index is a sample (n = number of indices); otherwise the
 leading dim is (n = N, G over N·T rows divided by n·T). π from the traces as in rule 5, and
 P(∇W) = Â⁻¹ ∇W Ĝ⁻¹ (the Linear layout transposed).
+
+A lookup broadcast over the batch (indices (1, T) in a forward of N sequences: HF's position
+embeddings) sees each output gradient summed over the N sequences. It counts N·T samples (A: the
+counts times N), and G takes (Σ_i g_i)(Σ_i g_i)ᵀ for Σ_i g_i g_iᵀ, exact in expectation when the
+sequences' gradients are independent with mean zero (N times the G of the summed rows alone).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class EmbeddingBlock(Block):
         }
         self.pi = 1.0
         self.vectors_per_sample: dict[str, float] = {"A": 1.0, "G": 1.0}
+        #: the model's batch size in the current forward (set by the capture), for broadcast lookups
+        self.batch_hint: int | None = None
 
     def samples_in(self, idx: torch.Tensor) -> int:
         """Samples in an index tensor (..., ) or its output gradient (..., d) (``lookup_dims``)."""
@@ -67,6 +74,10 @@ class EmbeddingBlock(Block):
         idx = inputs.detach()
         n = self.samples_in(idx)
         per_sample = max(idx.numel(), 1) / max(n, 1)
+        hint = self.batch_hint
+        # a lookup broadcast over the batch: every index serves `copies` sequences
+        copies = hint if hint is not None and hint > 1 and idx.dim() >= 2 and idx.shape[0] == 1 else 1
+        n_seen = n * copies
         if "A" in due:
             flat = idx.reshape(-1).long()
             counts = torch.zeros(self.vocab, dtype=self.dtype, device=idx.device)
@@ -74,7 +85,7 @@ class EmbeddingBlock(Block):
             if self.padding_idx is not None:
                 counts[self.padding_idx] = 0.0
             self.vectors_per_sample["A"] = per_sample
-            self.stats["A"].add(counts.view(-1, 1, 1), n, fresh=True)
+            self.stats["A"].add(counts.mul_(copies).view(-1, 1, 1), n_seen, fresh=True)
         if "G" not in due:
             return None
 
@@ -82,7 +93,7 @@ class EmbeddingBlock(Block):
             rows = grad.detach().reshape(-1, self.d_G).to(self.dtype)
             gram = rows.pow(2).sum(0).view(-1, 1, 1) if "G" in self.diagonal else rows.t() @ rows
             self.vectors_per_sample["G"] = per_sample
-            self.stats["G"].add(gram.mul_((n * scale) ** 2 / per_sample), n, fresh=True)
+            self.stats["G"].add(gram.mul_((n_seen * scale) ** 2 / per_sample), n_seen, fresh=True)
 
         return capture_backward
 
