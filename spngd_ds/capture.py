@@ -11,7 +11,15 @@ gradient_accumulation_steps / loss_scale; 1 for a standalone mean loss).
 
 ``fisher="mc"``: a forward hook on the model itself samples ŷ ~ softmax(logits) and runs one extra
 backward of the sampled mean cross-entropy with ``torch.autograd.grad`` to the hooked outputs only;
-no parameter gradient is touched, and the true backward then captures nothing.
+no parameter gradient is touched, and the true backward then captures nothing. The logits are the
+model's output tensor, its ``.logits`` (HF ``ModelOutput``) or its ``["logits"]``, (N, C) or
+(N, T, ..., V) (one label per position). Positions that carry no loss term are left out of the
+sampled loss: the mask comes from the ``labels`` keyword of the forward when it has the logits'
+shape (-100 ignored; shifted by one for a causal LM, class name ``*ForCausalLM`` / ``*LMHeadModel``),
+else from its ``attention_mask``, else every position counts. The sampled loss is
+Σ_valid CE / sqrt(n_valid·P) (P positions), so that G and F of the per-position layers
+(``positions_as_samples``, count P) are means over the n_valid valid positions without a host
+synchronisation; A still counts every position (the forward hooks do not see the mask).
 """
 
 from __future__ import annotations
@@ -69,6 +77,10 @@ class CurvatureCapture:
         self._bn_live: list[torch.Tensor] = []
         self._bn_saved: list[torch.Tensor] = []
         self._bn_valid = False
+        #: the ``labels`` and ``attention_mask`` keywords of the current forward (fisher="mc")
+        self._mc_keywords: dict[str, Any] = {}
+        #: leading dim of the current forward's first tensor argument (the model's batch size)
+        self.batch_size: int | None = None
         self._handles: list[RemovableHandle] = []
         self._probe_handles: list[RemovableHandle] = []
         self._probe_outputs: dict[tuple[int, tuple[int, ...], int], tuple[torch.Tensor, str]] = {}
@@ -83,7 +95,7 @@ class CurvatureCapture:
         for p in model.parameters():
             if p.requires_grad:
                 self._handles.append(p.register_hook(self._presence_hook(id(p))))
-        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._root_hook))
         self._install_probe(modules)
 
@@ -122,7 +134,11 @@ class CurvatureCapture:
         )
 
     # -- hooks ----------------------------------------------------------------------------------
-    def _root_pre_hook(self, module: nn.Module, inputs: Any) -> None:
+    def _root_pre_hook(self, module: nn.Module, inputs: Any, kwargs: dict[str, Any]) -> None:
+        first = next((t for t in (*inputs, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        self.batch_size = int(first.shape[0]) if first is not None else None
+        if self.fisher == "mc":
+            self._mc_keywords = {k: kwargs.get(k) for k in ("labels", "attention_mask")}
         if self.model.training and torch.is_grad_enabled():
             if self.micro_batch == 0:
                 self._snapshot_batchnorm()
@@ -177,6 +193,8 @@ class CurvatureCapture:
             start = time.perf_counter()
             stat_a = block.stats.get("A")
             count_before = stat_a.local_count if stat_a is not None else 0.0
+            if hasattr(block, "batch_hint"):  # an Embedding looked up with broadcast (1, T) indices
+                block.batch_hint = self.batch_size
             backward = block.capture_forward(inputs[0], due)
             if stat_a is not None and "A" in due:
                 # rule 3: a module called several times in one forward adds locations, not samples
@@ -226,17 +244,29 @@ class CurvatureCapture:
         if self.fisher != "mc" or not self._mc_targets:
             return
         targets, self._mc_targets = self._mc_targets, []
-        if not isinstance(output, torch.Tensor) or output.dim() != 2:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        found = find_logits(output)
+        if found is None or found.dim() < 2:
+            shape = tuple(found.shape) if found is not None else type(output).__name__
             raise ValueError(
-                f"SPNGD fisher='mc' needs the model to return logits of shape (N, classes); got {shape}. "
-                "Use fisher='empirical' for other outputs."
+                f"SPNGD fisher='mc' needs the model to return logits (N, classes) or (N, T, ..., vocabulary), as a "
+                f"tensor, a .logits attribute or a 'logits' key; got {shape}. Use fisher='empirical' for other outputs."
             )
         start = time.perf_counter()
         with torch.enable_grad():
-            logits = output if output.dtype == torch.float64 else output.float()
-            sampled = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).squeeze(1)
-            loss = F.cross_entropy(logits, sampled)
+            logits = found if found.dtype == torch.float64 else found.float()
+            flat = logits.reshape(-1, logits.shape[-1])
+            sampled = torch.multinomial(torch.softmax(flat.detach(), dim=-1), 1).squeeze(1)
+            if logits.dim() == 2:
+                loss = F.cross_entropy(flat, sampled)
+            else:
+                valid = loss_mask(self.model, logits, self._mc_keywords)
+                per_position = F.cross_entropy(flat, sampled, reduction="none")
+                if valid is None:
+                    loss = per_position.mean()
+                else:
+                    mask = valid.reshape(-1).to(per_position.dtype)
+                    # Σ_valid CE / sqrt(n_valid·P): g = P·grad gives Σ_valid ĝĝᵀ·P/n_valid over P samples
+                    loss = (per_position * mask).sum() / (mask.sum().clamp_min(1.0) * mask.numel()).sqrt()
             grads = torch.autograd.grad(loss, [t for t, _ in targets], retain_graph=True, allow_unused=True)
         for (_, backward), grad in zip(targets, grads, strict=True):
             if grad is not None:
@@ -278,3 +308,39 @@ class CurvatureCapture:
                 h.remove()
             self._probe_handles = []
             self._probe_outputs = {}
+
+
+def find_logits(output: Any) -> torch.Tensor | None:
+    """The logits of a model output: the tensor itself, its ``.logits`` (HF ``ModelOutput``), or
+    its ``["logits"]``; ``None`` when there are none."""
+    if isinstance(output, torch.Tensor):
+        return output
+    found = getattr(output, "logits", None)
+    if found is None and isinstance(output, dict):
+        found = output.get("logits")
+    return found if isinstance(found, torch.Tensor) else None
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A model whose logits at position t predict the label at t + 1 (HF's causal LM heads shift
+    the labels inside their loss): class name ``*ForCausalLM`` or ``*LMHeadModel``."""
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def loss_mask(model: nn.Module, logits: torch.Tensor, keywords: dict[str, Any]) -> torch.Tensor | None:
+    """Which positions of ``logits`` (N, T, ..., V) carry a loss term, as a bool tensor of
+    ``logits.shape[:-1]``, or ``None`` (all): from ``labels`` (-100 ignored; shifted for a causal
+    LM, whose last position then has none), else from ``attention_mask``."""
+    shape = logits.shape[:-1]
+    labels = keywords.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.shape == shape:
+        if not is_causal_lm(model):
+            return labels != -100
+        valid = torch.zeros(shape, dtype=torch.bool, device=labels.device)
+        valid[:, :-1] = labels[:, 1:] != -100
+        return valid
+    mask = keywords.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == shape:
+        return mask != 0
+    return None

@@ -52,7 +52,7 @@ class SPNGDConfig(BaseModel):
 
     _numbers = field_validator(
         "lr", "momentum", "damping", "weight_decay", "bn_damping_scale", "stat_micro_batches", "clip_norm",
-        "step_bound", "max_consecutive_skips", mode="before",
+        "step_bound", "max_consecutive_skips", "max_factor_dim", mode="before",
     )(_no_bool)
 
     lr: float = Field(0.1, ge=0.0, description="a float >= 0")
@@ -90,6 +90,25 @@ class SPNGDConfig(BaseModel):
     max_consecutive_skips: int | None = Field(
         50, ge=0, description="null or 0 (never stop) or an integer >= 1 (default 50): this many skipped steps "
         "in a row stop the run with an error",
+    )
+    positions_as_samples: StrictBool = Field(
+        True, description="true (default) or false: every position of a Linear, HF Conv1D, Embedding, LayerNorm "
+        "or RMSNorm applied over (N, T, ...) inputs is a sample (n = N*T, K-FAC-expand; for token-mean losses); "
+        "false: the sequence is the sample (n = N; for per-sequence losses). Conv2d always counts images",
+    )
+    curvature_conv1d: StrictBool = Field(
+        True, description="true (default) or false: HF transformers' Conv1D layers get a Kronecker block",
+    )
+    curvature_norm: StrictBool = Field(
+        True, description="true (default) or false: LayerNorm and RMSNorm layers get a unit-wise block",
+    )
+    curvature_embedding: StrictBool = Field(
+        True, description="true (default) or false: untied nn.Embedding layers get a Kronecker block with a "
+        "diagonal token-count factor",
+    )
+    max_factor_dim: int | None = Field(
+        16384, ge=1, description="an integer >= 1 (default 16384: a 1 GiB fp32 factor), or null (no limit): a "
+        "Kronecker factor of a larger dimension is kept diagonal",
     )
 
 

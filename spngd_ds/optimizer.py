@@ -24,7 +24,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from spngd_ds.assignment import assign_owners, block_cost
-from spngd_ds.blocks import Block, KronBlock, UnitwiseBlock, build_blocks
+from spngd_ds.blocks import Block, BlockOptions, KronBlock, UnitwiseBlock, build_blocks
 from spngd_ds.blocks.base import InversionJob, InversionReport, all_finite, run_inversions
 from spngd_ds.blocks.batched import BatchedPreconditioner
 from spngd_ds.blocks.shapes import full_shape
@@ -94,6 +94,15 @@ class SPNGD(Optimizer):
             norms over all layers of all ranks; ``None`` or 0: the paper's update, unbounded.
         max_consecutive_skips: this many skipped steps in a row (non-finite gradients, overflows)
             raise :class:`spngd_ds.safety.TrainingStalledError` on every rank; ``None`` or 0: never.
+        positions_as_samples: rule 10: every position of a Linear, HF Conv1D, Embedding, LayerNorm or
+            RMSNorm applied over (N, T, ...) inputs is a sample (n = N·T, the per-token Fisher of a
+            token-mean loss; lr and damping carry over between sequence lengths); ``False``: the
+            sequence is the sample (n = N), for losses per sequence. Conv2d always counts images.
+        curvature_conv1d, curvature_norm, curvature_embedding: give HF Conv1D layers (Kronecker),
+            LayerNorm/RMSNorm (unit-wise, rule 11) and untied nn.Embedding (rule 12) a curvature
+            block; ``False``: that kind takes the first-order update.
+        max_factor_dim: a Kronecker factor of a larger dimension is kept diagonal (d instead of d²
+            elements; a Conv2d with one goes first order); ``None``: no limit.
         communicator: how ranks talk (default: one rank). Set by :func:`spngd_ds.initialize`.
     """
 
@@ -115,6 +124,11 @@ class SPNGD(Optimizer):
         a_samples: int | None = None,
         step_bound: float | None = 1.0,
         max_consecutive_skips: int | None = 50,
+        positions_as_samples: bool = True,
+        curvature_conv1d: bool = True,
+        curvature_norm: bool = True,
+        curvature_embedding: bool = True,
+        max_factor_dim: int | None = 16384,
         *,
         communicator: Communicator | None = None,
     ) -> None:
@@ -130,6 +144,8 @@ class SPNGD(Optimizer):
             comm_dtype=comm_dtype, stat_micro_batches=stat_micro_batches, clip_norm=clip_norm,
             overlap_statistics=overlap_statistics, a_samples=a_samples,
             step_bound=step_bound, max_consecutive_skips=max_consecutive_skips,
+            positions_as_samples=positions_as_samples, curvature_conv1d=curvature_conv1d,
+            curvature_norm=curvature_norm, curvature_embedding=curvature_embedding, max_factor_dim=max_factor_dim,
         )
         self.config: SPNGDConfig = validate_spngd_params(params_in)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -141,12 +157,23 @@ class SPNGD(Optimizer):
         )
         self.model = model
         self._params = params
-        block_list, fallback = build_blocks(model, self._new_schedule, cfg.bn_damping_scale)
+        options = BlockOptions(
+            positions_as_samples=cfg.positions_as_samples, curvature_conv1d=cfg.curvature_conv1d,
+            curvature_norm=cfg.curvature_norm, curvature_embedding=cfg.curvature_embedding,
+            max_factor_dim=cfg.max_factor_dim,
+        )
+        block_list, fallback = build_blocks(model, self._new_schedule, cfg.bn_damping_scale, options)
         self.first_order_layers = fallback
         if fallback:
             logger.warning("SPNGD: first-order update (no curvature) for %d layer(s): %s",
                            len(fallback), "; ".join(fallback))
         self.blocks: dict[str, Block] = {b.name: b for b in block_list}
+        #: "<layer>.<factor>" of every factor kept diagonal (max_factor_dim; an Embedding's A aside)
+        self.diagonal_factors = [f"{b.name}.{n}" for b in block_list
+                                 for n in sorted(getattr(b, "diagonal", ())) if b.kind != "embedding" or n != "A"]
+        if self.diagonal_factors:
+            logger.warning("SPNGD: %d Kronecker factor(s) larger than max_factor_dim = %s kept diagonal: %s",
+                           len(self.diagonal_factors), cfg.max_factor_dim, ", ".join(self.diagonal_factors))
         for b in block_list:
             if isinstance(b, KronBlock):
                 b.a_samples = cfg.a_samples
@@ -657,6 +684,7 @@ class SPNGD(Optimizer):
             "spngd/accepted_after_collapse": float(self.outliers.recovered),
             "spngd/consecutive_skips": float(self.skips.consecutive),
             "spngd/factors_sent_early": float(m.factors_sent_early),
+            "spngd/diagonal_factors": float(len(self.diagonal_factors)),
         }
         for key in ("comm", "inversion", "precondition"):
             out[f"spngd/time_{key}"] = float(m.timers.get(key, 0.0))

@@ -107,7 +107,52 @@ def _build(kind: str) -> nn.Module:
         )
     if kind == "tied":
         return Tied()
+    if kind == "seq":
+        return TokenModel(full=True)
+    if kind == "seq2":
+        return TokenModel(full=False)
     raise ValueError(kind)
+
+
+class TinyRMSNorm(nn.Module):
+    """An RMSNorm as HF writes it (``weight``, ``variance_epsilon``)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.8, 1.2, d))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+class TokenModel(nn.Module):
+    """A token model on the image batches: the 16 pixels, quantised to 7 levels, are a sequence of
+    T = 16 tokens; Embedding -> [LayerNorm] -> HF Conv1D -> tanh -> [RMSNorm ->
+    Linear] -> mean over positions -> logits (N, CLASSES). ``full``: 5 curvature blocks, else 2
+    (Embedding, Conv1D head), so that 3 ranks leave one without any block."""
+
+    def __init__(self, full: bool) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.full = full
+        # padding_idx only without the LayerNorm (the LayerNorm of a zero row amplifies by 1/sqrt(eps))
+        self.emb = nn.Embedding(7, 8, padding_idx=None if full else 3)
+        if full:
+            self.ln = nn.LayerNorm(8)
+            self.mid = Conv1D(8, 8)
+            self.rms = TinyRMSNorm(8)
+            self.head = nn.Linear(8, CLASSES)
+        else:
+            self.mid = Conv1D(CLASSES, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x.detach().float().flatten(1) * 2.0).floor().clamp(-3, 3).long() + 3  # (N, 16) in [0, 7)
+        h = self.emb(ids).to(x.dtype)
+        if not self.full:
+            return self.mid(torch.tanh(h)).mean(1)
+        return self.head(self.rms(torch.tanh(self.mid(self.ln(h))))).mean(1)
 
 
 class Tied(nn.Module):

@@ -10,6 +10,8 @@ float64 references are tests/test_reference_kron.py and tests/test_reference_bn.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,23 +80,26 @@ def test_conv_unbatched_and_sliced_inputs(layout_max_d: int, monkeypatch: pytest
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("positions", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5)], ids=["2d", "3d"])
-def test_linear_activation_and_output_grams(bias: bool, shape: tuple[int, ...]) -> None:
+def test_linear_activation_and_output_grams(bias: bool, shape: tuple[int, ...], positions: bool) -> None:
     torch.manual_seed(2)
     m = nn.Linear(5, 3, bias=bias).double()
     block = KronBlock("l", m, _schedule)
+    block.positions_as_samples = positions  # rule 10: every position a sample, or the sequence
+    samples = math.prod(shape[:-1]) if positions else shape[0]
     x = torch.randn(*shape, dtype=torch.float64)
     rows = x.reshape(-1, 5)
     if bias:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
     gram, n = block.activation_gram(x)
-    assert n == shape[0]
+    assert n == samples
     torch.testing.assert_close(gram, rows.t() @ rows, rtol=1e-12, atol=1e-12)
     g = torch.randn(*shape[:-1], 3, dtype=torch.float64)
     ggram, t = block.output_gram(g)
     grows = g.reshape(-1, 3)
-    assert t == grows.shape[0] // shape[0]
+    assert t == grows.shape[0] // samples
     torch.testing.assert_close(ggram, grows.t() @ grows, rtol=1e-12, atol=1e-12)
 
 

@@ -90,7 +90,19 @@ def _path_name(path: Any) -> str:
     return str(name).lower().removesuffix("path")
 
 
-def run_case(stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, out_dir: str) -> dict[str, Any]:
+def _lm_data(n: int = 128, t: int = 16) -> list[dict[str, Any]]:
+    """Token sequences with a learnable rule (arithmetic progressions mod the vocabulary)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(0, 256, (n, 1), generator=g)
+    step = torch.randint(1, 4, (n, 1), generator=g)
+    ids = (start + step * torch.arange(t)) % 256
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def run_case(stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, out_dir: str,
+             model_kind: str = "digits") -> dict[str, Any]:
     """Train with a real Trainer and report what it used (runs on every rank)."""
     import torch
     import torch.distributed as dist
@@ -113,13 +125,22 @@ def run_case(stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, ou
         logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
         remove_unused_columns=False, dataloader_drop_last=True, fp16=fp16,
     )
-    train, _ = load_digits_split(image_size=8)
-    data = [{"pixel_values": x, "labels": y} for x, y in train]
+    if model_kind == "digits":
+        train, _ = load_digits_split(image_size=8)
+        data = [{"pixel_values": x, "labels": y} for x, y in train]
+        build = _build_model
+    else:  # a tiny HF language model from its config
+        from tests import hf_tiny
+
+        data = _lm_data()
+
+        def build() -> Any:
+            return hf_tiny.build(model_kind)
     if zero_init:  # what from_pretrained does under an active ZeRO-3 config
         with deepspeed.zero.Init(config_dict_or_path=cfg):
-            model = _build_model()
+            model = build()
     else:
-        model = _build_model()
+        model = build()
     built_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
     trainer = Trainer(model=model, args=args, train_dataset=data)  # type: ignore[arg-type]
     try:
@@ -143,6 +164,8 @@ def run_case(stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, ou
         "scheduler_type": type(getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)).__name__,
         "losses": losses,
         "patched": is_patched(),
+        "first_order_layers": list(inner.first_order_layers),
+        "block_kinds": sorted({b.kind for b in inner.blocks.values()}),
     }
 
 
@@ -153,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poly", action="store_true")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--model", default="digits", choices=["digits", "gpt2", "llama"])
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    result = run_case(a.stage, a.zero_init, a.poly, a.fp16, a.steps, os.path.dirname(a.out) or ".")
+    result = run_case(a.stage, a.zero_init, a.poly, a.fp16, a.steps, os.path.dirname(a.out) or ".", a.model)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(a.out).write_text(json.dumps(result))
     return 0
@@ -228,6 +252,25 @@ def test_trainer_two_ranks_zero3_model_built_under_zero_init(tmp_path: Path) -> 
     r = launch(2, tmp_path, "--stage", "3", "--zero-init")
     assert r["built_partitioned"], "the model was not built under deepspeed.zero.Init"
     _check_trained(r, world=2, stage=3)
+
+
+@pytest.mark.parametrize(("kind", "stage"), [("gpt2", 0), ("llama", 0), ("gpt2", 3), ("llama", 3)])
+def test_trainer_two_ranks_language_models(tmp_path: Path, kind: str, stage: int) -> None:
+    """Tiny HF GPT-2 (Conv1D, LayerNorm, Embedding; tied head) and Llama (RMSNorm, untied head) on
+    2 ranks; at ZeRO 3 built under zero.Init (shapes from ds_shape)."""
+    args = ["--stage", str(stage), "--model", kind] + (["--zero-init"] if stage == 3 else [])
+    r = launch(2, tmp_path, *args, timeout=300.0)
+    assert "error" not in r, r["error"] if "error" in r else ""
+    assert r["is_spngd"] and r["step_count"] == STEPS and r["world"] == 2 and r["zero_stage"] == stage, r
+    assert r["path"] == ("fast" if stage == 0 else "compatible"), r
+    assert r["built_partitioned"] == (stage == 3), r
+    assert r["owners"] == [0, 1], r
+    # every layer has curvature but the tied embedding / head
+    assert all("shares a parameter" in line for line in r["first_order_layers"]), r["first_order_layers"]
+    expected = {"kron", "norm", "embedding", "plain"} if kind == "gpt2" else {"kron", "norm", "embedding"}
+    assert expected <= set(r["block_kinds"]) | {"plain"}, r["block_kinds"]
+    losses = r["losses"]
+    assert all(x == x for x in losses) and sum(losses[-2:]) / 2 < 0.97 * losses[0], f"loss did not go down: {losses}"
 
 
 def test_trainer_refused_combination_has_spngd_error(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ Activations are im2col patches in ``F.unfold`` order (c_in slowest, then kh, kw)
 
 Statistics (n samples, T output locations per sample, g = n·∂L/∂s the per-sample output gradient):
 A = (1/n) Σ_i Σ_t ā ā^T,  G = (1/(n T)) Σ_i Σ_t g g^T.
+A Linear over (N, T, in) inputs with ``positions_as_samples`` (rule 10) counts every position as a
+sample: n = N·T, T = 1. HF ``Conv1D`` (weight (in, out), y = x W + b) is a Linear with W transposed.
 Damping: π = sqrt((tr A/d_A)/(tr G/d_G)), Â = A + π√λ I, Ĝ = G + √λ/π I, P(M) = Ĝ⁻¹ M Â⁻¹.
 π is recomputed when both factors are re-inverted; a factor re-inverted alone (the other one stale,
 rule 6) reuses the π of its partner's inverse, so that the shifts' product stays λ.
@@ -65,9 +67,10 @@ class KronBlock(Block):
         self.has_bias = module.bias is not None
         #: A from at most this many samples of a micro-batch (SPNGD's ``a_samples``); None: all
         self.a_samples: int | None = None
-        shape = full_shape(module.weight)  # (d_G, C_in, kh, kw) or (d_G, in); zero.Init-safe
-        self.d_G = int(shape[0])
-        self.d_A = int(shape[1:].numel()) + int(self.has_bias)
+        #: rule 10: every position of a (N, T, ..., in) input is a sample (Conv2d: ignored)
+        self.positions_as_samples = True
+        self.d_G, d_in = self.weight_dims(module)
+        self.d_A = d_in + int(self.has_bias)
         self.stats = {
             "A": Statistic("A", schedule(), (self.d_A, self.d_A)),
             "G": Statistic("G", schedule(), (self.d_G, self.d_G)),
@@ -75,6 +78,21 @@ class KronBlock(Block):
         self.pi = 1.0
         # rows per sample (conv: output locations T) of the last capture: the noise floor's ρ
         self.vectors_per_sample: dict[str, float] = {"A": 1.0, "G": 1.0}
+
+    @staticmethod
+    def weight_dims(module: nn.Module) -> tuple[int, int]:
+        """(d_G, inputs per output) of the weight: (out, in) or (C_out, C_in·kh·kw); zero.Init-safe."""
+        shape = full_shape(module.weight)  # type: ignore[arg-type]
+        return int(shape[0]), int(shape[1:].numel())
+
+    def samples_in(self, t: torch.Tensor) -> int:
+        """Samples in a layer input or output gradient ``t``: its leading dim, 1 when unbatched;
+        every position of a Linear's (N, T, ..., d) input when ``positions_as_samples``."""
+        if t.dim() <= (3 if self.is_conv else 1):
+            return 1
+        if self.positions_as_samples and not self.is_conv:
+            return t.numel() // max(int(t.shape[-1]), 1)
+        return int(t.shape[0])
 
     @property
     def A(self) -> torch.Tensor | None:  # noqa: N802 - the paper's name
@@ -105,7 +123,7 @@ class KronBlock(Block):
             gram = flat.t() @ flat
             colsum = flat.sum(0) if self.has_bias else None
             rows = flat.shape[0]
-        n = int(x.shape[0]) if x.dim() > 1 else 1
+        n = self.samples_in(x)
         self.vectors_per_sample["A"] = rows / max(n, 1)
         if not self.has_bias:
             return gram, n
@@ -131,8 +149,7 @@ class KronBlock(Block):
             cols = per_sample.transpose(0, 1).reshape(c, -1)  # wide and few locations: one product
             return cols @ cols.t(), t
         rows = grad.reshape(-1, grad.shape[-1]).to(self.dtype)
-        n = grad.shape[0] if grad.dim() > 1 else 1
-        return rows.t() @ rows, rows.shape[0] // n
+        return rows.t() @ rows, rows.shape[0] // self.samples_in(grad)
 
     def capture_forward(
         self, inputs: torch.Tensor, due: set[str]
@@ -148,7 +165,7 @@ class KronBlock(Block):
             return None
 
         def capture_backward(grad: torch.Tensor, scale: float) -> None:
-            n = grad.shape[0] if grad.dim() > 1 else 1
+            n = self.samples_in(grad)
             gram, t = self.output_gram(grad.detach())
             self.vectors_per_sample["G"] = t
             # g = n·scale·grad: scale the (small) Gram instead of the rows
@@ -219,3 +236,42 @@ class KronBlock(Block):
 
     def memory_cost(self) -> float:
         return float(self.d_A**2 + self.d_G**2)
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """HF transformers' ``pytorch_utils.Conv1D`` (weight (in, out), y = x W + b), told by its class
+    name and its ``nf`` (out) attribute, without importing transformers."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and len(full_shape(weight)) == 2
+        and int(full_shape(weight)[1]) == int(getattr(module, "nf", -1))
+    )
+
+
+class Conv1DBlock(KronBlock):
+    """K-FAC block of one HF ``Conv1D``: the Linear block of the transposed weight (in, out)."""
+
+    @staticmethod
+    def weight_dims(module: nn.Module) -> tuple[int, int]:
+        shape = full_shape(module.weight)  # type: ignore[arg-type]
+        return int(shape[1]), int(shape[0])
+
+    def grad_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        d_in = self.d_A - int(self.has_bias)
+        cols = [grads[0].reshape(d_in, self.d_G).t().to(self.dtype)]
+        if self.has_bias:
+            cols.append(grads[1].reshape(self.d_G, 1).to(self.dtype))
+        return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+
+    def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        a_inv, g_inv = self.stats["A"].inverse, self.stats["G"].inverse
+        if a_inv is None or g_inv is None:
+            return grads
+        p = g_inv @ self.grad_matrix(grads) @ a_inv
+        d_in = self.d_A - int(self.has_bias)
+        out = [p[:, :d_in].t().reshape(grads[0].shape).to(grads[0].dtype)]
+        if self.has_bias:
+            out.append(p[:, -1].reshape(grads[1].shape).to(grads[1].dtype))
+        return out

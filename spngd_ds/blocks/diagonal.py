@@ -1,0 +1,149 @@
+"""Kronecker factors kept diagonal (DESIGN.md rules 5 and 12).
+
+A diagonal factor is stored as a stack of 1×1 blocks, shape (d, 1, 1), so that it travels, packs
+and is counted like any other statistic. Its damped inverse is 1/(x + shift) per entry, also
+(d, 1, 1). π (rule 5) uses the traces of the kept factors, dense or diagonal alike.
+
+:class:`DiagonalKronBlock` is the Linear / HF Conv1D block whose factor of a dimension above
+``max_factor_dim`` is kept diagonal (a Llama-shaped ``lm_head``: G is V × V): its memory is then
+d instead of d² elements, and its inversion d instead of d³ operations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from spngd_ds.blocks.base import InversionReport, Statistic, robust_inverse
+from spngd_ds.blocks.kron import Conv1DBlock, KronBlock
+from spngd_ds.staleness import RefreshSchedule
+
+
+def is_diagonal(value: torch.Tensor) -> bool:
+    """Whether a factor is stored as its diagonal, (d, 1, 1)."""
+    return value.dim() == 3
+
+
+def mean_trace(value: torch.Tensor) -> float:
+    """tr X / dim X of a dense (d, d) or diagonal (d, 1, 1) factor."""
+    return float(value.sum() if is_diagonal(value) else torch.trace(value)) / value.shape[0]
+
+
+def factor_pi(a: torch.Tensor, g: torch.Tensor) -> float:
+    """π of rule 5 from dense or diagonal factors; 1.0 when a trace is not a positive finite number."""
+    ta, tg = mean_trace(a), mean_trace(g)
+    if not (math.isfinite(ta) and math.isfinite(tg)) or ta <= 0.0 or tg <= 0.0:
+        return 1.0
+    return math.sqrt(ta / tg)
+
+
+def invert_factor(value: torch.Tensor, shift: float) -> torch.Tensor | None:
+    """(X + shift·I)⁻¹ of a dense (Cholesky, :func:`robust_inverse`) or diagonal factor;
+    ``None`` when it is not positive definite and finite."""
+    if not is_diagonal(value):
+        damped = value.clone()
+        damped.diagonal().add_(shift)
+        return robust_inverse(damped)
+    d = value + shift
+    if not bool((torch.isfinite(d) & (d > 0)).all()):
+        return None
+    return 1.0 / d
+
+
+def apply_left(inverse: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """inverse @ m for a dense (d, d) or diagonal (d, 1, 1) inverse and m (d, k)."""
+    return m * inverse.view(-1, 1) if is_diagonal(inverse) else inverse @ m
+
+
+def apply_right(m: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """m @ inverse for m (k, d) and a dense (d, d) or diagonal (d, 1, 1) inverse."""
+    return m * inverse.view(1, -1) if is_diagonal(inverse) else m @ inverse
+
+
+def invert_pair(
+    stats: dict[str, Statistic], damping: float, refreshed: set[str], pi_out: list[float]
+) -> InversionReport:
+    """Rule 5 on the factors "A" and "G" (dense or diagonal): π from their traces, each refreshed
+    (or never inverted) factor re-inverted with its shift. ``pi_out[0]`` receives π."""
+    report = InversionReport()
+    a, g = stats["A"].value, stats["G"].value
+    if a is None or g is None:
+        return report
+    pi = factor_pi(a, g)
+    pi_out[0] = pi
+    root = math.sqrt(damping)
+    shift = {"A": pi * root, "G": root / pi}
+    for name in ("A", "G"):
+        stat = stats[name]
+        if name not in refreshed and stat.inverse is not None:
+            continue
+        assert stat.value is not None
+        stat.inverse = invert_factor(stat.value, shift[name])
+        stat.inversions += 1
+        (report.inverted if stat.inverse is not None else report.failed).append(name)
+    return report
+
+
+class DiagonalKronBlock(KronBlock):
+    """A Linear (or, as :class:`DiagonalConv1DBlock`, HF Conv1D) block whose factors of a
+    dimension above ``max_dim`` are kept diagonal: A's diagonal Σ ā², G's Σ g² (same
+    normalisation as the dense factors)."""
+
+    kind = "kron_diag"
+
+    def __init__(self, name: str, module: nn.Module, schedule: Callable[[], RefreshSchedule], max_dim: int):
+        super().__init__(name, module, schedule)  # type: ignore[arg-type]
+        assert not self.is_conv, "Conv2d factors are not kept diagonal"
+        dims = {"A": self.d_A, "G": self.d_G}
+        #: the factors kept diagonal
+        self.diagonal = {n for n, d in dims.items() if d > max_dim}
+        for n in self.diagonal:
+            self.stats[n] = Statistic(n, self.stats[n].schedule, (dims[n], 1, 1))
+
+    def activation_gram(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if "A" not in self.diagonal:
+            return super().activation_gram(x)
+        flat = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        diag = flat.pow(2).sum(0)
+        if self.has_bias:
+            diag = torch.cat([diag, diag.new_full((1,), float(flat.shape[0]))])
+        n = self.samples_in(x)
+        self.vectors_per_sample["A"] = flat.shape[0] / max(n, 1)
+        return diag.view(-1, 1, 1), n
+
+    def output_gram(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if "G" not in self.diagonal:
+            return super().output_gram(grad)
+        rows = grad.reshape(-1, grad.shape[-1]).to(self.dtype)
+        return rows.pow(2).sum(0).view(-1, 1, 1), rows.shape[0] // self.samples_in(grad)
+
+    def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
+        pi = [self.pi]
+        report = invert_pair(self.stats, damping, refreshed, pi)
+        self.pi = pi[0]
+        return report
+
+    def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        a_inv, g_inv = self.stats["A"].inverse, self.stats["G"].inverse
+        if a_inv is None or g_inv is None:
+            return grads
+        p = apply_right(apply_left(g_inv, self.grad_matrix(grads)), a_inv)
+        d_in = self.d_A - int(self.has_bias)
+        w = p[:, :d_in]
+        out = [(w.t() if isinstance(self, Conv1DBlock) else w).reshape(grads[0].shape).to(grads[0].dtype)]
+        if self.has_bias:
+            out.append(p[:, -1].reshape(grads[1].shape).to(grads[1].dtype))
+        return out
+
+    def inversion_cost(self) -> float:
+        return float(sum(d if n in self.diagonal else d**3 for n, d in (("A", self.d_A), ("G", self.d_G))))
+
+    def memory_cost(self) -> float:
+        return float(sum(d if n in self.diagonal else d**2 for n, d in (("A", self.d_A), ("G", self.d_G))))
+
+
+class DiagonalConv1DBlock(DiagonalKronBlock, Conv1DBlock):
+    """:class:`DiagonalKronBlock` of an HF Conv1D (weight (in, out))."""
