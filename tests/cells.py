@@ -153,9 +153,6 @@ def ds_config(cell: Cell, world: int) -> dict[str, Any]:
     if cell.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
         cfg["data_types"] = {"buffer_dtype": "bf16"}
-        # ZeRO 1-3 would average bf16 gradients in bf16, in an order gloo chooses; in fp32 the
-        # ranks' sum differs from the reference's only by fp32 rounding (see reference_bf16)
-        cfg["communication_data_type"] = "fp32"
     return cfg
 
 
@@ -205,13 +202,14 @@ def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str
       divided (``gradient_accumulation_steps`` is 1 in the bf16 cells), its bf16 gradients taken
       to fp32 and summed in fp32;
     - the sum over ranks divided by the rank count in fp32 (SP-NGD's own reduction at stage 0) or,
-      at ZeRO 1-3, multiplied by 1/ranks and rounded to bf16 (DeepSpeed's averaged gradient is
-      written back into the bf16 gradient before it reaches the fp32 partition);
+      at ZeRO 1-3, rounded to bf16 and multiplied by 1/ranks (DeepSpeed sums the bf16 gradients
+      in bf16 and scales the sum afterwards; the sum of two bf16 values rounded once is the
+      same whether it is formed in bf16 or in fp32);
     - after each step the masters copied into the bf16 parameters.
 
-    At 2 ranks this is DeepSpeed's arithmetic to the bit. At 3 ranks gloo adds the ranks' fp32
-    values in an order that changes along the tensor, which moves some roundings (module
-    docstring of tests/test_equivalence_matrix.py)."""
+    At 2 ranks this is DeepSpeed's arithmetic to the bit. At 3 ranks gloo adds the ranks' values
+    in an order that changes along the tensor, rounding after each addition, which moves some
+    roundings (module docstring of tests/test_equivalence_matrix.py)."""
     import spngd_ds
 
     assert cell.gas == 1, "bf16 cells run one micro-batch per rank and step"
@@ -238,7 +236,7 @@ def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str
                 if w.grad is not None:
                     total.add_(w.grad.float())
         for m, total in zip(masters, sums, strict=True):
-            m.grad = total.mul_(1.0 / ranks).to(bf16).float() if cell.stage > 0 else total.div_(ranks)
+            m.grad = total.to(bf16).mul_(1.0 / ranks).float() if cell.stage > 0 else total.div_(ranks)
         opt.step()
         with torch.no_grad():
             for w, m in zip(weights, masters, strict=True):

@@ -19,11 +19,11 @@ of two numbers do not depend on order; <= 8e-6 at 3 ranks). A bf16 cell is compa
 ``cells.reference_bf16``, which runs the same bf16 forwards and backwards with the same rounding
 (bf16 model, fp32 masters and statistics, gradients averaged as DeepSpeed averages them), so it is
 held to 1e-3 (measured: 0 at 2 ranks at every stage, <= 3e-7 at 3 ranks at stage 0). At 3 ranks
-under ZeRO 1-3 gloo adds three fp32 values in an order that changes along the tensor, before
-DeepSpeed rounds the average to bf16; a rounding that moves is amplified by the preconditioner and
-by the next forward's bf16 weights, so those cells are held to 2e-2 (measured <= 1.1e-2, in the
-BatchNorm bias, which starts at 0; <= 3e-4 in the other tensors). The same checks that do not
-depend on rounding (steps counted, nothing skipped) apply to every cell.
+under ZeRO 1-3 gloo adds the three ranks' bf16 gradients in an order that changes along the
+tensor, rounding after each addition; a rounding that moves is amplified by the preconditioner and
+by the next forward's bf16 weights, so those cells are held to 3e-2 (measured <= 1.6e-2, in the
+BatchNorm bias, which starts at 0; <= 4e-3 in the other tensors); the same stages are exact at 2
+ranks. The checks that do not depend on rounding (steps counted, nothing skipped) apply to every cell.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from tests.distributed import torchrun
 
 TOL = 2e-5
 BF16_TOL = 1e-3
-BF16_ZERO_3RANKS_TOL = 2e-2
+BF16_ZERO_3RANKS_TOL = 3e-2
 Cell = C.Cell
 
 FP32_2 = [
