@@ -15,10 +15,11 @@ host and device) and, on a GPU, the kernels the profiler records. The same for `
 (momentum 0.9, ``foreach`` False and True). Writes ``DIR/syncs.json``.
 
 ``timing``: ResNet-50 at 224x224, 32 images a micro-batch, 8 micro-batches a step, bf16 as
-DeepSpeed's bf16 engine runs it: the forward and backward run on bf16 copies of the weights and
-BatchNorm buffers (bf16 activations and gradients), the gradients land in the fp32 weights, and
-the optimizer works on those (fp32 master weights, fp32 statistics captured from the bf16
-activations and gradients). One step = 8 forward + backward passes + ``opt.step()``, timed between
+DeepSpeed's bf16 engine runs it at ZeRO stage 0 (:class:`Bf16Runner`): the forward and backward
+run on bf16 copies of the weights and BatchNorm buffers, made once a step (bf16 activations,
+bf16 gradients accumulated over the micro-batches), the gradients are handed to the fp32 weights
+and the optimizer steps those (fp32 master weights; SP-NGD's statistics captured in fp32 from the
+bf16 activations and gradients). One step = 8 forward + backward passes + ``opt.step()``, timed between
 two ``torch.cuda.synchronize()``; the kinds of step take turns and each figure is the median of
 ``--reps`` after ``--warmup``. SP-NGD uses the optimizer block of
 ``ds_configs/imagenet_resnet50_32k.json``; SGD is ``torch.optim.SGD(momentum=0.9)``. The amortized
@@ -40,6 +41,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -127,7 +129,7 @@ class DispatchCount(TorchDispatchMode):
             self.reads[name] += 1
         elif name in ("aten::_to_copy", "aten::copy_") and args and isinstance(args[0], torch.Tensor):
             src = args[1] if name == "aten::copy_" else args[0]
-            dst = args[0] if name == "aten::copy_" else kwargs.get("device", src.device)
+            dst = args[0] if name == "aten::copy_" else (kwargs.get("device") or src.device)
             dst_type = dst.device.type if isinstance(dst, torch.Tensor) else torch.device(dst).type
             if isinstance(src, torch.Tensor) and src.device.type != dst_type:
                 self.reads[f"{name} {src.device.type}->{dst_type}"] += 1
@@ -148,22 +150,27 @@ def counted(device: str) -> Iterator[dict[str, Any]]:
                 yield out
         finally:
             if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")  # before our own synchronize
                 sync(device)
-                torch.cuda.set_sync_debug_mode("default")
     out["cuda_syncs"] = sum("synchroniz" in str(w.message) for w in caught)
     out["host_reads"] = sum(mode.reads.values())
     out["host_reads_by_op"] = dict(mode.reads)
     out["aten_ops"] = mode.ops
 
 
-def kernels(device: str, body: Callable[[], None]) -> int:
-    """Kernels (and copies) the GPU ran for ``body``, from the profiler."""
+def kernels(device: str, body: Callable[[], None]) -> int | None:
+    """Kernels (and copies) the GPU ran for ``body``, from the profiler (``None``: the profiler
+    failed; ``body`` then ran without it)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        body()
-        sync(device)
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            body()
+            sync(device)
+    except RuntimeError as exc:
+        print(f"profiler failed ({exc}); kernels not counted", file=sys.stderr)
+        return None
     return int(sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA))
 
 
@@ -193,13 +200,17 @@ def run_syncs(sz: dict[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(2, 3, 32, 32, generator=g).to(device), torch.randint(0, 1000, (2,), generator=g).to(device))
     result: dict[str, Any] = {"model": sz["sync_model"], "batch": "2 x 3 x 32 x 32, fp32", "device": device}
-    model = build_model(sz["sync_model"], device)
-    opt = spngd_ds.SPNGD(model, **spngd_params())
-    F.cross_entropy(model(batch[0]), batch[1]).backward()
-    opt.step()  # the first step: every statistic is captured and inverted once
-    result["spngd_refresh"] = count_step(device, model, opt, batch, lambda: force_due(opt, True))
-    result["spngd_quiet"] = count_step(device, model, opt, batch, lambda: force_due(opt, False))
-    result["spngd_metrics"] = opt.metrics()
+    try:
+        model = build_model(sz["sync_model"], device)
+        opt = spngd_ds.SPNGD(model, **spngd_params())
+        F.cross_entropy(model(batch[0]), batch[1]).backward()
+        opt.step()  # the first step: every statistic is captured and inverted once
+        result["spngd_refresh"] = count_step(device, model, opt, batch, lambda: force_due(opt, True))
+        result["spngd_quiet"] = count_step(device, model, opt, batch, lambda: force_due(opt, False))
+        result["spngd_metrics"] = opt.metrics()
+    except Exception as exc:  # noqa: BLE001 -- recorded; SGD's counts still come
+        traceback.print_exc()
+        result["error"] = f"SP-NGD: {type(exc).__name__}: {exc}"
     for foreach in (False, True):
         model = build_model(sz["sync_model"], device)
         sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, foreach=foreach)
@@ -212,6 +223,9 @@ def run_syncs(sz: dict[str, Any]) -> dict[str, Any]:
 def syncs_table(r: dict[str, Any]) -> str:
     rows = [f"{'step':28s} {'cuda syncs':>10s} {'host reads':>10s} {'aten ops':>9s} {'kernels':>8s}"]
     for key in ("spngd_refresh", "spngd_quiet", "sgd_foreach_false", "sgd_foreach_true"):
+        if key not in r:
+            rows.append(f"{key:28s} (not measured: {r.get('error')})")
+            continue
         for part in ("forward_backward", "step"):
             c = r[key][part]
             k = "-" if c["kernels"] is None else str(c["kernels"])
@@ -222,19 +236,32 @@ def syncs_table(r: dict[str, Any]) -> str:
 
 # -- timing ---------------------------------------------------------------------------------------
 class Bf16Runner:
-    """Forward + backward of ``model`` (fp32 master weights) on bf16 copies of its weights and
-    buffers, as DeepSpeed's bf16 engine runs a model: bf16 activations and gradients, the
-    gradients accumulated into the fp32 weights' ``.grad``."""
+    """``model`` (fp32: the master weights) run as DeepSpeed's bf16 engine runs it at ZeRO stage 0.
+
+    :meth:`start` casts the weights to bf16 once a step (DeepSpeed copies the masters into its bf16
+    module after each step); :meth:`loss` runs a forward on those bf16 weights and bf16 BatchNorm
+    buffers (bf16 activations; the backward accumulates bf16 gradients, as stage 0 does);
+    :meth:`finish` hands the gradients to the fp32 weights' ``.grad`` for the optimizer (DeepSpeed's
+    bf16 wrapper copies them to the fp32 masters' gradients)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         # BatchNorm running statistics live in bf16, as with DeepSpeed's "buffer_dtype": "bf16"
         self.buffers = {n: b.to(torch.bfloat16) if b.is_floating_point() else b for n, b in model.named_buffers()}
+        self.params = dict(model.named_parameters())
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def start(self) -> None:
+        self.weights = {n: p.detach().to(torch.bfloat16).requires_grad_() for n, p in self.params.items()}
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, gas: int) -> torch.Tensor:
-        weights = {n: p.to(torch.bfloat16) for n, p in self.model.named_parameters()}
-        out = torch.func.functional_call(self.model, {**weights, **self.buffers}, (x,))
+        out = torch.func.functional_call(self.model, {**self.weights, **self.buffers}, (x,))
         return F.cross_entropy(out.float(), y) / gas  # DeepSpeed divides by the accumulation steps
+
+    def finish(self) -> None:
+        for n, p in self.params.items():
+            g = self.weights[n].grad
+            p.grad = None if g is None else g.float()
 
 
 def refresh_fraction() -> tuple[float | None, str]:
@@ -263,6 +290,7 @@ def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
     spngd = spngd_ds.SPNGD(models["spngd"], **spngd_params())
     spngd.capture.grad_scale = lambda: float(gas)  # per-sample gradients of a loss divided by gas
     spngd.capture.forwards_per_step = gas
+    error = None
     sgd = torch.optim.SGD(models["sgd"].parameters(), lr=LR, momentum=0.9)
 
     def step(kind: str) -> Callable[[], None]:
@@ -272,8 +300,10 @@ def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
         def body() -> None:
             if kind in ("spngd_refresh", "spngd_quiet"):
                 force_due(spngd, kind == "spngd_refresh")
+            runner.start()
             for x, y in data:
                 runner.loss(x, y, gas).backward()
+            runner.finish()
             if kind != "fwd_bwd":
                 opt.step()
             opt.zero_grad(set_to_none=True)
@@ -284,8 +314,14 @@ def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
     steps = {k: step(k) for k in kinds}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     first = time.perf_counter()
-    steps["spngd_refresh"]()  # SP-NGD's first step captures and inverts every statistic
-    sync(device)
+    try:
+        steps["spngd_refresh"]()  # SP-NGD's first step captures and inverts every statistic
+        sync(device)
+    except Exception as exc:  # noqa: BLE001 -- recorded; SGD is still timed
+        traceback.print_exc()
+        error = f"SP-NGD: {type(exc).__name__}: {exc}"
+        kinds = ["sgd", "fwd_bwd"]
+        times = {k: [] for k in kinds}
     first_s = time.perf_counter() - first
     for rep in range(sz["warmup"] + sz["reps"]):
         for kind in kinds[rep % len(kinds):] + kinds[: rep % len(kinds)]:  # rotate: noise hits all
@@ -296,6 +332,9 @@ def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
             if rep >= sz["warmup"]:
                 times[kind].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    if error is not None:
+        return {"setup": {k: sz[k] for k in ("model", "image_size", "micro_batch", "gas", "reps", "device")},
+                "error": error, "step_s": times, "median_step_s": med}
     f, source = refresh_fraction()
     fractions = sorted({0.0, 0.1, 0.25, 0.5, 1.0} | ({round(f, 4)} if f is not None else set()))
 
@@ -323,6 +362,9 @@ def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
 
 def timing_table(r: dict[str, Any]) -> str:
     s, med = r["setup"], r["median_step_s"]
+    if "error" in r:
+        return "\n".join([f"{s['model']} {s['image_size']}x{s['image_size']}: {r['error']}",
+                          *(f"  {k:14s} {v * 1e3:10.1f} ms" for k, v in med.items())])
     rows = [f"{s['model']} {s['image_size']}x{s['image_size']}, {s['micro_batch']} a micro-batch x {s['gas']}, "
             f"{s['precision']}; median of {s['reps']} ({s['device']})"]
     for k in ("sgd", "spngd_quiet", "spngd_refresh", "fwd_bwd"):
@@ -365,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = time.perf_counter() - start
     (a.out / f"{a.part}.json").write_text(json.dumps(result, indent=1, default=str))
     print(table)
+    if "error" in result:
+        print(f"{a.part}: FAILED: {result['error']}")
+        return 1
     metrics = result.get("spngd_metrics", {})
     if metrics.get("spngd/skipped_steps", 0) or metrics.get("spngd/inversion_failures", 0):
         print(f"{a.part}: FAILED: SP-NGD skipped steps or failed inversions, not real steps: {metrics}")

@@ -5,7 +5,8 @@
 #   bash gpu_check/run.sh             # on the GPU machine, from the repository's copy there
 #   bash gpu_check/run.sh --dry-run   # anywhere (CPU_ONLY=1 does the same): nothing installed, on the CPU
 #
-# Steps, each with its own time limit; a failed step is recorded and the next one still runs:
+# Steps, each with its own time limit (450 s together); a failed step is recorded and the next
+# one still runs:
 #   wheels      install .whl/*.whl (gpu_check/fetch_wheels.sh) with --no-deps into $SITE
 #   env         gpu_check/check_env.py: requirements inside their ranges, a GPU visible
 #   cuda-tests  python -m pytest -m cuda tests/test_cuda.py
@@ -43,7 +44,7 @@ run_step() {
     echo
     echo "== $name (limit ${limit} s): $*" | tee -a "$log"
     local t0=$SECONDS
-    if declare -F "$1" >/dev/null; then  # a function of this script: no time limit
+    if declare -F "$1" >/dev/null; then  # a function of this script: it limits itself
         "$@" 2>&1 | tee -a "$log"
     else
         timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
@@ -63,7 +64,7 @@ install_wheels() {
         echo "no wheels in .whl/: run gpu_check/fetch_wheels.sh where there is internet and copy .whl/ along" >&2
         return 2
     fi
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"
+    timeout 30 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"
 }
 
 if [[ "$DRY" == 1 ]]; then
@@ -72,26 +73,26 @@ if [[ "$DRY" == 1 ]]; then
     run_step env 120 "$OUTDIR/env.log" "$PY" gpu_check/check_env.py --cpu-ok
 else
     MEASURE_ARGS=()
-    run_step wheels 60 "$OUTDIR/env.log" install_wheels
+    run_step wheels 30 "$OUTDIR/env.log" install_wheels
     export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
     export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/spngd_torch_extensions}
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUTDIR/env.log"
-    run_step env 60 "$OUTDIR/env.log" "$PY" gpu_check/check_env.py
+    run_step env 40 "$OUTDIR/env.log" "$PY" gpu_check/check_env.py
 fi
-run_step cuda-tests 200 "$OUTDIR/cuda_tests.log" \
+run_step cuda-tests 150 "$OUTDIR/cuda_tests.log" \
     "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda.py
 if [[ "$DRY" == 0 ]] && grep -qs "^SKIPPED" "$OUTDIR/cuda_tests.log"; then
     echo "cuda tests were skipped on the GPU machine" | tee -a "$OUTDIR/cuda_tests.log"
     failed+=("cuda-tests-skipped")
 fi
-run_step syncs 60 "$OUTDIR/syncs.log" "$PY" gpu_check/measure.py syncs --out "$OUTDIR" "${MEASURE_ARGS[@]}"
-run_step timing 150 "$OUTDIR/timing.log" "$PY" gpu_check/measure.py timing --out "$OUTDIR" "${MEASURE_ARGS[@]}"
+run_step syncs 90 "$OUTDIR/syncs.log" "$PY" gpu_check/measure.py syncs --out "$OUTDIR" "${MEASURE_ARGS[@]}"
+run_step timing 140 "$OUTDIR/timing.log" "$PY" gpu_check/measure.py timing --out "$OUTDIR" "${MEASURE_ARGS[@]}"
 
 {
     echo "GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), $((SECONDS - START)) s$([[ "$DRY" == 1 ]] && echo ", dry run")"
     echo "passed: ${passed[*]:-none}"
     echo "failed: ${failed[*]:-none}"
-    grep -hE "^[0-9]+ (passed|failed|skipped|deselected)|^=+ .*(passed|failed|skipped|error)" \
+    grep -hE "^(=+ )?[0-9]+ (passed|failed|skipped|deselected|errors?)\b" \
         "$OUTDIR/cuda_tests.log" 2>/dev/null | tail -n 1
     sed -n '/^step /,/^syncs: /p' "$OUTDIR/syncs.log" 2>/dev/null
     sed -n '/ a micro-batch x /,/^timing: /p' "$OUTDIR/timing.log" 2>/dev/null

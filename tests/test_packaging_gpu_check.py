@@ -140,6 +140,7 @@ def test_dry_run(tmp_path: Path) -> None:
 
     summary = (tmp_path / "summary.txt").read_text()
     assert "passed: env cuda-tests syncs timing" in summary and "failed: none" in summary, summary
+    assert re.search(r"^\d+ skipped", summary, flags=re.M), summary  # pytest's result line
     assert "spngd_refresh step" in summary and "amortized at refresh fraction" in summary, summary
 
 
@@ -151,3 +152,24 @@ def test_a_failed_step_does_not_stop_the_later_ones(tmp_path: Path) -> None:
     assert (tmp_path / "syncs.json").is_file()  # the step after the failed one ran
     summary = (tmp_path / "summary.txt").read_text()
     assert "passed: syncs" in summary and "failed: cuda-tests" in summary, summary
+
+
+def test_timing_still_times_sgd_when_spngd_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step of SP-NGD that raises (a device mismatch, say) is reported as the part's failure,
+    with SGD's and the forward + backward's figures still measured."""
+    sys.path.insert(0, str(ROOT / "gpu_check"))
+    try:
+        import measure
+    finally:
+        sys.path.remove(str(ROOT / "gpu_check"))
+    from spngd_ds.optimizer import SPNGD
+
+    def broken(self: Any, closure: Any = None) -> None:
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(SPNGD, "step", broken)
+    assert measure.main(["timing", "--dry-run", "--out", str(tmp_path)]) == 1
+    result = json.loads((tmp_path / "timing.json").read_text())
+    assert "same device" in result["error"]
+    assert set(result["median_step_s"]) == {"sgd", "fwd_bwd"}
+    assert all(v > 0 for v in result["median_step_s"].values())
