@@ -211,8 +211,12 @@ def loss_of(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def reference(cell: Cell, ranks: int, steps: int | None = None) -> dict[str, torch.Tensor]:
     """Parameters after the cell's steps in one standalone SP-NGD process fed what ``ranks`` ranks
-    x ``cell.gas`` micro-batches compute (fp32; ``gradient_clipping`` > 0 becomes ``clip_norm``)."""
+    x ``cell.gas`` micro-batches compute (fp32; ``gradient_clipping`` > 0 becomes ``clip_norm``).
+    A bf16 cell gets :func:`reference_bf16`."""
     import spngd_ds
+
+    if cell.precision == "bf16":
+        return reference_bf16(cell, ranks, steps)
 
     model = build_model(cell.model)
     params = spngd_params(cell)
@@ -235,6 +239,62 @@ def reference(cell: Cell, ranks: int, steps: int | None = None) -> dict[str, tor
         if sched is not None:
             sched.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str, torch.Tensor]:
+    """The fp32 master weights after a bf16 cell's steps, from one standalone process that runs
+    the passes as DeepSpeed's bf16 engine does, with the same rounding:
+
+    - the model in bf16 (parameters and buffers) from the start, the fp32 masters copied from the
+      bf16 parameters; SP-NGD built on the bf16 model (its statistics are fp32, captured from the
+      bf16 activations and output gradients) with the masters as its parameter groups' tensors,
+      as DeepSpeed's bf16 wrapper hands them over at stage 0;
+    - each rank's pass (micro-batch k of every rank, in rank order) run on its own, its loss not
+      divided (``gradient_accumulation_steps`` is 1 in the bf16 cells), its bf16 gradients taken
+      to fp32 and summed in fp32;
+    - the sum over ranks divided by the rank count in fp32 (SP-NGD's own reduction at stage 0) or,
+      at ZeRO 1-3, rounded to bf16 and multiplied by 1/ranks (DeepSpeed sums the bf16 gradients
+      in bf16 and scales the sum afterwards; the sum of two bf16 values rounded once is the
+      same whether it is formed in bf16 or in fp32);
+    - after each step the masters copied into the bf16 parameters.
+
+    At 2 ranks this is DeepSpeed's arithmetic to the bit. At 3 ranks gloo adds the ranks' values
+    in an order that changes along the tensor, rounding after each addition, which moves some
+    roundings (module docstring of tests/test_equivalence_matrix.py)."""
+    import spngd_ds
+
+    assert cell.gas == 1, "bf16 cells run one micro-batch per rank and step"
+    bf16 = torch.bfloat16
+    model = build_model(cell.model).to(bf16)
+    params = spngd_params(cell)
+    if cell.clip:
+        params["clip_norm"] = cell.clip
+    opt = spngd_ds.SPNGD(model, **params)
+    masters: list[torch.Tensor] = []
+    for group in opt.param_groups:
+        group["params"] = [p.detach().float() for p in group["params"]]
+        masters += group["params"]
+    sched = spngd_ds.SPNGDPolyDecay(opt, **POLY) if cell.schedule == "poly" else None
+    weights = list(model.parameters())
+    for step in range(cell.steps if steps is None else steps):
+        x, y = global_batch(step)
+        sums = [torch.zeros_like(m) for m in masters]
+        for xs, ys in zip(x.chunk(ranks), y.chunk(ranks), strict=True):
+            for w in weights:
+                w.grad = None
+            loss_of(model(xs.to(bf16)), ys).backward()
+            for total, w in zip(sums, weights, strict=True):
+                if w.grad is not None:
+                    total.add_(w.grad.float())
+        for m, total in zip(masters, sums, strict=True):
+            m.grad = total.to(bf16).mul_(1.0 / ranks).float() if cell.stage > 0 else total.div_(ranks)
+        opt.step()
+        with torch.no_grad():
+            for w, m in zip(weights, masters, strict=True):
+                w.copy_(m)
+        if sched is not None:
+            sched.step()
+    return {n: m.detach().clone() for (n, _), m in zip(model.named_parameters(), masters, strict=True)}
 
 
 def rel_err(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:

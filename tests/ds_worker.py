@@ -248,6 +248,13 @@ def full_fp32_params(engine) -> dict[str, torch.Tensor]:  # type: ignore[no-unty
     return out
 
 
+def stage0_masters(engine, opt) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """ZeRO stage 0 under bf16/fp16: the fp32 copies SP-NGD updates (DeepSpeed's wrapper puts them
+    in the optimizer's groups, in the model's parameter order), not their half-precision casts."""
+    live = opt._aligned()
+    return {name: live[id(prm)].detach().float().cpu().clone() for name, prm in engine.module.named_parameters()}
+
+
 def _fragment_elements_sent(opt, rank: int) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
     """ZeRO path: elements of its fragments this rank sends to other owners per exchange, with the
     owners the path chose and with the plain multi-load assignment (None on the fast path)."""
@@ -296,6 +303,8 @@ def run_cells(path: str, out_dir: str) -> None:
                 engine.backward(loss)
                 engine.step()
         params = full_fp32_params(engine)
+        if cell.stage == 0 and cell.precision != "fp32":
+            params = stage0_masters(engine, opt)
         owned = [b.name for b in opt.owned()]
         owned_counts = [None] * world
         dist.all_gather_object(owned_counts, len(owned))

@@ -14,10 +14,16 @@ the momentum correction and rule 8 on each path; tied weights on each path; the 
 each stage and precision). Each launch runs a group of cells in one process group to pay
 DeepSpeed's start-up once. ``SPNGD_FULL_MATRIX=1`` adds the rest of the product at 2 ranks (slow).
 
-Tolerances: fp32 2e-5 relative to each tensor's largest entry (measured: 0 at 2 ranks, where sums
-of two numbers do not depend on order; <= 8e-6 at 3 ranks). bf16 runs round every forward, so
-they are held to 0.25 of the fp32 reference (measured up to 0.17 with the loss scaled by 16), plus
-the exact checks that do not depend on rounding (steps counted, nothing skipped).
+Tolerances, relative to each tensor's largest entry: fp32 2e-5 (measured: 0 at 2 ranks, where sums
+of two numbers do not depend on order; <= 8e-6 at 3 ranks). A bf16 cell is compared with
+``cells.reference_bf16``, which runs the same bf16 forwards and backwards with the same rounding
+(bf16 model, fp32 masters and statistics, gradients averaged as DeepSpeed averages them), so it is
+held to 1e-3 (measured: 0 at 2 ranks at every stage, <= 3e-7 at 3 ranks at stage 0). At 3 ranks
+under ZeRO 1-3 gloo adds the three ranks' bf16 gradients in an order that changes along the
+tensor, rounding after each addition; a rounding that moves is amplified by the preconditioner and
+by the next forward's bf16 weights, so those cells are held to 3e-2 (measured <= 1.6e-2, in the
+BatchNorm bias, which starts at 0; <= 4e-3 in the other tensors); the same stages are exact at 2
+ranks. The checks that do not depend on rounding (steps counted, nothing skipped) apply to every cell.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from tests import cells as C
 from tests.distributed import torchrun
 
 TOL = 2e-5
-BF16_TOL = 0.25
+BF16_TOL = 1e-3
+BF16_ZERO_3RANKS_TOL = 3e-2
 Cell = C.Cell
 
 FP32_2 = [
@@ -86,6 +93,7 @@ BF16_2 = [
     Cell("convbn", 0, precision="bf16", schedule="poly", clip=0.5),
     Cell("convbn", 2, precision="bf16", rescale=True),
     Cell("mlp", 1, precision="bf16", schedule="poly"),
+    Cell("convbn", 3, precision="bf16", schedule="poly", clip=0.5),  # ZeRO-3 where sums are exact
 ]
 
 
@@ -159,7 +167,14 @@ def test_cell_equals_standalone(
     for value in got["params"].values():
         assert torch.isfinite(value).all()
     err = C.rel_err(got["params"], ref)
-    assert err < (BF16_TOL if cell.precision == "bf16" else TOL), err
+    assert err < tolerance(cell, world), err
+
+
+def tolerance(cell: Cell, world: int) -> float:
+    """How far a cell may be from its reference (module docstring)."""
+    if cell.precision != "bf16":
+        return TOL
+    return BF16_ZERO_3RANKS_TOL if world == 3 and cell.stage > 0 else BF16_TOL
 
 
 def test_the_matrix_axes_change_the_run() -> None:
