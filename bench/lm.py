@@ -20,7 +20,7 @@ projections, tied head) built from a ``transformers`` config with random weights
 no dropout. ``small`` (default): width 64, 2 layers, 4 heads, MLP 160 (Llama: 127,296 parameters);
 ``tiny`` (``--short``): width 16, 1 layer.
 
-Optimizers, each at every lr of one grid (default 1e-3 ... 1 in steps of about 3), no weight decay,
+Optimizers, each at every lr of one grid (default 1e-3 ... 3 in steps of about 3), no weight decay,
 constant lr, gradients clipped at ``--clip`` (1.0) through DeepSpeed's ``gradient_clipping`` (for
 SP-NGD that clips the preconditioned gradient's global norm, README "Gradient clipping"):
 SP-NGD (``"type": "SPNGD"`` with bench/common.py's parameters: momentum 0.9, damping 1e-3, default
@@ -78,7 +78,7 @@ OPTIMIZERS = ("SP-NGD", "AdamW", "LAMB")
 FIRST_ORDER = ("AdamW", "LAMB")
 #: issue target: at the larger batch, SP-NGD's steps to the target over the better first-order method's
 TARGET_RATIO = 0.7
-LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 EXCLUDED_DIRS = ("site-packages", "dist-packages")
 
 #: model sizes: hidden width, layers, heads, MLP width (Llama; GPT-2 uses 4 x width)

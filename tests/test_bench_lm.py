@@ -131,3 +131,16 @@ def test_short_run_on_two_ranks(tmp_path: Path) -> None:
         # the better first-order method reaches the target by construction
         assert any(summ["optimizers"][n]["steps_to_target"] is not None for n in ("AdamW", "LAMB"))
     assert "target val loss" in proc.stdout and "SP-NGD" in proc.stdout
+
+
+def test_spngd_params_flag_adds_and_overrides_keys() -> None:
+    a = lm.parse_args(["--spngd_params", '{"damping": 0.01, "stat_micro_batches": null}'])
+    st = lm.setting_from(a)
+    assert st.spngd_params["damping"] == 0.01 and st.spngd_params["stat_micro_batches"] is None
+    assert st.spngd_params["momentum"] == 0.9  # the rest from bench/common.py
+    cfg = lm.ds_config_for("SP-NGD", 0.5, st, gas=4)
+    assert cfg["optimizer"]["params"]["lr"] == 0.5 and cfg["optimizer"]["params"]["damping"] == 0.01
+    assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 1.0
+    assert "optimizer" not in lm.ds_config_for("AdamW", 0.5, st, gas=4)
+    with pytest.raises(SystemExit):
+        lm.parse_args(["--spngd_params", "[1, 2]"])
