@@ -503,7 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="small batch: steps between validations (default 15)")
     p.add_argument("--val_windows", type=int, default=None, help="validation windows (default 256)")
     p.add_argument("--val_fraction", type=float, default=0.05, help="share of files (by path hash) for validation")
-    p.add_argument("--max_files", type=int, default=None, help="first files of the sorted list only")
+    p.add_argument("--max_files", type=int, default=None,
+                   help="first files of the sorted list only (default all; 200 with --short)")
     p.add_argument("--target_slack", type=float, default=0.02, help="nats/byte above the best first-order loss")
     p.add_argument("--clip", type=float, default=1.0, help="DeepSpeed gradient_clipping for every optimizer")
     p.add_argument("--spngd_params", type=json.loads, default={},
@@ -521,7 +522,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "steps_large": 3 if short else 150, "steps_small": 4 if short else 450,
                 "eval_every": 2 if short else 5, "eval_every_small": 2 if short else 15,
                 "val_windows": 8 if short else 256,
-                "lrs": [1e-3] if short else list(LR_GRID), "max_files": 60 if short else None}
+                "lrs": [1e-3] if short else list(LR_GRID), "max_files": 200 if short else None}
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
