@@ -114,7 +114,8 @@ def test_first_order_layers_are_named_at_warning_and_counted(caplog: pytest.LogC
 
 def test_a_module_called_twice_adds_locations_not_samples() -> None:
     """Rule 3: a Linear applied at two places of one forward gets the statistics of one call on
-    both places stacked as locations (A sums over locations per sample, G averages over them)."""
+    both places stacked as locations (A sums over locations per sample, G averages over them), the
+    sequence being the sample (``positions_as_samples=False``; rule 10)."""
     torch.manual_seed(0)
     lin_a, head_a = nn.Linear(5, 4), nn.Linear(4, 3)
     lin_b, head_b = nn.Linear(5, 4), nn.Linear(4, 3)
@@ -136,7 +137,7 @@ def test_a_module_called_twice_adds_locations_not_samples() -> None:
     x, y = torch.randn(8, 2, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
     stats = []
     for model in (Twice(lin_a, head_a).double(), Stacked(lin_b, head_b).double()):
-        opt = spngd_ds.SPNGD(model, staleness=None)
+        opt = spngd_ds.SPNGD(model, staleness=None, positions_as_samples=False)
         F.cross_entropy(model(x), y).backward()
         opt.step()
         stats.append((opt.blocks["lin"].A, opt.blocks["lin"].G))

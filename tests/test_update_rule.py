@@ -14,7 +14,8 @@ import spngd_ds
 
 
 class PlainNet(nn.Module):
-    """Only layers no curvature block covers: Embedding and Conv1d (first-order fallback)."""
+    """Only layers without curvature: Conv1d, and Embedding with ``curvature_embedding=False``
+    (first-order fallback)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,7 +34,7 @@ def _plain_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_fallback_layers_are_plain_blocks() -> None:
     torch.manual_seed(0)
-    opt = spngd_ds.SPNGD(PlainNet().double())
+    opt = spngd_ds.SPNGD(PlainNet().double(), curvature_embedding=False)
     assert {b.kind for b in opt.blocks.values()} == {"plain"}
     assert sorted(opt.blocks) == ["conv.bias", "conv.weight", "emb.weight"]
     assert all(not b.stats for b in opt.blocks.values())
@@ -45,7 +46,7 @@ def test_momentum_update_with_lr_changes(wd: float) -> None:
     torch.manual_seed(0)
     model = PlainNet().double()
     m = 0.9
-    opt = spngd_ds.SPNGD(model, lr=0.1, momentum=m, weight_decay=wd, step_bound=None)
+    opt = spngd_ds.SPNGD(model, lr=0.1, momentum=m, weight_decay=wd, step_bound=None, curvature_embedding=False)
     lrs = [0.1, 0.1, 0.04, 0.04, 0.2]
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     v = {n: torch.zeros_like(p) for n, p in theta.items()}
@@ -78,7 +79,7 @@ def test_momentum_correction_matches_torch_sgd_across_lr_changes() -> None:
         torch.manual_seed(0)
         model = PlainNet().double()
         opt = (
-            spngd_ds.SPNGD(model, lr=0.1, momentum=0.9)
+            spngd_ds.SPNGD(model, lr=0.1, momentum=0.9, curvature_embedding=False)
             if name == "spngd"
             else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         )
@@ -116,7 +117,7 @@ def test_zero_lr_then_positive_uses_plain_momentum() -> None:
     """A warm-up starting at lr 0 must not divide by zero: m_eff falls back to m."""
     torch.manual_seed(0)
     model = PlainNet().double()
-    opt = spngd_ds.SPNGD(model, lr=0.0, momentum=0.9, step_bound=None)
+    opt = spngd_ds.SPNGD(model, lr=0.0, momentum=0.9, step_bound=None, curvature_embedding=False)
     x, y = _plain_batch(0)
     F.cross_entropy(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
