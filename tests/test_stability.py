@@ -87,6 +87,8 @@ def train(kind: str, steps: int = STEPS, before_step: Hook | None = None, nan_fr
           **kw: Any) -> Outcome:
     """``steps`` steps on the one batch through ``step(closure)``; a stall ends the run."""
     model, x, y = build(kind)
+    if kind == "transformer":  # a pooled classifier: its loss is per sequence, the sequence the sample (rule 10)
+        kw = {"positions_as_samples": False, **kw}
     opt = spngd_ds.SPNGD(model, **{**SETTINGS, **kw})
     out = Outcome(opt=opt, model=model)
     for step in range(steps):
