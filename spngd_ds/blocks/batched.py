@@ -39,7 +39,8 @@ class BatchedPreconditioner:
             g = grads[b.name]
             if not b.ready():
                 out[b.name] = g
-            elif type(b).precondition is KronBlock.precondition and isinstance(b, KronBlock) and not b.has_bias:
+            elif (isinstance(b, KronBlock) and not b.has_bias and type(b).precondition is KronBlock.precondition
+                  and type(b).grad_matrix is KronBlock.grad_matrix):  # the (d_G, d_A) weight layout
                 kron.setdefault(("kron", b.d_G, b.d_A, b.dtype, tuple(g[0].shape), g[0].dtype, g[0].device),
                                 []).append(b)
             elif type(b).precondition is UnitwiseBlock.precondition and isinstance(b, UnitwiseBlock):

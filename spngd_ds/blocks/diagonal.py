@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -63,23 +64,29 @@ def apply_right(m: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     return m * inverse.view(1, -1) if is_diagonal(inverse) else m @ inverse
 
 
-def invert_pair(
-    stats: dict[str, Statistic], damping: float, refreshed: set[str], pi_out: list[float]
-) -> InversionReport:
-    """Rule 5 on the factors "A" and "G" (dense or diagonal): π from their traces, each refreshed
-    (or never inverted) factor re-inverted with its shift. ``pi_out[0]`` receives π."""
+class PairedFactors(Protocol):
+    """A block with Kronecker factors "A" and "G" (dense or diagonal) and the π of their inverses."""
+
+    stats: dict[str, Statistic]
+    pi: float
+
+
+def invert_pair(block: PairedFactors, damping: float, refreshed: set[str]) -> InversionReport:
+    """Rule 5 on ``block``'s factors "A" and "G" (dense or diagonal): each refreshed (or never
+    inverted) factor re-inverted with its shift. π follows the traces when both are re-inverted; a
+    factor re-inverted alone keeps the π its partner's inverse was built with, so that the shifts'
+    product stays λ. ``block.pi`` receives the π used."""
     report = InversionReport()
-    a, g = stats["A"].value, stats["G"].value
+    a, g = block.stats["A"].value, block.stats["G"].value
     if a is None or g is None:
         return report
-    pi = factor_pi(a, g)
-    pi_out[0] = pi
+    due = [n for n in ("A", "G") if n in refreshed or block.stats[n].inverse is None]
+    if len(due) == 2:
+        block.pi = factor_pi(a, g)
     root = math.sqrt(damping)
-    shift = {"A": pi * root, "G": root / pi}
-    for name in ("A", "G"):
-        stat = stats[name]
-        if name not in refreshed and stat.inverse is not None:
-            continue
+    shift = {"A": block.pi * root, "G": root / block.pi}
+    for name in due:
+        stat = block.stats[name]
         assert stat.value is not None
         stat.inverse = invert_factor(stat.value, shift[name])
         stat.inversions += 1
@@ -121,22 +128,13 @@ class DiagonalKronBlock(KronBlock):
         return rows.pow(2).sum(0).view(-1, 1, 1), rows.shape[0] // self.samples_in(grad)
 
     def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
-        pi = [self.pi]
-        report = invert_pair(self.stats, damping, refreshed, pi)
-        self.pi = pi[0]
-        return report
+        return invert_pair(self, damping, refreshed)
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         a_inv, g_inv = self.stats["A"].inverse, self.stats["G"].inverse
         if a_inv is None or g_inv is None:
             return grads
-        p = apply_right(apply_left(g_inv, self.grad_matrix(grads)), a_inv)
-        d_in = self.d_A - int(self.has_bias)
-        w = p[:, :d_in]
-        out = [(w.t() if isinstance(self, Conv1DBlock) else w).reshape(grads[0].shape).to(grads[0].dtype)]
-        if self.has_bias:
-            out.append(p[:, -1].reshape(grads[1].shape).to(grads[1].dtype))
-        return out
+        return self.split_update(apply_right(apply_left(g_inv, self.grad_matrix(grads)), a_inv), grads)
 
     def inversion_cost(self) -> float:
         return float(sum(d if n in self.diagonal else d**3 for n, d in (("A", self.d_A), ("G", self.d_G))))

@@ -103,10 +103,7 @@ class EmbeddingBlock(Block):
         return value
 
     def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
-        pi = [self.pi]
-        report = invert_pair(self.stats, damping, refreshed, pi)
-        self.pi = pi[0]
-        return report
+        return invert_pair(self, damping, refreshed)
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         a_inv, g_inv = self.stats["A"].inverse, self.stats["G"].inverse

@@ -221,15 +221,24 @@ class KronBlock(Block):
             cols.append(grads[1].reshape(self.d_G, 1).to(self.dtype))
         return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
 
+    def split_update(self, p: torch.Tensor, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The inverse of :meth:`grad_matrix`: P (d_G, d_A) back into the shapes and dtypes of
+        ``grads`` (weight, then bias)."""
+        d_in = self.d_A - int(self.has_bias)
+        out = [self.weight_from_matrix(p[:, :d_in]).reshape(grads[0].shape).to(grads[0].dtype)]
+        if self.has_bias:
+            out.append(p[:, -1].reshape(grads[1].shape).to(grads[1].dtype))
+        return out
+
+    def weight_from_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight's layout of the (d_G, d_in) part of P (a view): the identity here."""
+        return w
+
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         a_inv, g_inv = self.stats["A"].inverse, self.stats["G"].inverse
         if a_inv is None or g_inv is None:
             return grads
-        p = g_inv @ self.grad_matrix(grads) @ a_inv
-        out = [p[:, : p.shape[1] - int(self.has_bias)].reshape(grads[0].shape).to(grads[0].dtype)]
-        if self.has_bias:
-            out.append(p[:, -1].reshape(grads[1].shape).to(grads[1].dtype))
-        return out
+        return self.split_update(g_inv @ self.grad_matrix(grads) @ a_inv, grads)
 
     def inversion_cost(self) -> float:
         return float(self.d_A**3 + self.d_G**3)
@@ -265,13 +274,6 @@ class Conv1DBlock(KronBlock):
             cols.append(grads[1].reshape(self.d_G, 1).to(self.dtype))
         return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
 
-    def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        a_inv, g_inv = self.stats["A"].inverse, self.stats["G"].inverse
-        if a_inv is None or g_inv is None:
-            return grads
-        p = g_inv @ self.grad_matrix(grads) @ a_inv
-        d_in = self.d_A - int(self.has_bias)
-        out = [p[:, :d_in].t().reshape(grads[0].shape).to(grads[0].dtype)]
-        if self.has_bias:
-            out.append(p[:, -1].reshape(grads[1].shape).to(grads[1].dtype))
-        return out
+    def weight_from_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """The (in, out) weight of the (out, in) part of P."""
+        return w.t()
