@@ -579,6 +579,8 @@ def main(argv: list[str] | None = None) -> None:
         cov = next((r.coverage for r in runs.get("SP-NGD", {}).values() if r.coverage), None)
         if cov is not None:
             res["spngd_coverage"] = cov
+        if rank == 0 and batch_name != a.batches[-1]:  # what is done so far survives a stopped run
+            write_results(a.json, {**res, "machine": common.machine_info(), "partial": True})
     res["machine"] = common.machine_info()
     res["wall_s"] = time.perf_counter() - wall
     res["runs_cpu_s"] = sum(r["run_cpu_s"] for per in res["runs"].values() for g in per.values() for r in g.values())
