@@ -59,6 +59,7 @@ class CurvatureCapture:
     """
 
     def __init__(self, model: nn.Module, blocks: list[Block], fisher: str) -> None:
+        """Capture statistics of ``blocks`` in ``model`` with the ``fisher`` labels ("emp" or "mc")."""
         self.model = model
         self.fisher = fisher
         self.blocks = {b.name: b for b in blocks if b.stats}
@@ -115,9 +116,11 @@ class CurvatureCapture:
         self._handles, self._probe_handles = [], []
 
     def _set_block_hooks(self, names: set[str]) -> None:
-        """Have the forward hooks of exactly the blocks ``names`` installed. A hook that only returns
-        costs PyTorch's slow module call (about 17 us a module here: 0.7 ms a ResNet-20 forward),
-        so a forward that captures nothing runs without them."""
+        """Have the forward hooks of exactly the blocks ``names`` installed.
+
+        A hook that only returns costs PyTorch's slow module call (about 17 us a module here: 0.7 ms
+        a ResNet-20 forward), so a forward that captures nothing runs without them.
+        """
         for name in [n for n in self._block_handles if n not in names]:
             self._block_handles.pop(name).remove()
         for name in sorted(names - self._block_handles.keys()):
@@ -148,10 +151,13 @@ class CurvatureCapture:
         self._set_block_hooks({n for n in self.blocks if self.due.get(n)} if self._capturing() else set())
 
     def _snapshot_batchnorm(self) -> None:
-        """Remember BatchNorm running statistics before the step's first forward, so that a
-        skipped step (non-finite gradients, fp16 overflow) can undo what its forwards did to them:
-        one multi-tensor copy into buffers kept from step to step (allocated again only when the
-        model's BatchNorm buffers change)."""
+        """Remember BatchNorm running statistics before the step's first forward.
+
+        Remember BatchNorm running statistics before the step's first forward, so that a skipped
+        step (non-finite gradients, fp16 overflow) can undo what its forwards did to them: one
+        multi-tensor copy into buffers kept from step to step (allocated again only when the model's
+        BatchNorm buffers change).
+        """
         live = [
             getattr(m, name)
             for m in self.model.modules()
@@ -311,8 +317,11 @@ class CurvatureCapture:
 
 
 def find_logits(output: Any) -> torch.Tensor | None:
-    """The logits of a model output: the tensor itself, its ``.logits`` (HF ``ModelOutput``), or
-    its ``["logits"]``; ``None`` when there are none."""
+    """The logits of a model output.
+
+    The tensor itself, its ``.logits`` (HF ``ModelOutput``), or its ``["logits"]``; ``None`` when
+    there are none.
+    """
     if isinstance(output, torch.Tensor):
         return output
     found = getattr(output, "logits", None)
@@ -322,16 +331,22 @@ def find_logits(output: Any) -> torch.Tensor | None:
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """A model whose logits at position t predict the label at t + 1 (HF's causal LM heads shift
-    the labels inside their loss): class name ``*ForCausalLM`` or ``*LMHeadModel``."""
+    """Whether ``model`` is a causal LM whose logits at position t predict the label at t + 1.
+
+    A model whose logits at position t predict the label at t + 1 (HF's causal LM heads shift the
+    labels inside their loss): class name ``*ForCausalLM`` or ``*LMHeadModel``.
+    """
     name = type(model).__name__
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
 def loss_mask(model: nn.Module, logits: torch.Tensor, keywords: dict[str, Any]) -> torch.Tensor | None:
-    """Which positions of ``logits`` (N, T, ..., V) carry a loss term, as a bool tensor of
+    """Which positions of ``logits`` (N, T, ..., V) carry a loss term.
+
+    Which positions of ``logits`` (N, T, ..., V) carry a loss term, as a bool tensor of
     ``logits.shape[:-1]``, or ``None`` (all): from ``labels`` (-100 ignored; shifted for a causal
-    LM, whose last position then has none), else from ``attention_mask``."""
+    LM, whose last position then has none), else from ``attention_mask``.
+    """
     shape = logits.shape[:-1]
     labels = keywords.get("labels")
     if isinstance(labels, torch.Tensor) and labels.shape == shape:

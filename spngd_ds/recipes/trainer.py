@@ -122,7 +122,7 @@ def _all_reduce(tensor: torch.Tensor, maximum: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, loader: DataLoader) -> EvalResult:
+def evaluate(engine: Any, loader: DataLoader[Any]) -> EvalResult:
     """Top-1 and loss of the engine's model on ``loader``, summed over all ranks.
 
     Every rank must call it. Ranks with fewer batches run extra (discarded) forward passes so that
