@@ -41,7 +41,7 @@ _REQUIRED = ("steps_per_epoch", "start_epoch", "end_epoch", "power")
 _OPTIONAL = {"warmup_epochs": 0.0, "decay_damping": False, "min_damping": 0.0}
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -127,7 +127,7 @@ class SPNGDPolyDecay(LRScheduler):
         f = poly_factor(self._epoch(), self.warmup_epochs, self.start_epoch, self.end_epoch, self.power)
         return [float(base) * f for base in self.base_lrs]
 
-    def step(self, epoch: Any = None) -> None:
+    def step(self, epoch: int | None = None) -> None:
         """Advance one step; decays the damping too when ``decay_damping``."""
         super().step()
         if self.decay_damping:

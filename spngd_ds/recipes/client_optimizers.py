@@ -70,7 +70,7 @@ def _keyword_names(cls: Callable[..., Any]) -> list[str]:
     return names
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value  # JSON arrays (betas) as tuples
 
 

@@ -12,7 +12,7 @@ once across ranks, so summed correct counts give the exact top-1.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,7 @@ class ResumableDistributedSampler(DistributedSampler[int]):
 
     def __init__(
         self,
-        dataset: Dataset[Any],
+        dataset: Dataset[object],
         num_replicas: int,
         rank: int,
         shuffle: bool = True,
@@ -98,14 +98,14 @@ class ShardSampler(Sampler[int]):
 class Loaders(NamedTuple):
     """The train and validation loaders and the train sampler (for ``set_epoch`` / ``skip``)."""
 
-    train: DataLoader[Any]
-    val: DataLoader[Any]
+    train: DataLoader[object]
+    val: DataLoader[object]
     train_sampler: ResumableDistributedSampler
 
 
 def build_loaders(
-    train_ds: Dataset[Any],
-    val_ds: Dataset[Any],
+    train_ds: Dataset[object],
+    val_ds: Dataset[object],
     micro_batch_size: int,
     *,
     eval_batch_size: int | None = None,
@@ -161,7 +161,7 @@ def build_loaders(
     return Loaders(train, val, train_sampler)
 
 
-def reseed_workers(loader: DataLoader[Any], seed: int, epoch: int, rank: int) -> None:
+def reseed_workers(loader: DataLoader[object], seed: int, epoch: int, rank: int) -> None:
     """Make the random transforms of one epoch reproducible (per rank), e.g. after a resume.
 
     Re-seeds the generator from which the loader draws its workers' base seed (and, with
