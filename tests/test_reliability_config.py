@@ -1,4 +1,6 @@
-"""Bad DeepSpeed configs, as a user writes them in JSON, through the functions that
+"""Bad DeepSpeed configs, as a user writes them in JSON, fail before any collective.
+
+Bad DeepSpeed configs, as a user writes them in JSON, through the functions that
 ``spngd_ds.initialize`` runs before any collective (issue 7, "Config validation").
 
 Each row: the function, its input, and three fragments the one error message must contain: the
