@@ -59,7 +59,7 @@ class CurvatureCapture:
     """
 
     def __init__(self, model: nn.Module, blocks: list[Block], fisher: str) -> None:
-        """Capture statistics of ``blocks`` in ``model`` with the ``fisher`` labels ("emp" or "mc")."""
+        """Capture statistics of ``blocks`` in ``model`` with the ``fisher`` labels ("empirical" or "mc")."""
         self.model = model
         self.fisher = fisher
         self.blocks = {b.name: b for b in blocks if b.stats}
