@@ -164,8 +164,7 @@ def counted(device: str) -> Iterator[dict[str, Any]]:
 def kernels(device: str, body: Callable[[], None]) -> int | None:
     """Kernels (and copies) the GPU ran for ``body``, from the profiler.
 
-    Kernels (and copies) the GPU ran for ``body``, from the profiler (``None``: the profiler failed;
-    ``body`` then ran without it).
+    ``None`` when the profiler failed; ``body`` then ran without it.
     """
     from torch.profiler import ProfilerActivity, profile
 

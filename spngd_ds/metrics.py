@@ -46,8 +46,8 @@ class StepMetrics:
     def timer(self, name: str) -> Iterator[None]:
         """Add the time of the ``with`` body to ``timers[name]``.
 
-        Add the time of the ``with`` body to ``timers[name]`` (class docstring: wall time on the
-        CPU, device time on an accelerator with ``sync_timing``).
+        Wall time on the CPU, device time on an accelerator with ``sync_timing`` (see the class
+        docstring).
         """
         self._synchronize()
         start = time.perf_counter()

@@ -82,8 +82,7 @@ def rho_figures(value: torch.Tensor) -> torch.Tensor:
 def rho_from(figures: list[float], value: torch.Tensor, vectors_per_sample: float = 1.0) -> float:
     """:func:`wishart_rho` of ``value`` from its :func:`rho_figures` read back.
 
-    :func:`wishart_rho` of ``value`` from its :func:`rho_figures` read back (float64 again only when
-    the norm overflowed ``value``'s dtype).
+    float64 again only when the norm overflowed ``value``'s dtype.
     """
     fro, trace2 = figures
     if not math.isfinite(fro):  # the squares overflowed v's dtype (or v is not finite)

@@ -95,10 +95,9 @@ def all_finite_many(tensors: list[torch.Tensor]) -> bool:
 def all_finite_device(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Whether every entry of every tensor is finite, without a host synchronisation.
 
-    Whether every entry of every tensor is finite, as a 0-d bool tensor on their device, without a
-    host synchronisation: float64 norms of all of them in one multi-tensor op (the squares of finite
-    fp32/bf16/fp16 entries cannot overflow float64; float64 entries beyond 1e154 can: where this
-    says False, :func:`all_finite_many` decides).
+    Returns a 0-d bool tensor on their device: float64 norms of all of them in one multi-tensor op
+    (the squares of finite fp32/bf16/fp16 entries cannot overflow float64; float64 entries beyond
+    1e154 can: where this says False, :func:`all_finite_many` decides).
     """
     tensors = [t for t in tensors if t.numel() > 0]
     if not tensors:
@@ -135,11 +134,10 @@ CPU_CHOLESKY_INVERSE = True
 def invert_spd_many(matrices: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
     """Inverses of symmetric positive-definite matrices, batched, without a host synchronisation.
 
-    Inverses of symmetric positive-definite matrices (each (d, d)), in their own dtype, without a
-    host synchronisation: the matrices are stacked by (d, dtype, device), factored by one batched
-    ``torch.linalg.cholesky_ex`` per stack and inverted by ``torch.cholesky_solve`` against the
-    identity on an accelerator (``torch.cholesky_inverse`` reads its error flag on the host there)
-    and by ``torch.cholesky_inverse`` on the CPU.
+    Each matrix is (d, d) and is inverted in its own dtype. The matrices are stacked by (d, dtype,
+    device), factored by one batched ``torch.linalg.cholesky_ex`` per stack and inverted by
+    ``torch.cholesky_solve`` against the identity on an accelerator (``torch.cholesky_inverse``
+    reads its error flag on the host there) and by ``torch.cholesky_inverse`` on the CPU.
 
     Returns the inverses (garbage where not ok), ok (len(matrices),) bool on the first matrix's
     device: the factorisation succeeded and the matrix and its inverse are finite, and which matrix

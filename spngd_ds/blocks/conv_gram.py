@@ -46,9 +46,8 @@ SHIFT_LAYOUT = True
 def symmetric_gram(cols: torch.Tensor, block: int = 256) -> torch.Tensor:
     """``cols @ cols.T`` for a wide ``cols`` (d, K), computing only the upper blocks.
 
-    ``cols @ cols.T`` for a wide ``cols`` (d, K), computing only the blocks on and above the
-    diagonal (row blocks of at least ``block``; at most 8 of them) and mirroring the rest: about (b
-    + 1)/(2b) of the products for b blocks.
+    Only the blocks on and above the diagonal are computed (row blocks of at least ``block``; at
+    most 8 of them) and the rest mirrored: about (b + 1)/(2b) of the products for b blocks.
     """
     d = cols.shape[0]
     nb = max(1, min(8, d // block))
@@ -70,9 +69,9 @@ def _padded_channels_last(x: torch.Tensor, pad_h: tuple[int, int], pad_w: tuple[
                           dtype: torch.dtype) -> torch.Tensor:
     """``x`` (N, C, H, W) as a zero-padded channels-last copy in ``dtype``.
 
-    ``x`` (N, C, H, W) as a contiguous (N, top + H + bottom, left + W + right, C) copy in ``dtype``
-    with zeros around it, ``pad_h`` = (top, bottom), ``pad_w`` = (left, right) (only the border is
-    zeroed: the interior is written once, by the copy).
+    The copy is contiguous (N, top + H + bottom, left + W + right, C) with ``pad_h`` = (top,
+    bottom), ``pad_w`` = (left, right). Only the border is zeroed: the interior is written once, by
+    the copy.
     """
     n, c, h, w = x.shape
     (top, bottom), (left, right) = pad_h, pad_w
@@ -180,8 +179,8 @@ def _shift_plan(h: int, w: int, kh: int, kw: int, dh: int, dw: int, ph: int, pw:
 class _PlanTensors:
     """A :class:`_ShiftPlan`'s index and sign tensors on one device, in one dtype.
 
-    A :class:`_ShiftPlan`'s index and sign tensors on one device, in one dtype (built once: a tensor
-    built from a Python list is a host-to-device copy, a stream synchronisation).
+    Built once: a tensor built from a Python list is a host-to-device copy, a stream
+    synchronisation.
     """
 
     block_shift: torch.Tensor  #: (blocks,) int64
@@ -230,8 +229,8 @@ def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, in
                bias: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gram (d, d) of the im2col patches of a stride-1 convolution on ``x`` (N, C, H, W).
 
-    Gram (d, d) of the im2col patches of a stride-1 convolution on ``x`` (N, C, H, W), in
-    ``F.unfold`` order, d = C·kh·kw, and the patch sum (d,) when ``bias``; computed in ``dtype``.
+    In ``F.unfold`` order, d = C·kh·kw, with the patch sum (d,) when ``bias``; computed in
+    ``dtype``.
 
     Exact: each block is a sum over the same pixel pairs as the im2col Gram, in another order.
     """
@@ -280,8 +279,8 @@ def patch_gram(module: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, bias: boo
                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Gram (d, d) of the im2col patches of ``x`` (N, C, H, W) for ``module``.
 
-    Gram (d, d) of the im2col patches of ``x`` (N, C, H, W) for ``module``, in ``F.unfold`` order,
-    their sum (d,) when ``bias`` (else None), and their number N·Ho·Wo; in ``dtype``.
+    In ``F.unfold`` order, with the patches' sum (d,) when ``bias`` (else None) and their number
+    N·Ho·Wo; computed in ``dtype``.
     """
     assert not isinstance(module.padding, str)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation

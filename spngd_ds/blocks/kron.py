@@ -115,8 +115,7 @@ class KronBlock(Block):
     def activation_gram(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Σ ā āᵀ (d_A, d_A) over the rows ā of the layer input ``x``, and the sample count.
 
-        Σ ā āᵀ (d_A, d_A) over the rows ā of the layer input ``x`` (N, C_in, H, W) or (N, ...,
-        in_features), and the number of samples N.
+        ``x`` is (N, C_in, H, W) or (N, ..., in_features); the count is the number of samples N.
 
         Conv2d: the im2col Gram without forming the patches where the stride is 1, else from one
         strided copy (:func:`spngd_ds.blocks.conv_gram.patch_gram`); the bias row and column are
@@ -148,8 +147,8 @@ class KronBlock(Block):
     def output_gram(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Σ g gᵀ (d_G, d_G) over the rows of an output gradient, and the rows per sample.
 
-        Σ g gᵀ (d_G, d_G) over the rows of an output gradient (N, C_out, H, W) or (N, ..., out),
-        unscaled, and T (rows per sample).
+        The gradient is (N, C_out, H, W) or (N, ..., out), unscaled; the count is T, the rows per
+        sample.
         """
         if self.is_conv:
             if grad.dim() == 3:
