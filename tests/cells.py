@@ -79,8 +79,8 @@ def build_model(kind: str) -> nn.Module:
 class LargeConv2d(nn.Conv2d):
     """A Conv2d initialised 4x larger than torch's default, inside its own ``__init__``.
 
-    A Conv2d initialised 4x larger than torch's default, inside its own ``__init__`` so that
-    ``deepspeed.zero.Init`` (which partitions a module when its ``__init__`` returns) sees it too.
+    So that ``deepspeed.zero.Init`` (which partitions a module when its ``__init__`` returns) sees
+    it too.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -223,9 +223,8 @@ def loss_of(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def reference(cell: Cell, ranks: int, steps: int | None = None) -> dict[str, torch.Tensor]:
     """Parameters after the cell's steps in one standalone SP-NGD process (the cell's reference).
 
-    Parameters after the cell's steps in one standalone SP-NGD process fed what ``ranks`` ranks x
-    ``cell.gas`` micro-batches compute (fp32; ``gradient_clipping`` > 0 becomes ``clip_norm``). A
-    bf16 cell gets :func:`reference_bf16`.
+    Fed what ``ranks`` ranks x ``cell.gas`` micro-batches compute (fp32; ``gradient_clipping`` > 0
+    becomes ``clip_norm``). A bf16 cell gets :func:`reference_bf16`.
     """
     import spngd_ds
 
@@ -258,8 +257,7 @@ def reference(cell: Cell, ranks: int, steps: int | None = None) -> dict[str, tor
 def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str, torch.Tensor]:
     """The fp32 master weights after a bf16 cell's steps, from one standalone process.
 
-    The fp32 master weights after a bf16 cell's steps, from one standalone process that runs the
-    passes as DeepSpeed's bf16 engine does, with the same rounding:
+    The process runs the passes as DeepSpeed's bf16 engine does, with the same rounding:
 
     - the model in bf16 (parameters and buffers) from the start, the fp32 masters copied from the
       bf16 parameters; SP-NGD built on the bf16 model (its statistics are fp32, captured from the

@@ -33,8 +33,7 @@ PORT_TAKEN = 75
 def free_port() -> int:
     """A port that was free a moment ago.
 
-    A port that was free a moment ago (another process may bind it before the caller does: callers
-    retry, see :func:`start_ranks`).
+    Another process may bind it before the caller does: callers retry, see :func:`start_ranks`.
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,8 +74,8 @@ def torchrun(
 def without_deprecation_noise(text: str) -> str:
     """``text`` less the FutureWarning pairs torch prints on every deprecated collective.
 
-    ``text`` less the FutureWarning pairs torch prints on every deprecated collective DeepSpeed
-    calls, which otherwise fill the tail of a failed run's stderr and hide why a rank died.
+    Those pairs come from every deprecated collective DeepSpeed calls; they would otherwise fill the
+    tail of a failed run's stderr and hide why a rank died.
     """
     lines = text.splitlines()
     keep = []
@@ -154,10 +153,9 @@ def start_ranks(target: Callable[[int, int], None], world: int, timeout: float, 
 def fork_ranks(target: Callable[[int, int, str], None], world: int, out: Path, timeout: float = 240.0) -> list[Any]:
     """Run ``target(rank, port, str(out))`` on ``world`` forked gloo ranks and return what each saved.
 
-    Run ``target(rank, port, str(out))`` on ``world`` processes forked from this one (gloo ranks
-    that rendezvous on one free port, see :func:`start_ranks`), kill any still alive after
-    ``timeout`` seconds, assert that every rank exited with 0, and return what each saved as
-    ``out/rank{r}.pt`` (None where a rank saved nothing there).
+    The ranks rendezvous on one free port (see :func:`start_ranks`); any still alive after
+    ``timeout`` seconds is killed, every rank must exit with 0, and what each saved as
+    ``out/rank{r}.pt`` is returned (None where a rank saved nothing there).
     """
     codes = start_ranks(lambda rank, port: target(rank, port, str(out)), world, timeout)
     assert codes == [0] * world, f"rank exit codes {codes} (tracebacks above, in the captured stderr)"
@@ -180,8 +178,8 @@ def assert_refused_on_every_rank(
 ) -> None:
     """Every rank recorded an error containing ``message``, before any collective or process group.
 
-    Every rank recorded an error whose last line contains ``message``, raised before any collective
-    call (counted by the worker) and before a process group existed.
+    The error's last line contains ``message``; it was raised before any collective call (counted by
+    the worker) and before a process group existed.
     """
     for rank, record in enumerate(records):
         assert record is not None, f"rank {rank} recorded nothing:\n{without_deprecation_noise(proc.stderr)[-4000:]}"

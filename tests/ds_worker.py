@@ -91,8 +91,8 @@ def _perturb_after_update(engine, opt, step: int) -> None:  # type: ignore[no-un
 def _crash_while_saving_spngd_file() -> None:
     """Die like a killed process while ``torch.save`` writes this rank's ``spngd_rank*.pt``.
 
-    Die like a killed process while ``torch.save`` writes this rank's ``spngd_rank*.pt`` (whatever
-    path the checkpoint code writes to first): half the bytes reach the disk, then ``os._exit(1)``.
+    Whatever path the checkpoint code writes to first: half the bytes reach the disk, then
+    ``os._exit(1)``.
     """
     import io
 
@@ -114,8 +114,8 @@ def _crash_while_saving_spngd_file() -> None:
 def die_with_launcher() -> None:
     """Linux: get SIGKILL when the torchrun agent that started us dies.
 
-    Linux: get SIGKILL when the torchrun agent that started us dies (a test that times out kills the
-    agent; torchrun puts workers in their own session, so a process-group kill misses them).
+    A test that times out kills the agent; torchrun puts workers in their own session, so a
+    process-group kill misses them.
     """
     try:
         import ctypes
@@ -271,8 +271,7 @@ def stage0_masters(engine, opt) -> dict[str, torch.Tensor]:  # type: ignore[no-u
 def _fragment_elements_sent(opt, rank: int) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
     """ZeRO path: elements of its fragments this rank sends to other owners per exchange.
 
-    ZeRO path: elements of its fragments this rank sends to other owners per exchange, with the
-    owners the path chose and with the plain multi-load assignment (None on the fast path).
+    With the owners the path chose and with the plain multi-load assignment (None on the fast path).
     """
     from spngd_ds.assignment import assign_owners, block_cost
     from spngd_ds.blocks.shapes import full_shape

@@ -200,8 +200,7 @@ def case_exchange(comm: DistributedCommunicator, log: WireLog, summary: dict[str
 def deal_fragments(lay: OwnerLayout, rng: random.Random) -> list[list[tuple[int, int, int]]]:
     """Cut every item at arbitrary points and deal the pieces to ranks in a shuffled order.
 
-    Cut every item at arbitrary points and deal the pieces to ranks (like ZeRO partitions that split
-    parameters anywhere), some zero-length, in a shuffled order.
+    Like ZeRO partitions that split parameters anywhere; some pieces are zero-length.
     """
     world = lay.world_size
     per: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]

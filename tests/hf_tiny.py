@@ -1,7 +1,7 @@
 """Tiny random-init HF transformers built from configs (no download), and their batches.
 
-Tiny random-init HF transformers built from configs (no download), their batches, and the share of
-parameters SP-NGD gives curvature. Shared by the coverage tests and the coverage table.
+Also the share of parameters SP-NGD gives curvature. Shared by the coverage tests and the coverage
+table.
 """
 
 from __future__ import annotations
@@ -68,9 +68,8 @@ def tied_parameters(model: nn.Module) -> set[int]:
 def coverage(model: nn.Module, **spngd_kwargs: Any) -> tuple[float, list[str]]:
     """Share of trainable parameters in a curvature block, and the fallback lines.
 
-    Share of trainable parameters (tied ones left out of the count) in a curvature block under
-    :func:`spngd_ds.blocks.build_blocks` with the options of ``spngd_kwargs``, and the fallback
-    lines.
+    Tied parameters are counted once; the blocks are those of :func:`spngd_ds.blocks.build_blocks`
+    with the options of ``spngd_kwargs``.
     """
     from spngd_ds.blocks import BlockOptions, build_blocks
     from spngd_ds.staleness import RefreshSchedule

@@ -34,8 +34,7 @@ COLLECTIVE = re.compile(
 def count_collectives() -> dict[str, int]:
     """Wrap every collective of ``torch.distributed`` with a counter; return the live counts.
 
-    Wrap every collective of ``torch.distributed`` with a counter and return the live counts (name
-    -> calls so far in this process).
+    The counts map a collective's name to its calls so far in this process.
 
     Both ``torch.distributed`` and ``torch.distributed.distributed_c10d`` are patched, so calls made
     through either module (DeepSpeed's comm layer looks them up on ``torch.distributed`` at call
@@ -71,8 +70,7 @@ def record_path(out: str, rank: int) -> Path:
 def write_record(out: str, rank: int, record: dict[str, Any]) -> None:
     """Write ``record`` as JSON to :func:`record_path`, whole or not at all.
 
-    Write ``record`` as JSON to :func:`record_path`, whole or not at all (a temporary file renamed),
-    so a reader never sees half of it.
+    A temporary file is renamed, so a reader never sees half of it.
     """
     path = record_path(out, rank)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")

@@ -80,8 +80,8 @@ def test_refusals_and_determinism() -> None:
 def resnet50() -> tuple[list[Block], list[int]]:
     """ResNet-50's blocks and each block parameter's offset in DeepSpeed's flat fp32 buffer.
 
-    ResNet-50's blocks and each block parameter's offset in the flat fp32 buffer DeepSpeed's ZeRO
-    1/2 partitions (trainable parameters in model order).
+    The buffer is the flat fp32 one DeepSpeed's ZeRO 1/2 partitions (trainable parameters in model
+    order).
     """
     torchvision = pytest.importorskip("torchvision")
     with torch.device("meta"):
@@ -113,9 +113,8 @@ def zero_partition_held(blocks: list[Block], starts: list[int], world: int) -> l
 def test_resnet50_on_zero_partitions(resnet50: tuple[list[Block], list[int]], world: int) -> None:
     """Both fragment exchanges of a step add at most 5% of a first-order all-reduce.
 
-    Both fragment exchanges of a step add at most 5% of a first-order all-reduce of the gradients
-    (2(N-1)/N·P) to the most-loaded rank, against 14-39% for the multi-load assignment at N <= 8,
-    and inversion stays within the cap.
+    At most 5% of 2(N-1)/N·P on the most-loaded rank, against 14-39% for the multi-load assignment
+    at N <= 8, and inversion stays within the cap.
     """
     blocks, starts = resnet50
     costs = [block_cost(b) for b in blocks]

@@ -1,7 +1,6 @@
 """Bad configurations fail at construction with a message naming the key and value.
 
-Bad configurations fail at construction with a message naming the key, the value given and the
-allowed values (DESIGN.md section 4), never deep inside a step.
+The message also gives the allowed values (DESIGN.md section 4); nothing fails deep inside a step.
 """
 
 from __future__ import annotations
@@ -95,8 +94,7 @@ def test_unknown_top_level_key_did_you_mean() -> None:
 def test_unknown_keyword_to_constructor_is_a_type_error() -> None:
     """A misspelled Python keyword is caught by Python itself.
 
-    A misspelled Python keyword is caught by Python itself (the JSON path goes through
-    ``validate_spngd_params`` and gets the did-you-mean message).
+    The JSON path goes through ``validate_spngd_params`` and gets the did-you-mean message.
     """
     with pytest.raises(TypeError, match="dampnig"):
         spngd_ds.SPNGD(_model(), dampnig=1e-3)

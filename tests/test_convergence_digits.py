@@ -72,8 +72,7 @@ def _steps_to_target(
 ) -> tuple[int | None, float, nn.Module]:
     """Full-batch steps until the validation accuracy first reaches TARGET, then ``extra`` more.
 
-    Full-batch steps until the validation accuracy first reaches TARGET (None if not within
-    ``cap``), then ``extra`` more steps; returns (steps, final accuracy, model).
+    Steps is None if TARGET is not reached within ``cap``; returns (steps, final accuracy, model).
     """
     xtr, ytr, _, _ = DATA
     model = _model(seed)
@@ -112,8 +111,7 @@ def test_spngd_reaches_95_percent_before_tuned_sgd(seed: int) -> None:
 def test_spngd_curvature_is_what_makes_it_fast() -> None:
     """Guard: the same optimizer with curvature disabled is no faster than SGD at lr 0.3.
 
-    Guard: the same optimizer with curvature disabled (every layer forced to the plain gradient by
-    an enormous damping, lr rescaled to match) is no faster than SGD at lr 0.3.
+    Every layer is forced to the plain gradient by an enormous damping, with lr rescaled to match.
     """
     steps, _, _ = _steps_to_target(0, lambda m: spngd_ds.SPNGD(m, lr=0.3, momentum=0.9, damping=1e-2))
     assert steps is not None and steps <= 5

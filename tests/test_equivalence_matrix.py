@@ -182,8 +182,7 @@ def tolerance(cell: Cell, world: int) -> float:
 def test_the_matrix_axes_change_the_run() -> None:
     """Each axis the cells vary changes the standalone result by far more than the tolerance.
 
-    Each axis the cells vary changes the standalone result by far more than the tolerance, so a path
-    that ignored it would fail its cell (a test that cannot fail is no test).
+    So a path that ignored an axis would fail its cell (a test that cannot fail is no test).
     """
     base = Cell("convbn", 0)
     ref = C.reference(base, 2)

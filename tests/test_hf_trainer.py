@@ -38,8 +38,7 @@ pytest.importorskip("accelerate")
 def ds_config(stage: int, poly: bool = False, fp16: bool = False) -> dict[str, Any]:
     """A DeepSpeed config with the SP-NGD optimizer block a Trainer user writes.
 
-    A DeepSpeed config with the SP-NGD optimizer block a Trainer user writes (``"lr": "auto"`` takes
-    ``TrainingArguments.learning_rate``).
+    ``"lr": "auto"`` takes ``TrainingArguments.learning_rate``.
     """
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": MICRO,

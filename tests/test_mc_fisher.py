@@ -274,8 +274,8 @@ def test_mc_each_step_is_one_joint_label_draw(setup: McSetup, mc_run: McRun) -> 
 def test_mc_update_uses_true_loss_gradient(setup: McSetup) -> None:
     """Under MC the parameter gradients and A are the true-label ones; G/F are the MC ones.
 
-    Under MC the loop's parameter gradients are the true-label ones (the extra backward adds nothing
-    to .grad), A is unchanged, and the update is −lr P(∇_true) with the step's own MC G/F.
+    The extra backward adds nothing to .grad, A is unchanged, and the update is −lr P(∇_true) with
+    the step's own MC G/F.
     """
     lr, damping, bn_scale = 0.5, 1e-3, 4.0
     model = copy.deepcopy(setup.model)

@@ -160,8 +160,7 @@ def test_a_failed_step_does_not_stop_the_later_ones(tmp_path: Path) -> None:
 def test_timing_still_times_sgd_when_spngd_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A step of SP-NGD that raises is reported as the part's failure.
 
-    A step of SP-NGD that raises (a device mismatch, say) is reported as the part's failure, with
-    SGD's and the forward + backward's figures still measured.
+    A device mismatch, say; SGD's and the forward + backward's figures are still measured.
     """
     sys.path.insert(0, str(ROOT / "gpu_check"))
     try:

@@ -1,11 +1,10 @@
 """The shift Gram of stride-1 convolutions against ``F.unfold``, in float64.
 
-The shift Gram of stride-1 convolutions (spngd_ds.blocks.conv_gram.shift_gram) against ``F.unfold``
-+ a column of ones, in float64, over the cases whose border corrections differ: padding smaller
-than, equal to and larger than the kernel's reach, dilation in one or both dims, asymmetric kernels,
-a stride in one dim (the im2col layouts then), bias, channels-last, one image and images smaller
-than the kernel's reach. The im2col layouts it replaces stay reachable (``SHIFT_LAYOUT = False``)
-and are checked too.
+spngd_ds.blocks.conv_gram.shift_gram against ``F.unfold`` + a column of ones, over the cases whose
+border corrections differ: padding smaller than, equal to and larger than the kernel's reach,
+dilation in one or both dims, asymmetric kernels, a stride in one dim (the im2col layouts then),
+bias, channels-last, one image and images smaller than the kernel's reach. The im2col layouts it
+replaces stay reachable (``SHIFT_LAYOUT = False``) and are checked too.
 """
 
 from __future__ import annotations

@@ -157,8 +157,8 @@ def test_selfcheck_bn_forward_and_gradients(case: Case) -> None:
 def test_selfcheck_bn_coupling_is_real() -> None:
     """Sanity: with BN in train mode n·dL/ds_i is not sample i's own-loss gradient.
 
-    Sanity: with BN in train mode n·dL/ds_i differs from sample i's own-loss gradient in the layer
-    before BN, so the reference must (and does) use the batch-loss definition.
+    It differs in the layer before BN, so the reference must (and does) use the batch-loss
+    definition.
     """
     case = CASES[2]
     model, x, target, loss_fn = make_case(case)

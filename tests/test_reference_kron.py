@@ -206,8 +206,8 @@ def test_selfcheck_forward_and_batch_gradient(case: Case) -> None:
 def test_selfcheck_per_sample(case: Case) -> None:
     """Without batch coupling, n·dL/ds_i equals the gradient of sample i's own loss.
 
-    Without batch coupling, n·dL/ds_i equals the gradient of sample i's own loss (computed one
-    sample at a time), and Σ_i per-sample parameter gradients / n equals the batch gradient.
+    Computed one sample at a time; and Σ_i per-sample parameter gradients / n equals the batch
+    gradient.
     """
     model, x, target, loss_fn = make_case(case)
     ref = R.compute_reference(model, x, target, loss_fn)

@@ -265,10 +265,9 @@ def test_large_factor_kept_diagonal() -> None:
 def step_norm(t: int, positions: bool, tiled: bool) -> float:
     """‖Δθ‖ of the first SP-NGD step of a token model at sequence length t.
 
-    ‖Δθ‖ of the first SP-NGD step of a Linear-tanh-Linear token model at sequence length t, same
-    weights, token-mean cross-entropy with labels from a fixed teacher. ``tiled``: the sequence is a
-    length-16 sequence repeated (the same tokens, so the same per-token statistics and loss); else
-    i.i.d. positions.
+    A Linear-tanh-Linear model, same weights, token-mean cross-entropy with labels from a fixed
+    teacher. ``tiled``: the sequence is a length-16 sequence repeated (the same tokens, so the same
+    per-token statistics and loss); else i.i.d. positions.
     """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5)).double()
@@ -321,8 +320,8 @@ class PositionModel(nn.Module):
 def test_broadcast_position_embedding(positions: bool) -> None:
     """A (1, T) lookup in a forward of N sequences counts N·T samples.
 
-    A (1, T) lookup in a forward of N sequences counts N·T samples (N sequences), A = counts·N/n,
-    and G from the batch-summed output gradient: (1/(n·T_rows)) Σ_t (Σ_i g_it)(Σ_i g_it)ᵀ.
+    N sequences: A = counts·N/n, and G from the batch-summed output gradient: (1/(n·T_rows)) Σ_t
+    (Σ_i g_it)(Σ_i g_it)ᵀ.
     """
     model, twin = PositionModel(), PositionModel()  # twin: the output gradient, without SP-NGD's hooks
     idx, y = data()

@@ -1,7 +1,6 @@
 """Killed ranks, broken checkpoints, resumes, determinism and rank agreement on 2 gloo ranks.
 
-Killed ranks, broken checkpoints, resumes with other settings, determinism and rank agreement, with
-2 gloo ranks under torchrun on the CPU (issue 7).
+Resumes with other settings too; 2 gloo ranks under torchrun on the CPU.
 
 (a) a rank of ``launch/train.py`` is killed (SIGKILL from outside) mid-training; relaunching the
     same command (it always carries ``--resume``) continues from the last checkpoint and ends
@@ -180,10 +179,9 @@ def test_truncated_rank_file_fails_naming_the_file(straight: dict[str, Any], tmp
 class StubEngine:
     """The two DeepSpeed engine methods ``wrap_checkpointing`` wraps, as DeepSpeed 0.19.8 behaves.
 
-    The two DeepSpeed engine methods ``wrap_checkpointing`` wraps, behaving like DeepSpeed 0.19.8 at
-    ZeRO stage 0 (measured with real 2-rank launches: a missing ``mp_rank_00_model_states.pt`` ends
-    in a bare ``AssertionError`` from ``state_dict_factory.check_ckpt_list``, a truncated one in
-    ``OSError: [Errno 22] Invalid argument`` from ``torch.load``; neither names the file).
+    At ZeRO stage 0, measured with real 2-rank launches: a missing ``mp_rank_00_model_states.pt``
+    ends in a bare ``AssertionError`` from ``state_dict_factory.check_ckpt_list``, a truncated one
+    in ``OSError: [Errno 22] Invalid argument`` from ``torch.load``; neither names the file.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:

@@ -143,8 +143,8 @@ def _counting(obj: object, attr: str, monkeypatch: pytest.MonkeyPatch) -> list[i
 def _counting_inversions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the matrices the step's batched inversion factors.
 
-    Count the matrices the step's batched inversion factors (Kronecker factors; BatchNorm's 2x2
-    blocks are inverted in closed form); returns the one-element counter.
+    Kronecker factors only: BatchNorm's 2x2 blocks are inverted in closed form. Returns the
+    one-element counter.
     """
     original = base_mod.invert_spd_many
     calls = [0]
@@ -221,8 +221,7 @@ def test_optimizer_refreshes_only_when_due(monkeypatch: pytest.MonkeyPatch) -> N
 def test_stale_step_preconditions_with_the_old_inverses() -> None:
     """At a step where nothing is due the update uses the inverses of the last refresh.
 
-    At a step where nothing is due the update is -lr Ĝ⁻¹ M Â⁻¹ with the inverses of the last refresh
-    (momentum 0), i.e. stale is not the same as the plain gradient.
+    The update is -lr Ĝ⁻¹ M Â⁻¹ (momentum 0), i.e. stale is not the same as the plain gradient.
     """
     model = _mlp()
     opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3},

@@ -46,8 +46,7 @@ def test_wishart_rho_of_blocks_and_degenerate_values() -> None:
 def test_wishart_rho_in_float32_and_past_its_range() -> None:
     """ρ from a float32 value equals the float64 one, also where the squares overflow float32.
 
-    ρ from a float32 value equals the float64 one, also where the squares overflow float32 (entries
-    of 1e25: the norm is then taken again in float64); ρ does not depend on the scale.
+    Entries of 1e25: the norm is then taken again in float64. ρ does not depend on the scale.
     """
     torch.manual_seed(3)
     x = torch.randn(40, 7, dtype=torch.float64)

@@ -123,9 +123,8 @@ def test_first_order_layers_are_named_at_warning_and_counted(caplog: pytest.LogC
 def test_a_module_called_twice_adds_locations_not_samples() -> None:
     """Rule 3: a Linear applied at two places of one forward gets the statistics of one call.
 
-    Rule 3: a Linear applied at two places of one forward gets the statistics of one call on both
-    places stacked as locations (A sums over locations per sample, G averages over them), the
-    sequence being the sample (``positions_as_samples=False``; rule 10).
+    Both places are stacked as locations (A sums over locations per sample, G averages over them),
+    the sequence being the sample (``positions_as_samples=False``; rule 10).
     """
     torch.manual_seed(0)
     lin_a, head_a = nn.Linear(5, 4), nn.Linear(4, 3)
@@ -233,8 +232,8 @@ def test_library_creates_no_tensor_on_a_hard_coded_cpu_device() -> None:
 def test_decisions_travel_with_values_only_where_their_dtype_holds_the_step_numbers() -> None:
     """The fast path sends the refresh decisions only in a dtype that holds them exactly.
 
-    The fast path sends the refresh decisions (interval, next step) with the gathered parameters
-    only in a dtype that holds them exactly: float32 below 2**24 steps, float64, never bf16/fp16.
+    The decisions (interval, next step) travel with the gathered parameters: float32 below 2**24
+    steps, float64, never bf16/fp16.
     """
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     opt = spngd_ds.SPNGD(model, staleness={"threshold": 0.1, "max_interval": 20})

@@ -87,9 +87,9 @@ def test_unsupported_combination_is_refused_on_every_rank(
 ) -> None:
     """Each rank records its own refusal, before any collective or process group.
 
-    Each rank records its own refusal (tests/rank_records.py), so a rank that torchrun stops once
-    the other has failed cannot hide it; the records also show that no collective had been called
-    and no process group existed when the error was raised.
+    The records (tests/rank_records.py) keep a rank that torchrun stops once the other has failed
+    from hiding it; they also show that no collective had been called and no process group existed
+    when the error was raised.
     """
     proc = torchrun(2, ["--config_override", json.dumps(override), "--out", str(tmp_path / "x")],
                     timeout=REFUSAL_TIMEOUT_S, check=False)

@@ -128,8 +128,8 @@ def test_batched_inversion_matches_dense_inverses_and_flags_failures(monkeypatch
                                                                      solve: bool) -> None:
     """Both inversion branches against float64 dense inverses, with failures flagged.
 
-    Both inversion branches (CPU: cholesky_inverse; accelerators: cholesky_solve against I) against
-    float64 dense inverses, with failures (indefinite, NaN) flagged and not fatal.
+    CPU: cholesky_inverse; accelerators: cholesky_solve against I. Failures (indefinite, NaN) are
+    flagged and not fatal.
     """
     import spngd_ds.blocks.base as base
 
