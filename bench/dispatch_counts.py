@@ -82,8 +82,8 @@ def count_dispatch(cpu_uploads: bool = True) -> Iterator[DispatchCounts]:
             counts.sync(f"torch.tensor(list) -> {target.type}")
         return tensor_fn(data, *args, **kwargs)
 
-    torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign]
-    torch.tensor = counted_tensor  # type: ignore[assignment]
+    torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign,assignment]
+    torch.tensor = counted_tensor
     try:
         with _Mode(counts):
             yield counts

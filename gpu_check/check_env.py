@@ -27,6 +27,7 @@ def requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
 
 
 def problems(cpu_ok: bool) -> list[str]:
+    """What keeps this machine from running the checks, one line each (empty: nothing)."""
     from packaging.requirements import Requirement
 
     found = []
@@ -59,6 +60,7 @@ def problems(cpu_ok: bool) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the problems found; exit status 1 when there are any."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cpu-ok", action="store_true", help="do not require a GPU (dry run)")
     found = problems(p.parse_args(argv).cpu_ok)

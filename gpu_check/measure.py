@@ -98,6 +98,7 @@ def spngd_params() -> dict[str, Any]:
 
 
 def sync(device: str) -> None:
+    """Wait for the GPU's queued work when ``device`` is ``"cuda"``."""
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -117,11 +118,13 @@ class DispatchCount(TorchDispatchMode):
     """Counts every aten op dispatched, the host reads among them and host<->device copies."""
 
     def __init__(self) -> None:
+        """Start with no operator counted."""
         super().__init__()
         self.ops = 0
         self.reads: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """Count the operator ``func`` (and the host reads among them), then run it."""
         kwargs = kwargs or {}
         self.ops += 1
         name = func._schema.name
@@ -159,8 +162,10 @@ def counted(device: str) -> Iterator[dict[str, Any]]:
 
 
 def kernels(device: str, body: Callable[[], None]) -> int | None:
-    """Kernels (and copies) the GPU ran for ``body``, from the profiler (``None``: the profiler
-    failed; ``body`` then ran without it)."""
+    """Kernels (and copies) the GPU ran for ``body``, from the profiler.
+
+    ``None`` when the profiler failed; ``body`` then ran without it.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
@@ -194,6 +199,7 @@ def count_step(device: str, model: nn.Module, opt: Any, batch: tuple[torch.Tenso
 
 
 def run_syncs(sz: dict[str, Any]) -> dict[str, Any]:
+    """Host synchronisations, host reads, aten ops and kernels of SP-NGD and SGD steps."""
     import spngd_ds
 
     device = sz["device"]
@@ -221,6 +227,7 @@ def run_syncs(sz: dict[str, Any]) -> dict[str, Any]:
 
 
 def syncs_table(r: dict[str, Any]) -> str:
+    """The result of :func:`run_syncs` as a text table."""
     rows = [f"{'step':28s} {'cuda syncs':>10s} {'host reads':>10s} {'aten ops':>9s} {'kernels':>8s}"]
     for key in ("spngd_refresh", "spngd_quiet", "sgd_foreach_false", "sgd_foreach_true"):
         if key not in r:
@@ -242,9 +249,11 @@ class Bf16Runner:
     module after each step); :meth:`loss` runs a forward on those bf16 weights and bf16 BatchNorm
     buffers (bf16 activations; the backward accumulates bf16 gradients, as stage 0 does);
     :meth:`finish` hands the gradients to the fp32 weights' ``.grad`` for the optimizer (DeepSpeed's
-    bf16 wrapper copies them to the fp32 masters' gradients)."""
+    bf16 wrapper copies them to the fp32 masters' gradients).
+    """
 
     def __init__(self, model: nn.Module) -> None:
+        """Hold ``model``'s parameters and bf16 copies of its buffers."""
         self.model = model
         # BatchNorm running statistics live in bf16, as with DeepSpeed's "buffer_dtype": "bf16"
         self.buffers = {n: b.to(torch.bfloat16) if b.is_floating_point() else b for n, b in model.named_buffers()}
@@ -252,13 +261,16 @@ class Bf16Runner:
         self.weights: dict[str, torch.Tensor] = {}
 
     def start(self) -> None:
+        """Make bf16 copies of the fp32 parameters for the next step's forwards."""
         self.weights = {n: p.detach().to(torch.bfloat16).requires_grad_() for n, p in self.params.items()}
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, gas: int) -> torch.Tensor:
+        """Loss of ``model`` in bf16 on ``x``, ``y``, divided by the ``gas`` accumulation steps."""
         out = torch.func.functional_call(self.model, {**self.weights, **self.buffers}, (x,))
         return F.cross_entropy(out.float(), y) / gas  # DeepSpeed divides by the accumulation steps
 
     def finish(self) -> None:
+        """Hand the bf16 gradients to the fp32 parameters' ``.grad``."""
         for n, p in self.params.items():
             g = self.weights[n].grad
             p.grad = None if g is None else g.float()
@@ -279,6 +291,7 @@ def refresh_fraction() -> tuple[float | None, str]:
 
 
 def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
+    """Median step times (s) of SP-NGD and its baselines at the sizes in ``sz``."""
     import spngd_ds
 
     device, gas, mb, size = sz["device"], sz["gas"], sz["micro_batch"], sz["image_size"]
@@ -361,6 +374,7 @@ def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
 
 
 def timing_table(r: dict[str, Any]) -> str:
+    """The result of :func:`run_timing` as a text table (ms per step)."""
     s, med = r["setup"], r["median_step_s"]
     if "error" in r:
         return "\n".join([f"{s['model']} {s['image_size']}x{s['image_size']}: {r['error']}",
@@ -379,11 +393,13 @@ def timing_table(r: dict[str, Any]) -> str:
 
 
 def machine() -> dict[str, Any]:
+    """Python, torch and CUDA versions and the GPU's name."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one part (``syncs`` or ``timing``), print its table and write its JSON; exit status."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["syncs", "timing"])
     p.add_argument("--out", type=Path, default=ROOT / "gpu_check" / "out")

@@ -69,6 +69,7 @@ RECIPE_FLAGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of the training job."""
     import deepspeed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +127,7 @@ def _set_threads() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train as the command line says; the exit status."""
     args, config = parse_args(argv)
     ensure_single_process_env(args.local_rank)
     _set_threads()

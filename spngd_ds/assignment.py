@@ -135,9 +135,12 @@ def assign_owners(costs: Sequence[BlockCost], world_size: int) -> dict[str, int]
 
 
 def _local_search(jobs: list[list[float]], owner: list[int], loads: list[list[float]], rounds: int) -> None:
-    """Move one block off the most-loaded rank, or swap it with one of another rank's, while that
+    """Improve the assignment by one move or swap of blocks off the most-loaded rank.
+
+    Move one block off the most-loaded rank, or swap it with one of another rank's, while that
     lowers the most-loaded rank's load without raising the other's to it (in place). The best
-    candidate wins; ties go to the first found (blocks, then ranks, in index order; moves first)."""
+    candidate wins; ties go to the first found (blocks, then ranks, in index order; moves first).
+    """
     world = len(loads)
     for _ in range(rounds):
         worst = max(range(world), key=lambda r: (_peak(loads[r]), -r))

@@ -18,9 +18,12 @@ from spngd_ds.reductions import all_reduce_sum
 
 @torch.no_grad()
 def average_batchnorm_buffers(model: nn.Module, comm: Communicator | None = None) -> int:
-    """Replace every BatchNorm's ``running_mean`` and ``running_var`` by their mean over ranks (one
+    """Average every BatchNorm's running statistics over ranks.
+
+    Replace every BatchNorm's ``running_mean`` and ``running_var`` by their mean over ranks (one
     all-reduce on every rank, in place; ``comm`` defaults to torch.distributed's default group on
-    the buffers' device). Returns the number of BatchNorm layers averaged."""
+    the buffers' device). Returns the number of BatchNorm layers averaged.
+    """
     layers = [
         m for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None

@@ -25,8 +25,7 @@ synchronisation; A still counts every position (the forward hooks do not see the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +58,7 @@ class CurvatureCapture:
     """
 
     def __init__(self, model: nn.Module, blocks: list[Block], fisher: str) -> None:
+        """Capture statistics of ``blocks`` in ``model`` with the ``fisher`` labels ("empirical" or "mc")."""
         self.model = model
         self.fisher = fisher
         self.blocks = {b.name: b for b in blocks if b.stats}
@@ -78,7 +78,7 @@ class CurvatureCapture:
         self._bn_saved: list[torch.Tensor] = []
         self._bn_valid = False
         #: the ``labels`` and ``attention_mask`` keywords of the current forward (fisher="mc")
-        self._mc_keywords: dict[str, Any] = {}
+        self._mc_keywords: dict[str, object] = {}
         #: leading dim of the current forward's first tensor argument (the model's batch size)
         self.batch_size: int | None = None
         self._handles: list[RemovableHandle] = []
@@ -115,9 +115,11 @@ class CurvatureCapture:
         self._handles, self._probe_handles = [], []
 
     def _set_block_hooks(self, names: set[str]) -> None:
-        """Have the forward hooks of exactly the blocks ``names`` installed. A hook that only returns
-        costs PyTorch's slow module call (about 17 us a module here: 0.7 ms a ResNet-20 forward),
-        so a forward that captures nothing runs without them."""
+        """Have the forward hooks of exactly the blocks ``names`` installed.
+
+        A hook that only returns costs PyTorch's slow module call (about 17 us a module here: 0.7 ms
+        a ResNet-20 forward), so a forward that captures nothing runs without them.
+        """
         for name in [n for n in self._block_handles if n not in names]:
             self._block_handles.pop(name).remove()
         for name in sorted(names - self._block_handles.keys()):
@@ -134,7 +136,7 @@ class CurvatureCapture:
         )
 
     # -- hooks ----------------------------------------------------------------------------------
-    def _root_pre_hook(self, module: nn.Module, inputs: Any, kwargs: dict[str, Any]) -> None:
+    def _root_pre_hook(self, module: nn.Module, inputs: tuple[object, ...], kwargs: dict[str, object]) -> None:
         first = next((t for t in (*inputs, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
         self.batch_size = int(first.shape[0]) if first is not None else None
         if self.fisher == "mc":
@@ -148,10 +150,12 @@ class CurvatureCapture:
         self._set_block_hooks({n for n in self.blocks if self.due.get(n)} if self._capturing() else set())
 
     def _snapshot_batchnorm(self) -> None:
-        """Remember BatchNorm running statistics before the step's first forward, so that a
-        skipped step (non-finite gradients, fp16 overflow) can undo what its forwards did to them:
-        one multi-tensor copy into buffers kept from step to step (allocated again only when the
-        model's BatchNorm buffers change)."""
+        """Remember BatchNorm running statistics before the step's first forward.
+
+        So that a skipped step (non-finite gradients, fp16 overflow) can undo what its forwards did
+        to them: one multi-tensor copy into buffers kept from step to step (allocated again only
+        when the model's BatchNorm buffers change).
+        """
         live = [
             getattr(m, name)
             for m in self.model.modules()
@@ -181,8 +185,10 @@ class CurvatureCapture:
 
         return hook
 
-    def _forward_hook(self, block: Block) -> Callable[[nn.Module, Any, Any], Any]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+    def _forward_hook(
+        self, block: Block
+    ) -> Callable[[nn.Module, tuple[torch.Tensor, ...], object], torch.Tensor | None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> torch.Tensor | None:
             if not (module.training and self._capturing()):
                 return None
             due = self.due.get(block.name)
@@ -227,7 +233,7 @@ class CurvatureCapture:
         known = [k for k in (self.stat_micro_batches, self.forwards_per_step) if k is not None]
         return min(known) if known else None
 
-    def _root_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+    def _root_hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
         self._finish_probe()
         self._sample_mc(output)
         if (
@@ -239,7 +245,7 @@ class CurvatureCapture:
         ):
             self.on_factors_complete()
 
-    def _sample_mc(self, output: Any) -> None:
+    def _sample_mc(self, output: object) -> None:
         """fisher="mc": one extra backward of a sampled label's loss to the hooked outputs."""
         if self.fisher != "mc" or not self._mc_targets:
             return
@@ -287,15 +293,15 @@ class CurvatureCapture:
         # module a detached alias of the output; an in-place op in between changes the version
         return t.data_ptr(), tuple(t.shape), t._version
 
-    def _probe_producer(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+    def _probe_producer(self, name: str) -> Callable[[nn.Module, tuple[object, ...], object], None]:
+        def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
             if isinstance(output, torch.Tensor) and output.numel() > 0:
                 # keep the tensor alive so that its storage cannot be reused during the probe
                 self._probe_outputs[self._probe_key(output)] = (output, name)
 
         return hook
 
-    def _probe_consumer(self, module: nn.Module, inputs: Any) -> None:
+    def _probe_consumer(self, module: nn.Module, inputs: tuple[object, ...]) -> None:
         x = inputs[0] if inputs else None
         if isinstance(x, torch.Tensor) and x.numel() > 0:
             entry = self._probe_outputs.get(self._probe_key(x))
@@ -310,9 +316,12 @@ class CurvatureCapture:
             self._probe_outputs = {}
 
 
-def find_logits(output: Any) -> torch.Tensor | None:
-    """The logits of a model output: the tensor itself, its ``.logits`` (HF ``ModelOutput``), or
-    its ``["logits"]``; ``None`` when there are none."""
+def find_logits(output: object) -> torch.Tensor | None:
+    """The logits of a model output.
+
+    The tensor itself, its ``.logits`` (HF ``ModelOutput``), or its ``["logits"]``; ``None`` when
+    there are none.
+    """
     if isinstance(output, torch.Tensor):
         return output
     found = getattr(output, "logits", None)
@@ -322,16 +331,21 @@ def find_logits(output: Any) -> torch.Tensor | None:
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """A model whose logits at position t predict the label at t + 1 (HF's causal LM heads shift
-    the labels inside their loss): class name ``*ForCausalLM`` or ``*LMHeadModel``."""
+    """Whether ``model`` is a causal LM whose logits at position t predict the label at t + 1.
+
+    A model whose logits at position t predict the label at t + 1 (HF's causal LM heads shift the
+    labels inside their loss): class name ``*ForCausalLM`` or ``*LMHeadModel``.
+    """
     name = type(model).__name__
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
-def loss_mask(model: nn.Module, logits: torch.Tensor, keywords: dict[str, Any]) -> torch.Tensor | None:
-    """Which positions of ``logits`` (N, T, ..., V) carry a loss term, as a bool tensor of
-    ``logits.shape[:-1]``, or ``None`` (all): from ``labels`` (-100 ignored; shifted for a causal
-    LM, whose last position then has none), else from ``attention_mask``."""
+def loss_mask(model: nn.Module, logits: torch.Tensor, keywords: Mapping[str, object]) -> torch.Tensor | None:
+    """Which positions of ``logits`` (N, T, ..., V) carry a loss term.
+
+    A bool tensor of ``logits.shape[:-1]``, or ``None`` (all): from ``labels`` (-100 ignored;
+    shifted for a causal LM, whose last position then has none), else from ``attention_mask``.
+    """
     shape = logits.shape[:-1]
     labels = keywords.get("labels")
     if isinstance(labels, torch.Tensor) and labels.shape == shape:

@@ -16,7 +16,7 @@ FisherType = Literal["empirical", "mc"]
 CommDtype = Literal["fp32", "bf16", "fp16"]
 
 
-def _no_bool(value: Any) -> Any:
+def _no_bool(value: object) -> object:
     """Numbers only: JSON ``true`` is not a learning rate."""
     if isinstance(value, bool):
         raise ValueError("expected a number, got a boolean")

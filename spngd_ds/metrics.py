@@ -44,8 +44,11 @@ class StepMetrics:
 
     @contextmanager
     def timer(self, name: str) -> Iterator[None]:
-        """Add the time of the ``with`` body to ``timers[name]`` (class docstring: wall time on
-        the CPU, device time on an accelerator with ``sync_timing``)."""
+        """Add the time of the ``with`` body to ``timers[name]``.
+
+        Wall time on the CPU, device time on an accelerator with ``sync_timing`` (see the class
+        docstring).
+        """
         self._synchronize()
         start = time.perf_counter()
         try:
@@ -55,4 +58,5 @@ class StepMetrics:
             self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - start
 
     def reset_timers(self) -> None:
+        """Forget the accumulated times."""
         self.timers = {}

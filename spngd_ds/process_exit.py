@@ -29,8 +29,10 @@ __all__ = ["exit_process"]
 
 
 def exit_process(code: int = 0) -> NoReturn:
-    """Flush logging, stdout and stderr, then end the process with exit status ``code`` (0-255)
-    without the interpreter's teardown (see the module docstring for why)."""
+    """Flush logging, stdout and stderr, then end the process with exit status ``code``.
+
+    ``code`` is 0-255. The interpreter's teardown is skipped (see the module docstring for why).
+    """
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

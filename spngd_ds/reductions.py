@@ -1,6 +1,8 @@
-"""Small all-reduces over a :class:`~spngd_ds.comm.Communicator`: flags every rank must agree on
-(a non-finite gradient somewhere, which parameters received a gradient on any rank) and sums of a
-few numbers (sample counts, squared norms). One collective per call, whatever the length.
+"""Small all-reduces over a :class:`~spngd_ds.comm.Communicator`.
+
+Flags every rank must agree on (a non-finite gradient somewhere, which parameters received a
+gradient on any rank) and sums of a few numbers (sample counts, squared norms). One collective per
+call, whatever the length.
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ def any_rank_each(comm: Communicator, flags: Sequence[bool]) -> list[bool]:
 
 def any_rank_each_and_sum(comm: Communicator, flags: Sequence[bool], values: torch.Tensor
                           ) -> tuple[list[bool], torch.Tensor]:
-    """:func:`any_rank_each` of ``flags`` and :func:`all_reduce_sum` of ``values`` ((K,) float64,
-    on ``comm.device``) in ONE all-reduce: a float64 sum of the flags as 0/1 (true on some rank:
-    a sum > 0) followed by the values."""
+    """:func:`any_rank_each` and :func:`all_reduce_sum` in one all-reduce.
+
+    :func:`any_rank_each` of ``flags`` and :func:`all_reduce_sum` of ``values`` ((K,) float64, on
+    ``comm.device``) in ONE all-reduce: a float64 sum of the flags as 0/1 (true on some rank: a sum
+    > 0) followed by the values.
+    """
     if comm.world_size == 1:
         return list(flags), values
     t = torch.cat([torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64, device=values.device),

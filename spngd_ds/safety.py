@@ -127,10 +127,13 @@ class OutlierGuard:
         self.peaks[key] = norm if peak is None or not math.isfinite(peak) else max(peak, norm)
 
     def judge(self, key: int, ratio: float, new_norm: float, old_norm: float, rejections: int) -> str:
-        """``"accept"``, ``"recover"`` (accept: a return to a scale seen before), ``"force"``
-        (accept after ``MAX_REJECTIONS`` rejections) or ``"reject"``, for a refresh of the
-        statistic ``key`` whose relative change is ``ratio``, from a value of norm ``old_norm`` to
-        one of norm ``new_norm``."""
+        """The verdict on a refresh of statistic ``key`` whose relative change is ``ratio``.
+
+        ``"accept"``, ``"recover"`` (accept: a return to a scale seen before), ``"force"`` (accept
+        after ``MAX_REJECTIONS`` rejections) or ``"reject"``, for a refresh of the statistic ``key``
+        whose relative change is ``ratio``, from a value of norm ``old_norm`` to one of norm
+        ``new_norm``.
+        """
         if ratio <= EXPLOSION_RATIO:
             return "accept"
         if rejections >= MAX_REJECTIONS:
@@ -161,8 +164,10 @@ class SkipGuard:
     last_loss_step: int | None = None
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
-        """A loss of the step in progress (a tensor is detached, never read here); several (micro-
-        batches) are averaged."""
+        """A loss of the step in progress (a tensor is detached, never read here).
+
+        Several (micro-batches) are averaged.
+        """
         value = loss.detach().double().mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self.pending_sum = value if self.pending_sum is None else self.pending_sum + value
         self.pending_count += 1
@@ -180,8 +185,11 @@ class SkipGuard:
         self._clear_pending()
 
     def skipped(self, step: int, reason: str, lr: float, damping: float) -> None:
-        """A step was skipped for ``reason`` (``step``: the optimizer's step count, which a skipped
-        step does not advance); raises :class:`TrainingStalledError` at the limit."""
+        """Record a step skipped for ``reason``; raise at the limit.
+
+        A step was skipped for ``reason`` (``step``: the optimizer's step count, which a skipped
+        step does not advance); raises :class:`TrainingStalledError` at the limit.
+        """
         self._clear_pending()
         self.consecutive += 1
         self.causes[reason] = self.causes.get(reason, 0) + 1

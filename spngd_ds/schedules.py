@@ -41,14 +41,15 @@ _REQUIRED = ("steps_per_epoch", "start_epoch", "end_epoch", "power")
 _OPTIONAL = {"warmup_epochs": 0.0, "decay_damping": False, "min_damping": 0.0}
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def validate_poly_params(params: dict[str, Any], where: str = "SPNGDPolyDecay") -> dict[str, Any]:
-    """Check the keyword arguments of :class:`SPNGDPolyDecay` (types, ranges, unknown keys with a
-    did-you-mean); return them with defaults filled. Raises ``ValueError`` naming key, value and
-    what is allowed."""
+    """Check the keyword arguments of :class:`SPNGDPolyDecay` (types, ranges, unknown keys with a did-you-mean).
+
+    Return them with defaults filled. Raises ``ValueError`` naming key, value and what is allowed.
+    """
     allowed = (*_REQUIRED, *_OPTIONAL)
     for key in params:
         if key not in allowed:
@@ -79,8 +80,7 @@ def validate_poly_params(params: dict[str, Any], where: str = "SPNGDPolyDecay") 
 
 
 class SPNGDPolyDecay(LRScheduler):
-    """Polynomial decay of rule 9 as an ordinary ``torch.optim.lr_scheduler``; call ``step()`` once
-    per optimizer step.
+    """Polynomial decay of rule 9 as an ordinary ``torch.optim.lr_scheduler``; call ``step()`` once per optimizer step.
 
     Args:
         optimizer: any optimizer (SP-NGD's ``damping`` group key is used only with ``decay_damping``).
@@ -104,6 +104,7 @@ class SPNGDPolyDecay(LRScheduler):
         min_damping: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
+        """Polynomial decay of every group's lr (and damping) per step; epochs may be fractional."""
         validate_poly_params(
             dict(steps_per_epoch=steps_per_epoch, start_epoch=start_epoch, end_epoch=end_epoch, power=power,
                  warmup_epochs=warmup_epochs, decay_damping=decay_damping, min_damping=min_damping)
@@ -122,10 +123,12 @@ class SPNGDPolyDecay(LRScheduler):
         return self.last_epoch / self.steps_per_epoch
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
+        """Every group's learning rate at the current step."""
         f = poly_factor(self._epoch(), self.warmup_epochs, self.start_epoch, self.end_epoch, self.power)
         return [float(base) * f for base in self.base_lrs]
 
-    def step(self, epoch: Any = None) -> None:  # type: ignore[override]
+    def step(self, epoch: int | None = None) -> None:
+        """Advance one step; decays the damping too when ``decay_damping``."""
         super().step()
         if self.decay_damping:
             f = decay_factor(self._epoch(), self.start_epoch, self.end_epoch, self.power)

@@ -27,18 +27,23 @@ import torch
 
 
 def change_figures(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    """(2,) float64 on ``new``'s device, without a host synchronisation: ``||old||_F`` and
-    ``||new - old||_F``, each computed in the statistics' own dtype (zeros when there is no old
-    value); :func:`ratio_from` turns them into the relative change."""
+    """(2,) float64 on ``new``'s device, without a host synchronisation.
+
+    ``||old||_F`` and ``||new - old||_F``, each computed in the statistics' own dtype (zeros when
+    there is no old value); :func:`ratio_from` turns them into the relative change.
+    """
     if old is None:
         return new.new_zeros(2, dtype=torch.float64)
     return torch.stack([torch.linalg.vector_norm(old), torch.linalg.vector_norm(new - old)]).to(torch.float64)
 
 
 def ratio_from(figures: list[float], old: torch.Tensor | None, new: torch.Tensor) -> float:
-    """``||new - old||_F / ||old||_F`` from :func:`change_figures` read back; ``inf`` when there is
-    no (or a zero, or a non-finite) old value. A norm that overflowed its dtype (finite entries
-    whose squares do not fit) is recomputed in float64: rare, one synchronisation."""
+    """``||new - old||_F / ||old||_F`` from :func:`change_figures` read back.
+
+    ``inf`` when there is no (or a zero, or a non-finite) old value. A norm that overflowed its
+    dtype (finite entries whose squares do not fit) is recomputed in float64: rare, one
+    synchronisation.
+    """
     if old is None:
         return math.inf
     denom, diff = figures
@@ -53,17 +58,21 @@ def ratio_from(figures: list[float], old: torch.Tensor | None, new: torch.Tensor
 
 
 def relative_change(old: torch.Tensor | None, new: torch.Tensor) -> float:
-    """``||new - old||_F / ||old||_F``; ``inf`` when there is no (or a zero) old value. Norms in the
-    statistics' dtype, float64 only where they overflow it (:func:`ratio_from`)."""
+    """``||new - old||_F / ||old||_F``; ``inf`` when there is no (or a zero) old value.
+
+    Norms in the statistics' dtype, float64 only where they overflow it (:func:`ratio_from`).
+    """
     if old is None:
         return math.inf
     return ratio_from(change_figures(old, new).tolist(), old, new)
 
 
 def rho_figures(value: torch.Tensor) -> torch.Tensor:
-    """(2,) float64 on ``value``'s device, without a host synchronisation: ``||X||_F`` (in X's
-    dtype) and ``(Σ tr X)²`` over the blocks of ``value`` (in float64); :func:`rho_from` turns
-    them into :func:`wishart_rho`."""
+    """(2,) float64 on ``value``'s device, without a host synchronisation.
+
+    ``||X||_F`` (in X's dtype) and ``(Σ tr X)²`` over the blocks of ``value`` (in float64);
+    :func:`rho_from` turns them into :func:`wishart_rho`.
+    """
     v = value.unsqueeze(0) if value.dim() == 2 else value
     fro = torch.linalg.vector_norm(v).to(torch.float64)
     trace2 = torch.diagonal(v, dim1=-2, dim2=-1).to(torch.float64).sum(-1).pow(2).sum()
@@ -71,8 +80,10 @@ def rho_figures(value: torch.Tensor) -> torch.Tensor:
 
 
 def rho_from(figures: list[float], value: torch.Tensor, vectors_per_sample: float = 1.0) -> float:
-    """:func:`wishart_rho` of ``value`` from its :func:`rho_figures` read back (float64 again
-    only when the norm overflowed ``value``'s dtype)."""
+    """:func:`wishart_rho` of ``value`` from its :func:`rho_figures` read back.
+
+    float64 again only when the norm overflowed ``value``'s dtype.
+    """
     fro, trace2 = figures
     if not math.isfinite(fro):  # the squares overflowed v's dtype (or v is not finite)
         return wishart_rho(value, vectors_per_sample)
@@ -149,15 +160,20 @@ class RefreshSchedule:
         self.pending_samples = samples
 
     def note_value_figures(self, value: torch.Tensor, vectors_per_sample: float, samples: float) -> None:
-        """:meth:`note_value` without a host synchronisation: ρ of ``value`` as device figures
-        (:func:`rho_figures`), read back by :meth:`settle_rho` (the optimizer reads every due
-        statistic's figures at once)."""
+        """:meth:`note_value` without a host synchronisation.
+
+        ρ of ``value`` as device figures (:func:`rho_figures`), read back by :meth:`settle_rho` (the
+        optimizer reads every due statistic's figures at once).
+        """
         self.rho_pending = (rho_figures(value), value, vectors_per_sample)
         self.pending_samples = samples
 
     def settle_rho(self, figures: list[float] | None = None) -> None:
-        """Set ``noise_rho`` from the noted figures: ``figures`` read back by the caller, or read
-        here (one synchronisation). Nothing to do when none are pending."""
+        """Set ``noise_rho`` from the noted figures.
+
+        ``figures`` read back by the caller, or read here (one synchronisation). Nothing to do when
+        none are pending.
+        """
         if self.rho_pending is None:
             return
         tensor, value, vectors = self.rho_pending
@@ -165,9 +181,12 @@ class RefreshSchedule:
         self.noise_rho = rho_from(figures if figures is not None else tensor.tolist(), value, vectors)
 
     def noise_floor(self, samples: float | None = None) -> float:
-        """ν = noise_scale · sqrt(ρ (1/n_new + 1/n_old)): the r expected from sampling noise alone
-        between the current value (``last_samples``) and a new one from ``samples`` samples;
-        0 when any of them is unknown (the first refreshes) or ``noise_scale`` is 0."""
+        """ν = noise_scale · sqrt(ρ (1/n_new + 1/n_old)).
+
+        The r expected from sampling noise alone between the current value (``last_samples``) and a
+        new one from ``samples`` samples; 0 when any of them is unknown (the first refreshes) or
+        ``noise_scale`` is 0.
+        """
         self.settle_rho()
         n_new = samples if samples is not None else self.pending_samples
         n_old = self.last_samples

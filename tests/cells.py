@@ -1,5 +1,7 @@
-"""The equivalence matrix (DESIGN.md §7): one cell = one way of running SP-NGD inside DeepSpeed,
-and the standalone run that must give the same parameters.
+"""The equivalence matrix (DESIGN.md §7).
+
+One cell = one way of running SP-NGD inside DeepSpeed, and the standalone run that must give the
+same parameters.
 
 A cell names a model, a ZeRO stage, a precision, a learning-rate schedule, weight rescaling,
 ``gradient_clipping`` (unset, 0 or a limit below the update norm), gradient accumulation and
@@ -63,17 +65,23 @@ class Cell:
 
 
 def build_model(kind: str) -> nn.Module:
-    """Tiny models, deterministic init. Block counts: mlp 8, conv 3, convbn 3 (BatchNorm on split
-    batches), tied 1 curvature block + shared first-order weights, bnpool 2 (so 3 ranks leave one
-    rank without any block). The convolutions that feed a BatchNorm start 4x larger than torch's
-    default, so that rule 8's bound sqrt(2 C_out) binds and weight rescaling acts."""
+    """Tiny models, deterministic init.
+
+    Block counts: mlp 8, conv 3, convbn 3 (BatchNorm on split batches), tied 1 curvature block +
+    shared first-order weights, bnpool 2 (so 3 ranks leave one rank without any block). The
+    convolutions that feed a BatchNorm start 4x larger than torch's default, so that rule 8's bound
+    sqrt(2 C_out) binds and weight rescaling acts.
+    """
     torch.manual_seed(1234)
     return _build(kind)
 
 
 class LargeConv2d(nn.Conv2d):
-    """A Conv2d initialised 4x larger than torch's default, inside its own ``__init__`` so that
-    ``deepspeed.zero.Init`` (which partitions a module when its ``__init__`` returns) sees it too."""
+    """A Conv2d initialised 4x larger than torch's default, inside its own ``__init__``.
+
+    So that ``deepspeed.zero.Init`` (which partitions a module when its ``__init__`` returns) sees
+    it too.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -127,10 +135,13 @@ class TinyRMSNorm(nn.Module):
 
 
 class TokenModel(nn.Module):
-    """A token model on the image batches: the 16 pixels, quantised to 7 levels, are a sequence of
-    T = 16 tokens; Embedding -> [LayerNorm] -> HF Conv1D -> tanh -> [RMSNorm ->
-    Linear] -> mean over positions -> logits (N, CLASSES). ``full``: 5 curvature blocks, else 2
-    (Embedding, Conv1D head), so that 3 ranks leave one without any block."""
+    """A token model on the image batches.
+
+    The 16 pixels, quantised to 7 levels, are a sequence of T = 16 tokens; Embedding -> [LayerNorm]
+    -> HF Conv1D -> tanh -> [RMSNorm -> Linear] -> mean over positions -> logits (N, CLASSES).
+    ``full``: 5 curvature blocks, else 2 (Embedding, Conv1D head), so that 3 ranks leave one without
+    any block.
+    """
 
     def __init__(self, full: bool) -> None:
         super().__init__()
@@ -210,9 +221,11 @@ def loss_of(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def reference(cell: Cell, ranks: int, steps: int | None = None) -> dict[str, torch.Tensor]:
-    """Parameters after the cell's steps in one standalone SP-NGD process fed what ``ranks`` ranks
-    x ``cell.gas`` micro-batches compute (fp32; ``gradient_clipping`` > 0 becomes ``clip_norm``).
-    A bf16 cell gets :func:`reference_bf16`."""
+    """Parameters after the cell's steps in one standalone SP-NGD process (the cell's reference).
+
+    Fed what ``ranks`` ranks x ``cell.gas`` micro-batches compute (fp32; ``gradient_clipping`` > 0
+    becomes ``clip_norm``). A bf16 cell gets :func:`reference_bf16`.
+    """
     import spngd_ds
 
     if cell.precision == "bf16":
@@ -242,8 +255,9 @@ def reference(cell: Cell, ranks: int, steps: int | None = None) -> dict[str, tor
 
 
 def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str, torch.Tensor]:
-    """The fp32 master weights after a bf16 cell's steps, from one standalone process that runs
-    the passes as DeepSpeed's bf16 engine does, with the same rounding:
+    """The fp32 master weights after a bf16 cell's steps, from one standalone process.
+
+    The process runs the passes as DeepSpeed's bf16 engine does, with the same rounding:
 
     - the model in bf16 (parameters and buffers) from the start, the fp32 masters copied from the
       bf16 parameters; SP-NGD built on the bf16 model (its statistics are fp32, captured from the
@@ -260,7 +274,8 @@ def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str
 
     At 2 ranks this is DeepSpeed's arithmetic to the bit. At 3 ranks gloo adds the ranks' values
     in an order that changes along the tensor, rounding after each addition, which moves some
-    roundings (module docstring of tests/test_equivalence_matrix.py)."""
+    roundings (module docstring of tests/test_equivalence_matrix.py).
+    """
     import spngd_ds
 
     assert cell.gas == 1, "bf16 cells run one micro-batch per rank and step"
@@ -298,13 +313,13 @@ def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str
 
 
 def rel_err(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
-    """max over tensors of max|a - b| / max|b|."""
+    """Max over tensors of max|a - b| / max|b|."""
     assert out.keys() == ref.keys(), (sorted(out), sorted(ref))
     return max(float((out[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)) for k in ref)
 
 
 def motion_err(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
-    """max over tensors of max|a - b| / max|b - start| (for bf16: error relative to how far it moved)."""
+    """Max over tensors of max|a - b| / max|b - start| (for bf16: error relative to how far it moved)."""
     assert out.keys() == ref.keys()
     return max(
         float((out[k] - ref[k]).abs().max() / (ref[k] - start[k]).abs().max().clamp_min(1e-12)) for k in ref

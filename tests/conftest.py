@@ -1,6 +1,8 @@
-"""Test-process defaults: the rank-agreement check on for every DeepSpeed run the tests launch
-(torchrun workers inherit the environment), W&B offline, one intra-op thread (the CI box has 2
-cores shared by the gloo ranks)."""
+"""Test-process defaults.
+
+The rank-agreement check on for every DeepSpeed run the tests launch (torchrun workers inherit the
+environment), W&B offline, one intra-op thread (the CI box has 2 cores shared by the gloo ranks).
+"""
 
 from __future__ import annotations
 

@@ -31,8 +31,10 @@ PORT_TAKEN = 75
 
 
 def free_port() -> int:
-    """A port that was free a moment ago (another process may bind it before the caller does:
-    callers retry, see :func:`start_ranks`)."""
+    """A port that was free a moment ago.
+
+    Another process may bind it before the caller does: callers retry, see :func:`start_ranks`.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -70,8 +72,11 @@ def torchrun(
 
 
 def without_deprecation_noise(text: str) -> str:
-    """``text`` less the FutureWarning pairs torch prints on every deprecated collective DeepSpeed
-    calls, which otherwise fill the tail of a failed run's stderr and hide why a rank died."""
+    """``text`` less the FutureWarning pairs torch prints on every deprecated collective.
+
+    Those pairs come from every deprecated collective DeepSpeed calls; they would otherwise fill the
+    tail of a failed run's stderr and hide why a rank died.
+    """
     lines = text.splitlines()
     keep = []
     for i, line in enumerate(lines):
@@ -96,8 +101,11 @@ def kill_tagged(tag: str) -> None:
 
 
 def _forked_rank(target: Callable[[int, int], None], rank: int, port: int) -> None:
-    """Body of a forked rank: ``target(rank, port)``; exit with :data:`PORT_TAKEN` when the port
-    was taken by another process before rank 0's store bound it."""
+    """Body of a forked rank.
+
+    ``target(rank, port)``; exit with :data:`PORT_TAKEN` when the port was taken by another process
+    before rank 0's store bound it.
+    """
     try:
         target(rank, port)
     except Exception as exc:
@@ -109,10 +117,12 @@ def _forked_rank(target: Callable[[int, int], None], rank: int, port: int) -> No
 
 
 def start_ranks(target: Callable[[int, int], None], world: int, timeout: float, attempts: int = 3) -> list[int | None]:
-    """Run ``target(rank, port)`` on ``world`` processes forked from this one that rendezvous on
-    one free port; kill every rank still alive after ``timeout`` seconds and return the exit codes.
-    When rank 0's store finds the port taken (:func:`free_port` cannot reserve it), every rank is
-    stopped and the launch is repeated on a new port, up to ``attempts`` times."""
+    """Run ``target(rank, port)`` on ``world`` processes forked from this one that rendezvous on one free port.
+
+    Kill every rank still alive after ``timeout`` seconds and return the exit codes. When rank 0's
+    store finds the port taken (:func:`free_port` cannot reserve it), every rank is stopped and the
+    launch is repeated on a new port, up to ``attempts`` times.
+    """
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
@@ -141,10 +151,12 @@ def start_ranks(target: Callable[[int, int], None], world: int, timeout: float, 
 
 
 def fork_ranks(target: Callable[[int, int, str], None], world: int, out: Path, timeout: float = 240.0) -> list[Any]:
-    """Run ``target(rank, port, str(out))`` on ``world`` processes forked from this one (gloo ranks
-    that rendezvous on one free port, see :func:`start_ranks`), kill any still alive after
-    ``timeout`` seconds, assert that every rank exited with 0, and return what each saved as
-    ``out/rank{r}.pt`` (None where a rank saved nothing there)."""
+    """Run ``target(rank, port, str(out))`` on ``world`` forked gloo ranks and return what each saved.
+
+    The ranks rendezvous on one free port (see :func:`start_ranks`); any still alive after
+    ``timeout`` seconds is killed, every rank must exit with 0, and what each saved as
+    ``out/rank{r}.pt`` is returned (None where a rank saved nothing there).
+    """
     codes = start_ranks(lambda rank, port: target(rank, port, str(out)), world, timeout)
     assert codes == [0] * world, f"rank exit codes {codes} (tracebacks above, in the captured stderr)"
     files = [out / f"rank{r}.pt" for r in range(world)]
@@ -164,8 +176,11 @@ REFUSAL_TIMEOUT_S = 150.0
 def assert_refused_on_every_rank(
     records: list[dict[str, Any] | None], message: str, proc: subprocess.CompletedProcess[str]
 ) -> None:
-    """Every rank recorded an error whose last line contains ``message``, raised before any
-    collective call (counted by the worker) and before a process group existed."""
+    """Every rank recorded an error containing ``message``, before any collective or process group.
+
+    The error's last line contains ``message``; it was raised before any collective call (counted by
+    the worker) and before a process group existed.
+    """
     for rank, record in enumerate(records):
         assert record is not None, f"rank {rank} recorded nothing:\n{without_deprecation_noise(proc.stderr)[-4000:]}"
         assert not record["ok"] and message in record["last_line"], (rank, record["last_line"])
@@ -174,6 +189,6 @@ def assert_refused_on_every_rank(
 
 
 def max_rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """max over tensors of max|a - b| / max|b|."""
+    """Max over tensors of max|a - b| / max|b|."""
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)

@@ -1,6 +1,8 @@
-"""A worker for the distributed tests: trains a tiny model with spngd_ds.initialize under
-torchrun (or one process) on a deterministic global batch and writes the final parameters; each
-rank also records how it ended in ``<out>.rank{r}.json`` (tests/rank_records.py).
+"""A worker for the distributed tests.
+
+Trains a tiny model with spngd_ds.initialize under torchrun (or one process) on a deterministic
+global batch and writes the final parameters; each rank also records how it ended in
+``<out>.rank{r}.json`` (tests/rank_records.py).
 
 Not collected by pytest (no test_ prefix); tests/test_deepspeed_*.py launch it.
 """
@@ -40,13 +42,13 @@ def global_batch(step: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def ds_config(a: argparse.Namespace, world: int) -> dict:
+def ds_config(a: argparse.Namespace, world: int) -> dict[str, Any]:
     stal = None if a.staleness == "off" else {"threshold": 0.5, "max_interval": 3}
     params = {"lr": a.lr, "momentum": 0.9, "damping": 1e-2, "weight_decay": 1e-4, "staleness": stal,
               "comm_dtype": a.comm_dtype, "bn_damping_scale": 64.0, "fisher": "empirical"}
     params["stat_micro_batches"] = a.stat_micro_batches or None  # 0: every micro-batch (the references)
     params["overlap_statistics"] = True  # what "auto" does on an accelerator: A sent behind the backward
-    cfg: dict = {
+    cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": a.global_batch // (world * a.gas),
         "gradient_accumulation_steps": a.gas,
         "optimizer": {"type": "SPNGD", "params": params},
@@ -71,8 +73,10 @@ def ds_config(a: argparse.Namespace, world: int) -> dict:
 
 
 def _perturb_after_update(engine, opt, step: int) -> None:  # type: ignore[no-untyped-def]
-    """After SP-NGD's update (and all-gather) of ``step``, add 1e-3 to the first parameter on this rank
-    only: a silent divergence that only a rank-agreement check can see."""
+    """After SP-NGD's update (and all-gather) of ``step``, add 1e-3 to the first parameter on this rank only.
+
+    A silent divergence that only a rank-agreement check can see.
+    """
     finish = opt.finish_step
 
     def finish_step(*args: Any, **kwargs: Any) -> None:
@@ -85,8 +89,11 @@ def _perturb_after_update(engine, opt, step: int) -> None:  # type: ignore[no-un
 
 
 def _crash_while_saving_spngd_file() -> None:
-    """Die like a killed process while ``torch.save`` writes this rank's ``spngd_rank*.pt`` (whatever path
-    the checkpoint code writes to first): half the bytes reach the disk, then ``os._exit(1)``."""
+    """Die like a killed process while ``torch.save`` writes this rank's ``spngd_rank*.pt``.
+
+    Whatever path the checkpoint code writes to first: half the bytes reach the disk, then
+    ``os._exit(1)``.
+    """
     import io
 
     real_save = torch.save
@@ -101,12 +108,15 @@ def _crash_while_saving_spngd_file() -> None:
             os._exit(1)
         return real_save(obj, f, *args, **kwargs)
 
-    torch.save = save  # type: ignore[assignment]
+    torch.save = save
 
 
 def die_with_launcher() -> None:
-    """Linux: get SIGKILL when the torchrun agent that started us dies (a test that times out
-    kills the agent; torchrun puts workers in their own session, so a process-group kill misses them)."""
+    """Linux: get SIGKILL when the torchrun agent that started us dies.
+
+    A test that times out kills the agent; torchrun puts workers in their own session, so a
+    process-group kill misses them.
+    """
     try:
         import ctypes
         import signal
@@ -161,8 +171,8 @@ def main() -> None:
         from deepspeed.accelerator import get_accelerator
 
         acc = get_accelerator()
-        type(acc).is_fp16_supported = lambda self: True  # type: ignore[method-assign]
-        type(acc).supported_dtypes = lambda self: [torch.float, torch.bfloat16, torch.float16]  # type: ignore
+        type(acc).is_fp16_supported = lambda self: True
+        type(acc).supported_dtypes = lambda self: [torch.float, torch.bfloat16, torch.float16]
     import spngd_ds
 
     if a.cells:
@@ -249,15 +259,20 @@ def full_fp32_params(engine) -> dict[str, torch.Tensor]:  # type: ignore[no-unty
 
 
 def stage0_masters(engine, opt) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
-    """ZeRO stage 0 under bf16/fp16: the fp32 copies SP-NGD updates (DeepSpeed's wrapper puts them
-    in the optimizer's groups, in the model's parameter order), not their half-precision casts."""
+    """ZeRO stage 0 under bf16/fp16.
+
+    The fp32 copies SP-NGD updates (DeepSpeed's wrapper puts them in the optimizer's groups, in the
+    model's parameter order), not their half-precision casts.
+    """
     live = opt._aligned()
     return {name: live[id(prm)].detach().float().cpu().clone() for name, prm in engine.module.named_parameters()}
 
 
 def _fragment_elements_sent(opt, rank: int) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
-    """ZeRO path: elements of its fragments this rank sends to other owners per exchange, with the
-    owners the path chose and with the plain multi-load assignment (None on the fast path)."""
+    """ZeRO path: elements of its fragments this rank sends to other owners per exchange.
+
+    With the owners the path chose and with the plain multi-load assignment (None on the fast path).
+    """
     from spngd_ds.assignment import assign_owners, block_cost
     from spngd_ds.blocks.shapes import full_shape
     from spngd_ds.comm import FragmentPlan, OwnerLayout
@@ -272,8 +287,10 @@ def _fragment_elements_sent(opt, rank: int) -> tuple[int, int] | None:  # type: 
 
 
 def run_cells(path: str, out_dir: str) -> None:
-    """Run every cell of the JSON list in ``path`` in this process group; rank 0 writes
-    ``out_dir/<cell name>.pt`` with the parameters and what the optimizer reports."""
+    """Run every cell of the JSON list in ``path`` in this process group.
+
+    Rank 0 writes ``out_dir/<cell name>.pt`` with the parameters and what the optimizer reports.
+    """
     import deepspeed
     import torch.distributed as dist
 
@@ -306,10 +323,11 @@ def run_cells(path: str, out_dir: str) -> None:
         if cell.stage == 0 and cell.precision != "fp32":
             params = stage0_masters(engine, opt)
         owned = [b.name for b in opt.owned()]
-        owned_counts = [None] * world
+        owned_counts: list[int | None] = [None] * world
         dist.all_gather_object(owned_counts, len(owned))
-        sent = [None] * world  # elements this rank's fragment exchange sends: owners as chosen / plain LPT
-        dist.all_gather_object(sent, _fragment_elements_sent(opt, rank))
+        # elements this rank's fragment exchange sends: owners as chosen / plain LPT
+        sent: list[int | None] = [None] * world
+        dist.all_gather_object(sent, _fragment_elements_sent(opt, rank))  # type: ignore[misc]
         info = {"metrics": opt.metrics(), "assignment": dict(opt.assignment), "owned_counts": owned_counts,
                 "fragment_elements_sent": sent,
                 "step_count": opt.step_count, "global_steps": engine.global_steps,
@@ -329,9 +347,11 @@ SIBLING_WAIT_S = 60.0
 
 
 def recorded_main() -> int:
-    """Run :func:`main` and record how this rank ended in ``<out>.rank{r}.json``
-    (tests/rank_records.py): the exception, or success, with the collectives called until then.
-    A failing rank prints its traceback, records, waits for its siblings' records, and returns 1."""
+    """Run :func:`main` and record how this rank ended in ``<out>.rank{r}.json`` (tests/rank_records.py).
+
+    The exception, or success, with the collectives called until then. A failing rank prints its
+    traceback, records, waits for its siblings' records, and returns 1.
+    """
     from tests.rank_records import count_collectives, failure_record, success_record, wait_for_records, write_record
 
     # Counted from the start of the process: spngd_ds.initialize validates the config before it

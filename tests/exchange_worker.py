@@ -1,5 +1,7 @@
-"""A worker for tests/test_exchange_dist.py: the exchange layer of spngd_ds.comm on N gloo ranks,
-no DeepSpeed, every case in one launch. Run under ``python -m torch.distributed.run``.
+"""A worker for tests/test_exchange_dist.py.
+
+The exchange layer of spngd_ds.comm on N gloo ranks, no DeepSpeed, every case in one launch. Run
+under ``python -m torch.distributed.run``.
 
 Each case checks its result against a dense reference (an all-reduce of the same data, or data
 every rank can regenerate), and checks the bytes three ways: ``torch.distributed`` itself is
@@ -41,8 +43,11 @@ from spngd_ds.comm import (  # noqa: E402
 
 
 class WireLog:
-    """Wraps the torch.distributed collectives the exchange may use; records, per call, the bytes
-    this rank sends under the ring / all-to-all model, straight from the tensors and splits."""
+    """Wraps the torch.distributed collectives the exchange may use.
+
+    records, per call, the bytes this rank sends under the ring / all-to-all model, straight from
+    the tensors and splits.
+    """
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -193,8 +198,10 @@ def case_exchange(comm: DistributedCommunicator, log: WireLog, summary: dict[str
 
 
 def deal_fragments(lay: OwnerLayout, rng: random.Random) -> list[list[tuple[int, int, int]]]:
-    """Cut every item at arbitrary points and deal the pieces to ranks (like ZeRO partitions that
-    split parameters anywhere), some zero-length, in a shuffled order."""
+    """Cut every item at arbitrary points and deal the pieces to ranks in a shuffled order.
+
+    Like ZeRO partitions that split parameters anywhere; some pieces are zero-length.
+    """
     world = lay.world_size
     per: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
     for i, n in enumerate(lay.numels):

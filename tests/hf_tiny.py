@@ -1,5 +1,8 @@
-"""Tiny random-init HF transformers built from configs (no download), their batches, and the share
-of parameters SP-NGD gives curvature. Shared by the coverage tests and the coverage table."""
+"""Tiny random-init HF transformers built from configs (no download), and their batches.
+
+Also the share of parameters SP-NGD gives curvature. Shared by the coverage tests and the coverage
+table.
+"""
 
 from __future__ import annotations
 
@@ -23,21 +26,21 @@ def build(kind: str, device: str | None = None, real_size: bool = False) -> nn.M
                                                                    n_positions=64)
             return tf.GPT2LMHeadModel(cfg)
         if kind == "bert":
-            cfg = tf.BertConfig(num_labels=3) if real_size else tf.BertConfig(
+            cfg = tf.BertConfig(num_labels=3) if real_size else tf.BertConfig(  # type: ignore[assignment, call-arg]
                 vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                 max_position_embeddings=64, num_labels=3)
-            return tf.BertForSequenceClassification(cfg)
+            return tf.BertForSequenceClassification(cfg)  # type: ignore[arg-type]
         if kind == "llama":
-            cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+            cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,  # type: ignore[assignment]
                                  num_attention_heads=32, tie_word_embeddings=False) if real_size else tf.LlamaConfig(
                 vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-            return tf.LlamaForCausalLM(cfg)
+            return tf.LlamaForCausalLM(cfg)  # type: ignore[arg-type]
         if kind == "vit":
-            cfg = tf.ViTConfig() if real_size else tf.ViTConfig(
+            cfg = tf.ViTConfig() if real_size else tf.ViTConfig(  # type: ignore[assignment, call-arg]
                 image_size=16, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2,
                 num_attention_heads=4, intermediate_size=128, num_labels=3)
-            return tf.ViTForImageClassification(cfg)
+            return tf.ViTForImageClassification(cfg)  # type: ignore[arg-type]
     raise ValueError(kind)
 
 
@@ -54,7 +57,7 @@ def batch(kind: str, n: int = 8, t: int = 16, seed: int = 0) -> dict[str, Any]:
 
 
 def tied_parameters(model: nn.Module) -> set[int]:
-    """ids of parameters registered in more than one module (tied input/output embeddings)."""
+    """Ids of parameters registered in more than one module (tied input/output embeddings)."""
     seen: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
@@ -63,8 +66,11 @@ def tied_parameters(model: nn.Module) -> set[int]:
 
 
 def coverage(model: nn.Module, **spngd_kwargs: Any) -> tuple[float, list[str]]:
-    """Share of trainable parameters (tied ones left out of the count) in a curvature block under
-    :func:`spngd_ds.blocks.build_blocks` with the options of ``spngd_kwargs``, and the fallback lines."""
+    """Share of trainable parameters in a curvature block, and the fallback lines.
+
+    Tied parameters are counted once; the blocks are those of :func:`spngd_ds.blocks.build_blocks`
+    with the options of ``spngd_kwargs``.
+    """
     from spngd_ds.blocks import BlockOptions, build_blocks
     from spngd_ds.staleness import RefreshSchedule
 

@@ -32,14 +32,16 @@ COLLECTIVE = re.compile(
 
 
 def count_collectives() -> dict[str, int]:
-    """Wrap every collective of ``torch.distributed`` with a counter and return the live counts
-    (name -> calls so far in this process).
+    """Wrap every collective of ``torch.distributed`` with a counter; return the live counts.
+
+    The counts map a collective's name to its calls so far in this process.
 
     Both ``torch.distributed`` and ``torch.distributed.distributed_c10d`` are patched, so calls made
     through either module (DeepSpeed's comm layer looks them up on ``torch.distributed`` at call
     time; torch's own ``*_object`` helpers call ``distributed_c10d``'s functions) are counted; one
     ``all_gather_object`` therefore counts its inner collectives too. Call it before anything that
-    may communicate has run."""
+    may communicate has run.
+    """
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
@@ -61,14 +63,15 @@ def count_collectives() -> dict[str, int]:
 
 
 def record_path(out: str, rank: int) -> Path:
-    """Where rank ``rank`` of a run with ``--out out`` records how it ended (``{rank}`` in ``out``
-    is dropped)."""
+    """Where rank ``rank`` of a run with ``--out out`` records how it ended (``{rank}`` in ``out`` is dropped)."""
     return Path(f"{out.replace('{rank}', '')}.rank{rank}.json")
 
 
 def write_record(out: str, rank: int, record: dict[str, Any]) -> None:
-    """Write ``record`` as JSON to :func:`record_path`, whole or not at all (a temporary file
-    renamed), so a reader never sees half of it."""
+    """Write ``record`` as JSON to :func:`record_path`, whole or not at all.
+
+    A temporary file is renamed, so a reader never sees half of it.
+    """
     path = record_path(out, rank)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(record))
@@ -76,8 +79,11 @@ def write_record(out: str, rank: int, record: dict[str, Any]) -> None:
 
 
 def failure_record(exc: BaseException, counts: dict[str, int]) -> dict[str, Any]:
-    """What a rank records when ``exc`` ends it: the exception's type, message and last traceback
-    line, the whole traceback, the collectives called so far, and whether a process group existed."""
+    """What a rank records when ``exc`` ends it.
+
+    The exception's type, message and last traceback line, the whole traceback, the collectives
+    called so far, and whether a process group existed.
+    """
     import torch.distributed as dist
 
     return {
@@ -99,8 +105,10 @@ def success_record(counts: dict[str, int]) -> dict[str, Any]:
 
 def wait_for_records(out: str, world: int, timeout: float) -> None:
     """Return once every rank of ``world`` has recorded its outcome, or after ``timeout`` seconds.
-    A failing rank waits here before it exits, so that a launcher that stops the other ranks on
-    the first failure cannot stop one before it got as far as this one (no collective involved)."""
+
+    A failing rank waits here before it exits, so that a launcher that stops the other ranks on the
+    first failure cannot stop one before it got as far as this one (no collective involved).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if all(record_path(out, r).exists() for r in range(world)):

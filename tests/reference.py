@@ -522,8 +522,11 @@ def exact_fisher_by_label_enumeration(
 
 
 def exact_fisher_per_class(model: nn.Module, x: Tensor, layer: str) -> Tensor:
-    """Exact ``(1/n) Σ_i Σ_y p(y|x_i) g_i(y) g_i(y)^T`` for a Linear ``layer`` of a model without
-    batch coupling, by one backward per (sample, class) on that sample's own loss."""
+    """Exact MC-expected G of a Linear ``layer``, by one backward per (sample, class).
+
+    Exact ``(1/n) Σ_i Σ_y p(y|x_i) g_i(y) g_i(y)^T`` for a Linear ``layer`` of a model without batch
+    coupling, by one backward per (sample, class) on that sample's own loss.
+    """
     probs = softmax_probs(model, x)
     n, c = probs.shape
     acc: Tensor | None = None

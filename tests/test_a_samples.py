@@ -1,10 +1,13 @@
-"""``a_samples``: A of a Linear/Conv2d from the first k samples of each capturing micro-batch per
-rank; G and BatchNorm's F from all of them. Float64. On one process: the captured sums equal those
-of the first k samples, unbatched inputs and micro-batches of at most k samples are untouched. On
-3 forked gloo ranks (a BatchNorm CNN of two blocks, so one rank owns nothing):
-the owners' A after a step equals one process's A over the concatenated first k samples of every
-rank, G and F equal one process's over all samples, and a run with a changing learning rate
-agrees across ranks and differs from the uncapped one."""
+"""``a_samples``: A from the first k samples of each capturing micro-batch.
+
+A of a Linear/Conv2d from the first k samples of each capturing micro-batch per rank; G and
+BatchNorm's F from all of them. Float64. On one process: the captured sums equal those of the first
+k samples, unbatched inputs and micro-batches of at most k samples are untouched. On 3 forked gloo
+ranks (a BatchNorm CNN of two blocks, so one rank owns nothing): the owners' A after a step equals
+one process's A over the concatenated first k samples of every rank, G and F equal one process's
+over all samples, and a run with a changing learning rate agrees across ranks and differs from the
+uncapped one.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""Byte-aware ownership (spngd_ds.assignment) on torchvision ResNet-50's real blocks, and the exchange
+"""Byte-aware ownership on torchvision ResNet-50's real blocks, and its exchange bytes.
+
+Byte-aware ownership (spngd_ds.assignment) on torchvision ResNet-50's real blocks, and the exchange
 bytes it leads to (spngd_ds.comm.layout_bytes on the gradients' OwnerLayout) against a ring
-all-reduce of the same gradients, 2(N-1)/N·P·4 bytes (DESIGN.md §3: "one first-order all-reduce")."""
+all-reduce of the same gradients, 2(N-1)/N·P·4 bytes (DESIGN.md §3: "one first-order all-reduce").
+"""
 
 from __future__ import annotations
 
@@ -70,8 +73,11 @@ def test_resnet50_ownership_balances_inversion_and_bytes(resnet50: list[Block], 
 
 
 def test_bytes_need_their_own_loads(resnet50: list[Block]) -> None:
-    """Why three loads: inversion alone puts 1.19x an all-reduce on a rank at N=4, and
-    (inversion, elements) without the gradient load leaves a rank 1.46x its gradient share at N=8."""
+    """Why the assignment balances three loads.
+
+    Inversion alone puts 1.19x an all-reduce on a rank at N=4, and (inversion, elements) without the
+    gradient load leaves a rank 1.46x its gradient share at N=8.
+    """
     full = [block_cost(b) for b in resnet50]
     inv_only = [BlockCost(c.name, c.inversion, c.memory) for c in full]
     assert exchange_ratio(resnet50, assign_owners(inv_only, 4), 4) > 1.15

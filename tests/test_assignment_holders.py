@@ -1,5 +1,7 @@
-"""Owners aligned with DeepSpeed's ZeRO 1/2 partitions (spngd_ds.assignment.assign_to_holders): the
-gradient elements that cross the wire, and the inversion balance they cost."""
+"""Owners aligned with DeepSpeed's ZeRO 1/2 partitions (spngd_ds.assignment.assign_to_holders).
+
+The gradient elements that cross the wire, and the inversion balance they cost.
+"""
 
 from __future__ import annotations
 
@@ -48,8 +50,11 @@ def test_each_block_goes_to_its_holder_when_that_is_balanced() -> None:
 
 
 def test_the_inversion_cap_moves_the_cheapest_blocks_off() -> None:
-    """Rank 0 holds everything: blocks leave it, fewest elements per unit of inversion first,
-    until its load is at most (1 + slack) x plain LPT's peak."""
+    """Rank 0 holds everything.
+
+    Blocks leave it, fewest elements per unit of inversion first, until its load is at most (1 +
+    slack) x plain LPT's peak.
+    """
     costs = [BlockCost("big", 8.0, 0.0), BlockCost("a", 4.0, 0.0), BlockCost("b", 4.0, 0.0), BlockCost("c", 4.0, 0.0)]
     held = [[100.0, 0.0], [10.0, 0.0], [1000.0, 0.0], [20.0, 0.0]]
     for slack in (0.0, 0.25, 1.0):
@@ -73,8 +78,11 @@ def test_refusals_and_determinism() -> None:
 
 @pytest.fixture(scope="module")
 def resnet50() -> tuple[list[Block], list[int]]:
-    """ResNet-50's blocks and each block parameter's offset in the flat fp32 buffer DeepSpeed's
-    ZeRO 1/2 partitions (trainable parameters in model order)."""
+    """ResNet-50's blocks and each block parameter's offset in DeepSpeed's flat fp32 buffer.
+
+    The buffer is the flat fp32 one DeepSpeed's ZeRO 1/2 partitions (trainable parameters in model
+    order).
+    """
     torchvision = pytest.importorskip("torchvision")
     with torch.device("meta"):
         model = torchvision.models.resnet50(weights=None)
@@ -103,9 +111,11 @@ def zero_partition_held(blocks: list[Block], starts: list[int], world: int) -> l
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_resnet50_on_zero_partitions(resnet50: tuple[list[Block], list[int]], world: int) -> None:
-    """Both fragment exchanges of a step add at most 5% of a first-order all-reduce of the
-    gradients (2(N-1)/N·P) to the most-loaded rank, against 14-39% for the multi-load assignment at N <= 8,
-    and inversion stays within the cap."""
+    """Both fragment exchanges of a step add at most 5% of a first-order all-reduce.
+
+    At most 5% of 2(N-1)/N·P on the most-loaded rank, against 14-39% for the multi-load assignment
+    at N <= 8, and inversion stays within the cap.
+    """
     blocks, starts = resnet50
     costs = [block_cost(b) for b in blocks]
     held = zero_partition_held(blocks, starts, world)

@@ -1,9 +1,10 @@
-"""The capture paths a large-batch step takes, on 3 forked gloo ranks against one process fed the
-same passes (float64): A of a stride-1 convolution by the shift Gram (bias included), BatchNorm's
-F from one-pass moments, and gradient accumulation with ``stat_micro_batches: 1``, where the
-second forward of each step runs without the blocks' forward hooks. Two blocks (the conv and its
-BatchNorm) on three ranks, so one rank owns nothing; the learning rate changes every step and
-staleness makes some steps capture nothing at all.
+"""The capture paths a large-batch step takes, on 3 forked gloo ranks against one process fed the same passes (float64).
+
+A of a stride-1 convolution by the shift Gram (bias included), BatchNorm's F from one-pass moments,
+and gradient accumulation with ``stat_micro_batches: 1``, where the second forward of each step runs
+without the blocks' forward hooks. Two blocks (the conv and its BatchNorm) on three ranks, so one
+rank owns nothing; the learning rate changes every step and staleness makes some steps capture
+nothing at all.
 
 The reference is a standalone SP-NGD on one process that runs micro-batch k of every rank, in
 rank order, with ``stat_micro_batches`` = the number of ranks (so it captures exactly the ranks'
@@ -13,7 +14,8 @@ divide the loss by.
 The owners' refresh decisions reach the other ranks with the gathered parameters; the variant
 ``decisions_alone`` forces the exchange of their own that a dtype unable to hold the step numbers
 exactly takes (paths/fast.py). A decision that did not arrive would change what the next step
-captures, and the run."""
+captures, and the run.
+"""
 
 from __future__ import annotations
 
@@ -56,11 +58,10 @@ def _lr(step: int) -> float:
 
 
 def _train(opt: spngd_ds.SPNGD, model: nn.Module, passes_of: Any, splits: int) -> dict[str, Any]:
-    """STEPS steps; per forward, which blocks carry a forward hook (seen by a pre-hook that runs
-    after SP-NGD's own)."""
+    """STEPS steps; per forward, which blocks carry a forward hook (seen by a pre-hook that runs after SP-NGD's own)."""
     opt.capture.grad_scale = lambda: float(splits)
     hooked: list[bool] = []
-    model.register_forward_pre_hook(lambda m, i: hooked.append(bool(model[0]._forward_hooks)))
+    model.register_forward_pre_hook(lambda m, i: hooked.append(bool(model[0]._forward_hooks)))  # type: ignore[index]
     for step in range(STEPS):
         for group in opt.param_groups:
             group["lr"] = _lr(step)
@@ -79,10 +80,10 @@ def _rank(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     if os.environ.get(DECISIONS_ALONE) == "1":
-        spngd_ds.SPNGD.decisions_exact_in = lambda self, dtype: False  # type: ignore[method-assign]
+        spngd_ds.SPNGD.decisions_exact_in = lambda self, dtype: False
     shifted: list[int] = []
     real = conv_gram.shift_gram
-    conv_gram.shift_gram = lambda x, *a: shifted.append(x.shape[0]) or real(x, *a)  # type: ignore[assignment]
+    conv_gram.shift_gram = lambda x, *a: shifted.append(x.shape[0]) or real(x, *a)  # type: ignore[func-returns-value]
     model = _model()
     opt = spngd_ds.SPNGD(model, lr=_lr(0), momentum=0.9, damping=1e-2, staleness=STALENESS,
                          communicator=DistributedCommunicator())

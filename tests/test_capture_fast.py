@@ -11,6 +11,7 @@ float64 references are tests/test_reference_kron.py and tests/test_reference_bn.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def _schedule() -> RefreshSchedule:
 
 
 def _unfold_gram(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # type: ignore[arg-type]
     rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if m.bias is not None:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
@@ -48,7 +49,7 @@ CONVS = [
 @pytest.mark.parametrize("spec", CONVS, ids=[f"conv{i}" for i in range(len(CONVS))])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv_activation_gram_equals_unfold(
-    spec: dict, layout_max_d: int, channels_last: bool, monkeypatch: pytest.MonkeyPatch
+    spec: dict[str, Any], layout_max_d: int, channels_last: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(conv_gram_mod, "ROWS_LAYOUT_MAX_D", layout_max_d)
     torch.manual_seed(0)
@@ -157,9 +158,11 @@ def test_channel_moments_and_F_capture(shape: tuple[int, ...], offset: float) ->
 
 
 def test_F_capture_in_float32_with_a_large_mean() -> None:
-    """The one-pass moments in float32, for an input whose mean is 20 standard deviations: F stays
-    within 1e-4 of the float64 capture of the same numbers (the cancellation in E[x²] - μ² and
-    Σ x g - μ Σ g costs about u·(μ/σ)² = 2.4e-5 here)."""
+    """The one-pass moments in float32, for an input whose mean is 20 standard deviations.
+
+    F stays within 1e-4 of the float64 capture of the same numbers (the cancellation in E[x²] - μ²
+    and Σ x g - μ Σ g costs about u·(μ/σ)² = 2.4e-5 here).
+    """
     torch.manual_seed(6)
     x = (0.5 * torch.randn(8, 4, 16, 16, dtype=torch.float64) + 10.0).float()
     grad = torch.randn(8, 4, 16, 16, dtype=torch.float64).float()
@@ -171,7 +174,7 @@ def test_F_capture_in_float32_with_a_large_mean() -> None:
         back(grad.to(dtype), 1.0)
         out[dtype] = block.stats["F"].take_local()[0]
     ref = out[torch.float64]
-    assert float((out[torch.float32].double() - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert float((out[torch.float32].double() - ref).abs().max() / ref.abs().max()) < 1e-4  # type: ignore[operator, union-attr]
 
 
 def test_bf16_layer_statistics_are_fp32() -> None:

@@ -1,11 +1,14 @@
-"""SP-NGD's own checkpoint files are read with ``torch.load(weights_only=True)``: a real state
-round-trips through that loader, and a file that carries a pickled callable is refused with an
-error that names the file instead of being executed."""
+"""SP-NGD's own checkpoint files are read with ``torch.load(weights_only=True)``.
+
+A real state round-trips through that loader, and a file that carries a pickled callable is refused
+with an error that names the file instead of being executed.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ import spngd_ds
 from spngd_ds.checkpoint import read_states
 
 
-def _trained_state() -> dict:
+def _trained_state() -> dict[str, Any]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
     opt = spngd_ds.SPNGD(model, lr=0.1, damping=1e-2)

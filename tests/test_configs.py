@@ -1,5 +1,8 @@
-"""The JSON configs in ds_configs/: they parse, carry the required keys, match the paper's table, and
-DeepSpeed accepts their batch, ZeRO and precision keys."""
+"""The JSON configs in ds_configs/.
+
+They parse, carry the required keys, match the paper's table, and DeepSpeed accepts their batch,
+ZeRO and precision keys.
+"""
 
 from __future__ import annotations
 

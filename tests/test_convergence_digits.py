@@ -70,8 +70,10 @@ def _accuracy(model: nn.Module) -> float:
 def _steps_to_target(
     seed: int, make_opt: Callable[[nn.Module], torch.optim.Optimizer], cap: int = CAP, extra: int = 0
 ) -> tuple[int | None, float, nn.Module]:
-    """Full-batch steps until the validation accuracy first reaches TARGET (None if not within
-    ``cap``), then ``extra`` more steps; returns (steps, final accuracy, model)."""
+    """Full-batch steps until the validation accuracy first reaches TARGET, then ``extra`` more.
+
+    Steps is None if TARGET is not reached within ``cap``; returns (steps, final accuracy, model).
+    """
     xtr, ytr, _, _ = DATA
     model = _model(seed)
     opt = make_opt(model)
@@ -94,7 +96,7 @@ def test_spngd_reaches_95_percent_before_tuned_sgd(seed: int) -> None:
         seed, lambda m: spngd_ds.SPNGD(m, lr=0.3, momentum=0.9, damping=1e-2), extra=20
     )
     sgd_steps = {
-        lr: _steps_to_target(seed, lambda m, lr=lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9))[0]
+        lr: _steps_to_target(seed, lambda m, lr=lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9))[0]  # type: ignore[misc]
         for lr in SGD_LRS
     }
     print(f"seed {seed}: steps to {TARGET:.0%}: SP-NGD {ngd_steps}, SGD {sgd_steps}")
@@ -107,8 +109,10 @@ def test_spngd_reaches_95_percent_before_tuned_sgd(seed: int) -> None:
 
 
 def test_spngd_curvature_is_what_makes_it_fast() -> None:
-    """Guard: the same optimizer with curvature disabled (every layer forced to the plain gradient
-    by an enormous damping, lr rescaled to match) is no faster than SGD at lr 0.3."""
+    """Guard: the same optimizer with curvature disabled is no faster than SGD at lr 0.3.
+
+    Every layer is forced to the plain gradient by an enormous damping, with lr rescaled to match.
+    """
     steps, _, _ = _steps_to_target(0, lambda m: spngd_ds.SPNGD(m, lr=0.3, momentum=0.9, damping=1e-2))
     assert steps is not None and steps <= 5
     # with λ huge, Â⁻¹ ≈ I/(π√λ) and Ĝ⁻¹ ≈ π I/√λ, so P(∇) ≈ ∇/λ (BN: ∇/(64λ)): lr·λ is plain SGD's lr

@@ -1,5 +1,6 @@
-"""2 gloo ranks under DeepSpeed give what one standalone SP-NGD process gives on the same global
-batch (DESIGN.md §7): every ZeRO stage, staleness on and off, micro-batches vs one batch.
+"""2 gloo ranks under DeepSpeed give what one standalone SP-NGD process gives on the same global batch (DESIGN.md §7).
+
+Every ZeRO stage, staleness on and off, micro-batches vs one batch.
 
 Tolerance: fp32 parameters after 5 steps agree to 2e-5 relative to each tensor's largest entry
 (measured: 3e-7 to 5e-7; the difference is only the summation order of the reductions).
@@ -36,8 +37,11 @@ def test_micro_batches_equal_one_batch(tmp_path: Path, stage: int) -> None:
 
 
 def test_conv_model_stage0_and_batchnorm_split(tmp_path: Path) -> None:
-    """Conv2d blocks through the fast path; BatchNorm with per-rank batch statistics equals the
-    standalone run fed the same halves (BatchNorm normalises per forward pass)."""
+    """Conv2d blocks through the fast path.
+
+    BatchNorm with per-rank batch statistics equals the standalone run fed the same halves
+    (BatchNorm normalises per forward pass).
+    """
     out = run_worker(2, tmp_path / "conv.pt", "--model", "conv", "--stage", "0")
     assert max_rel_err(out["params"], reference_params("conv", steps=5)) < TOL
     out = run_worker(2, tmp_path / "bn.pt", "--model", "convbn", "--stage", "1")
@@ -45,8 +49,11 @@ def test_conv_model_stage0_and_batchnorm_split(tmp_path: Path) -> None:
 
 
 def test_stat_micro_batches_captures_only_the_first_k(tmp_path: Path) -> None:
-    """gas 4, stat_micro_batches 2: statistics from micro-batches 0 and 1 of each rank only,
-    normalised by their sample count; gradients from all four."""
+    """Gradient accumulation 4 with ``stat_micro_batches`` 2.
+
+    Statistics from micro-batches 0 and 1 of each rank only, normalised by their sample count;
+    gradients from all four.
+    """
     out = run_worker(2, tmp_path / "out.pt", "--stage", "0", "--gas", "4", "--stat_micro_batches", "2")
     ref = reference_params("mlp", steps=5, splits=8, ranks=2, stat_micro_batches=4)
     assert max_rel_err(out["params"], ref) < TOL

@@ -1,5 +1,8 @@
-"""DeepSpeed integration beyond plain equivalence: memory and bytes per rank, mixed precision,
-fp16 overflow, checkpoints across world sizes, bad configs (2 gloo ranks on the CPU)."""
+"""DeepSpeed integration beyond plain equivalence.
+
+Memory and bytes per rank, mixed precision, fp16 overflow, checkpoints across world sizes, bad
+configs (2 gloo ranks on the CPU).
+"""
 
 from __future__ import annotations
 
@@ -22,13 +25,16 @@ TOL = 2e-5
 
 
 def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
-    """Each of 2 ranks holds <= 60% of the 1-rank curvature bytes (8 blocks), and the bytes a
-    fast-path step sends (every statistic due: staleness off) are exactly those of the exchange
-    layout (DESIGN.md §3), computed here from the assignment alone: gradients to owners and
-    parameters back (reduce-scatter of equal shards + all-to-all, both ways), the packed due
-    statistics to owners, the owners' refresh decisions back with the parameters (their (interval,
-    next step) pairs as two more fp32 elements per statistic in the parameters' layout), and the one
-    small all-reduce (the flags and the sample counts)."""
+    """Curvature bytes per rank, and the exact bytes a fast-path step sends.
+
+    Each of 2 ranks holds <= 60% of the 1-rank curvature bytes (8 blocks), and the bytes a fast-path
+    step sends (every statistic due: staleness off) are exactly those of the exchange layout
+    (DESIGN.md §3), computed here from the assignment alone: gradients to owners and parameters back
+    (reduce-scatter of equal shards + all-to-all, both ways), the packed due statistics to owners,
+    the owners' refresh decisions back with the parameters (their (interval, next step) pairs as two
+    more fp32 elements per statistic in the parameters' layout), and the one small all-reduce (the
+    flags and the sample counts).
+    """
     torchrun(2, ["--stage", "0", "--staleness", "off", "--out", str(tmp_path / "r{rank}")])
     infos = [torch.load(tmp_path / f"r{r}", weights_only=False)["info"] for r in range(2)]
     model = build_model("mlp")
@@ -93,8 +99,11 @@ def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
     ],
 )
 def test_mixed_precision_follows_fp32(tmp_path: Path, args: list[str], tol: float) -> None:
-    """bf16/fp16 runs stay finite and within ``tol`` of the fp32 trajectory, measured as
-    max|θ_lowp - θ_fp32| / max|θ_fp32 - θ_0| per tensor (bf16 measured ~0.07, fp16 ~0.01)."""
+    """bf16/fp16 runs stay finite and within ``tol`` of the fp32 trajectory.
+
+    Measured as max|θ_lowp - θ_fp32| / max|θ_fp32 - θ_0| per tensor (bf16 measured ~0.07, fp16
+    ~0.01).
+    """
     out = run_worker(2, tmp_path / "out.pt", *args)
     ref = reference_params("mlp", steps=5)
     start = reference_params("mlp", steps=0)
@@ -106,8 +115,11 @@ def test_mixed_precision_follows_fp32(tmp_path: Path, args: list[str], tol: floa
 
 
 def test_fp16_overflow_skips_step_and_statistics(tmp_path: Path) -> None:
-    """An inf loss at step 2 (fp16, ZeRO 1): DeepSpeed skips the step, SP-NGD discards that step's
-    statistics, and the run equals one that never saw batch 2."""
+    """An inf loss at step 2 (fp16, ZeRO 1).
+
+    DeepSpeed skips the step, SP-NGD discards that step's statistics, and the run equals one that
+    never saw batch 2.
+    """
     out = run_worker(2, tmp_path / "out.pt", "--stage", "1", "--precision", "fp16", "--patch_fp16",
                      "--inject_overflow_step", "2", "--staleness", "off")
     assert out["info"]["metrics"]["spngd/skipped_steps"] == 1

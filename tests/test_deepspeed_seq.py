@@ -1,13 +1,16 @@
-"""Sequence layers under DeepSpeed: 3 gloo ranks give what one standalone SP-NGD process gives fed
-the same per-rank passes (tests/cells.py), with a token model of Embedding, LayerNorm, HF Conv1D,
-RMSNorm and Linear (positions as samples), at ZeRO 0 and ZeRO 3 (built under zero.Init), and a
-2-block variant that leaves one of the 3 ranks without any block.
+"""Sequence layers under DeepSpeed.
+
+3 gloo ranks give what one standalone SP-NGD process gives fed the same per-rank passes
+(tests/cells.py), with a token model of Embedding, LayerNorm, HF Conv1D, RMSNorm and Linear
+(positions as samples), at ZeRO 0 and ZeRO 3 (built under zero.Init), and a 2-block variant that
+leaves one of the 3 ranks without any block.
 
 Tolerance 3e-4 relative to each tensor's largest entry: this model amplifies fp32 rounding more
 than the matrix's (the standalone run itself moves by 5e-5 to 6e-5 in the Conv1D weight when only
 the order of its micro-batches changes, and by 8e-5 against the same run in float64; the 3-rank
 runs measured 2e-5 to 1e-4). The runs differ from the reference with positions_as_samples=false by
-far more, so a wrong sample count fails."""
+far more, so a wrong sample count fails.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The equivalence matrix (DESIGN.md §7, issue 11): N gloo ranks under DeepSpeed give what one
-standalone SP-NGD process gives when fed the same per-rank passes.
+"""The equivalence matrix (DESIGN.md §7, issue 11).
+
+N gloo ranks under DeepSpeed give what one standalone SP-NGD process gives when fed the same
+per-rank passes.
 
 Axes: models {MLP, conv, conv + BatchNorm on split batches, tied weights, a 2-block BatchNorm
 model that leaves the third of 3 ranks without any block} x ZeRO {0, 1, 2, 3} x {fp32, bf16} x
@@ -178,8 +180,10 @@ def tolerance(cell: Cell, world: int) -> float:
 
 
 def test_the_matrix_axes_change_the_run() -> None:
-    """Each axis the cells vary changes the standalone result by far more than the tolerance, so a
-    path that ignored it would fail its cell (a test that cannot fail is no test)."""
+    """Each axis the cells vary changes the standalone result by far more than the tolerance.
+
+    So a path that ignored an axis would fail its cell (a test that cannot fail is no test).
+    """
     base = Cell("convbn", 0)
     ref = C.reference(base, 2)
     for changed in (base.but(clip=0.5), base.but(schedule="poly"), base.but(rescale=True), base.but(step_bound=0.01)):
@@ -195,5 +199,5 @@ def test_raw_gradient_norm_exceeds_deepspeeds_default_clip(model: str) -> None:
     net = C.build_model(model)
     x, y = C.global_batch(0)
     C.loss_of(net(x), y).backward()
-    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in net.parameters() if p.grad is not None))
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in net.parameters() if p.grad is not None))  # type: ignore[arg-type]
     assert float(norm) > 1.0, float(norm)

@@ -1,9 +1,11 @@
-"""The exchange layer (spngd_ds.comm: to_owners / from_owners / fragments, async, buckets) on 2, 3
-and 4 gloo ranks without DeepSpeed: one group of ranks per world size, forked from this process
-(torch is imported once), runs every case of tests/exchange_worker.py (unequal owners, a rank that
-owns nothing, empty and zero-sized items, several buckets, fp32 / bf16 / float64 wire dtypes,
-fragments cut anywhere, bytes by wrapping torch.distributed, the device check). The ranks assert;
-this test checks their exit codes and rank 0's summary."""
+"""The exchange layer (spngd_ds.comm) on 2, 3 and 4 gloo ranks without DeepSpeed.
+
+to_owners / from_owners / fragments, async, buckets: one group of ranks per world size, forked from
+this process (torch is imported once), runs every case of tests/exchange_worker.py (unequal owners,
+a rank that owns nothing, empty and zero-sized items, several buckets, fp32 / bf16 / float64 wire
+dtypes, fragments cut anywhere, bytes by wrapping torch.distributed, the device check). The ranks
+assert; this test checks their exit codes and rank 0's summary.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""The exchange layout's arithmetic (spngd_ds.comm.OwnerLayout, FragmentPlan, layout_bytes) without
-processes: property checks over random item lists, and a pure-Python simulation of the collectives
-that follows the split sizes element by element. The world-size-1 communicator runs the real torch
-code paths of the exchange at the end."""
+"""The exchange layout's arithmetic (spngd_ds.comm.OwnerLayout, FragmentPlan, layout_bytes) without processes.
+
+Property checks over random item lists, and a pure-Python simulation of the collectives that follows
+the split sizes element by element. The world-size-1 communicator runs the real torch code paths of
+the exchange at the end.
+"""
 
 from __future__ import annotations
 

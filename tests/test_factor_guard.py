@@ -1,7 +1,10 @@
-"""``max_factor_dim``: a Llama-shaped untied head with V = 32,000 (hidden 64) keeps its V x V
-G factor diagonal, warns once, counts it in the metrics, and takes a standalone step in bounded
-memory (peak resident set of a fresh process, ``ru_maxrss``, under 3 GiB; a dense G would be 4 GiB
-in fp32, 8 GiB with its inverse)."""
+"""``max_factor_dim`` keeps a huge factor diagonal, in bounded memory.
+
+A Llama-shaped untied head with V = 32,000 (hidden 64) keeps its V x V G factor diagonal, warns
+once, counts it in the metrics, and takes a standalone step in bounded memory (peak resident set of
+a fresh process, ``ru_maxrss``, under 3 GiB; a dense G would be 4 GiB in fp32, 8 GiB with its
+inverse).
+"""
 
 from __future__ import annotations
 

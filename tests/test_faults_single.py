@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from torch import nn
 
 import spngd_ds
 import spngd_ds.blocks.base as base_mod
-from spngd_ds.blocks.base import robust_inverse
+from spngd_ds.blocks.base import Block, robust_inverse
 from spngd_ds.blocks.unitwise import inverse_2x2
 
 LR = 0.05
@@ -42,16 +44,16 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
 
 
 def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def _kron_update(block, gw: torch.Tensor, gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _kron_update(block: Block, gw: torch.Tensor, gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-lr Ĝ⁻¹ [∇W | ∇b] Â⁻¹ with the block's current inverses."""
-    p = block.stats["G"].inverse @ torch.cat([gw, gb[:, None]], 1) @ block.stats["A"].inverse
+    p = block.stats["G"].inverse @ torch.cat([gw, gb[:, None]], 1) @ block.stats["A"].inverse  # type: ignore[operator]
     return -LR * p[:, :-1], -LR * p[:, -1]
 
 
@@ -154,7 +156,7 @@ def test_indefinite_factor_falls_back_to_plain_gradient(monkeypatch: pytest.Monk
     assert first.stats["A"].inverse is None and not first.ready()
     assert _all_finite(model)
     # the failing layer took the plain gradient: Δθ = -lr ∇ (momentum 0)
-    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-13)
+    tol: dict[str, Any] = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-13)
     for pname in ("0.weight", "0.bias"):
         delta = dict(model.named_parameters())[pname].detach() - before[pname]
         torch.testing.assert_close(delta, -LR * grads[pname], **tol)
@@ -171,7 +173,7 @@ def test_indefinite_factor_falls_back_to_plain_gradient(monkeypatch: pytest.Monk
     opt.zero_grad()
     assert opt.metrics()["spngd/inversion_failures"] == 1.0
     assert first.ready()
-    assert bool(torch.isfinite(first.stats["A"].inverse).all())
+    assert bool(torch.isfinite(first.stats["A"].inverse).all())  # type: ignore[arg-type]
     params = dict(model.named_parameters())
     upd_w, upd_b = _kron_update(first, grads["0.weight"], grads["0.bias"])
     torch.testing.assert_close(params["0.weight"].detach() - before["0.weight"], upd_w, **tol)
@@ -291,8 +293,11 @@ def test_nonfinite_normalised_value_is_rejected(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_nonfinite_gradient_skips_the_step(poison: float) -> None:
-    """Compared with a twin run that never saw the bad batch: identical parameters afterwards, so the
-    bad step neither moved a parameter, nor touched momentum, nor left statistics behind."""
+    """Compared with a twin run that never saw the bad batch.
+
+    Identical parameters afterwards, so the bad step neither moved a parameter, nor touched
+    momentum, nor left statistics behind.
+    """
     model, twin = _mlp(), _mlp()
     kw = dict(lr=LR, momentum=0.9, damping=1e-2, staleness={"threshold": 0.1, "max_interval": 5})
     opt, opt_twin = spngd_ds.SPNGD(model, **kw), spngd_ds.SPNGD(twin, **kw)
@@ -305,7 +310,7 @@ def test_nonfinite_gradient_skips_the_step(poison: float) -> None:
     x = x.clone()
     x[3, 2] = poison
     _backward(model, 1, x)
-    assert not all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    assert not all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())  # type: ignore[arg-type]
     before = _snapshot(model)
     stats_before = {
         (b.name, k): (s.value, s.refreshes, s.schedule.state()) for b in opt.blocks.values() for k, s in b.stats.items()

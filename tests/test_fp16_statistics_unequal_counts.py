@@ -1,9 +1,11 @@
-"""fp16 statistics on the wire are pre-scaled by the *global* sample count (issue 11, item 11):
-with ranks that hold different numbers of samples, the owner's A is still the mean over all
-samples. Two gloo ranks forked from this process, SP-NGD over a DistributedCommunicator (no
-DeepSpeed): rank 0 sees 6 samples, rank 1 sees 26; the owner's A must equal the A of one process
-that saw all 32 (to fp16 rounding). Pre-scaling by each rank's own count, as before, gave the
-unweighted mean of the two ranks' means instead."""
+"""fp16 statistics on the wire are pre-scaled by the *global* sample count (issue 11, item 11).
+
+With ranks that hold different numbers of samples, the owner's A is still the mean over all samples.
+Two gloo ranks forked from this process, SP-NGD over a DistributedCommunicator (no DeepSpeed): rank
+0 sees 6 samples, rank 1 sees 26; the owner's A must equal the A of one process that saw all 32 (to
+fp16 rounding). Pre-scaling by each rank's own count, as before, gave the unweighted mean of the two
+ranks' means instead.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Tiny random-init HF transformers (GPT-2, BERT classifier, Llama with an untied head, ViT) under
-standalone SP-NGD: the share of parameters with curvature, and 20 steps on one batch with a finite,
-falling loss. ``python tests/test_hf_coverage.py`` prints the coverage table, tiny and real-size
-(built on the meta device)."""
+"""Tiny random-init HF transformers (GPT-2, BERT classifier, Llama with an untied head, ViT) under standalone SP-NGD.
+
+The share of parameters with curvature, and 20 steps on one batch with a finite, falling loss.
+``python tests/test_hf_coverage.py`` prints the coverage table, tiny and real-size (built on the
+meta device).
+"""
 
 from __future__ import annotations
 
@@ -34,10 +36,12 @@ def test_coverage_with_every_kind_on(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_twenty_steps_fall(kind: str) -> None:
-    """lr 0.05, damping 1e-3, one batch of 8, every kind on, the defaults otherwise: rule 13's step
-    bound (on by default, fed the loss through ``observe_loss``) keeps the steps safe once the batch
-    is memorised (the loss near zero: without the bound BERT and ViT blow up there, also with only
-    Linear blocks)."""
+    """SP-NGD at lr 0.05, damping 1e-3, one batch of 8, every kind on, the defaults otherwise.
+
+    Rule 13's step bound (on by default, fed the loss through ``observe_loss``) keeps the steps safe
+    once the batch is memorised (the loss near zero: without the bound BERT and ViT blow up there,
+    also with only Linear blocks).
+    """
     import spngd_ds
 
     logging.getLogger("spngd_ds").setLevel(logging.ERROR)

@@ -133,10 +133,10 @@ def test_from_deepspeed_import_initialize_is_rebound(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, user.__name__, user)
     patch.patch_deepspeed()
     try:
-        assert user.initialize is deepspeed.initialize and patch.is_patched()  # type: ignore[attr-defined]
+        assert user.initialize is deepspeed.initialize and patch.is_patched()
     finally:
         patch.unpatch_deepspeed()
-    assert user.initialize is original and deepspeed.initialize is original  # type: ignore[attr-defined]
+    assert user.initialize is original and deepspeed.initialize is original
     assert not patch.is_patched()
 
 

@@ -36,8 +36,10 @@ pytest.importorskip("accelerate")
 
 # ----------------------------------------------------------------------------------------- worker
 def ds_config(stage: int, poly: bool = False, fp16: bool = False) -> dict[str, Any]:
-    """A DeepSpeed config with the SP-NGD optimizer block a Trainer user writes (``"lr": "auto"``
-    takes ``TrainingArguments.learning_rate``)."""
+    """A DeepSpeed config with the SP-NGD optimizer block a Trainer user writes.
+
+    ``"lr": "auto"`` takes ``TrainingArguments.learning_rate``.
+    """
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": 1,
@@ -127,7 +129,7 @@ def run_case(stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, ou
     )
     if model_kind == "digits":
         train, _ = load_digits_split(image_size=8)
-        data = [{"pixel_values": x, "labels": y} for x, y in train]
+        data = [{"pixel_values": x, "labels": y} for x, y in train]  # type: ignore[attr-defined]
         build = _build_model
     else:  # a tiny HF language model from its config
         from tests import hf_tiny
@@ -142,13 +144,13 @@ def run_case(stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, ou
     else:
         model = build()
     built_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
-    trainer = Trainer(model=model, args=args, train_dataset=data)  # type: ignore[arg-type]
+    trainer = Trainer(model=model, args=args, train_dataset=data)
     try:
         trainer.train()
     except ValueError as exc:
         return {"error": str(exc)}
     wrapper = trainer.optimizer
-    inner = getattr(wrapper, "optimizer", wrapper)
+    inner: Any = getattr(wrapper, "optimizer", wrapper)
     engine = trainer.model_wrapped
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
     return {
@@ -159,7 +161,7 @@ def run_case(stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, ou
         "path": _path_name(getattr(inner, "path", None)),
         "owners": sorted(set(inner.assignment.values())),
         "world": dist.get_world_size() if dist.is_initialized() else 1,
-        "zero_stage": int(engine.zero_optimization_stage()),
+        "zero_stage": int(engine.zero_optimization_stage()),  # type: ignore[operator]
         "built_partitioned": built_partitioned,
         "scheduler_type": type(getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)).__name__,
         "losses": losses,
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------ tests
-class RunFailed(AssertionError):
+class RunFailed(AssertionError):  # noqa: N818 - a test outcome, not an error of the code
     """A Trainer run exited non-zero; ``log`` holds its whole output (the message only its tail)."""
 
     def __init__(self, returncode: int | None, log: str) -> None:
@@ -195,8 +197,10 @@ class RunFailed(AssertionError):
 
 
 def launch(nproc: int, tmp_path: Path, *args: str, timeout: float = 300.0) -> dict[str, Any]:
-    """Run this file on ``nproc`` ranks; rank 0's JSON result (every rank killed on timeout; a run
-    takes 45-95 s on 2 busy cores)."""
+    """Run this file on ``nproc`` ranks.
+
+    Rank 0's JSON result (every rank killed on timeout; a run takes 45-95 s on 2 busy cores).
+    """
     out = tmp_path / "result.json"
     from tests.distributed import STANDALONE, kill_tagged
 
@@ -256,8 +260,10 @@ def test_trainer_two_ranks_zero3_model_built_under_zero_init(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("kind", "stage"), [("gpt2", 0), ("llama", 0), ("gpt2", 3), ("llama", 3)])
 def test_trainer_two_ranks_language_models(tmp_path: Path, kind: str, stage: int) -> None:
-    """Tiny HF GPT-2 (Conv1D, LayerNorm, Embedding; tied head) and Llama (RMSNorm, untied head) on
-    2 ranks; at ZeRO 3 built under zero.Init (shapes from ds_shape)."""
+    """Tiny HF GPT-2 (Conv1D, LayerNorm, Embedding; tied head) and Llama (RMSNorm, untied head) on 2 ranks.
+
+    At ZeRO 3 built under zero.Init (shapes from ds_shape).
+    """
     args = ["--stage", str(stage), "--model", kind] + (["--zero-init"] if stage == 3 else [])
     r = launch(2, tmp_path, *args, timeout=300.0)
     assert "error" not in r, r["error"] if "error" in r else ""

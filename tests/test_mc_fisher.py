@@ -156,8 +156,11 @@ def setup(request: pytest.FixtureRequest) -> McSetup:
 
 
 def test_selfcheck_exact_fisher_forms(setup: McSetup) -> None:
-    """Joint enumeration == closed form (diag p − p pᵀ) for the logits layer, and == per-class
-    enumeration with one backward per (sample, class) for the hidden layers without BN."""
+    """Joint enumeration equals the closed form and the per-class enumeration.
+
+    Joint enumeration == closed form (diag p − p pᵀ) for the logits layer, and == per-class
+    enumeration with one backward per (sample, class) for the hidden layers without BN.
+    """
     assert abs(sum(c.weight for c in setup.candidates) - 1.0) < 1e-12
     logits_layer = [k for k in setup.mean if k.startswith("G:")][-1]
     with torch.no_grad():
@@ -174,8 +177,11 @@ def test_selfcheck_exact_fisher_forms(setup: McSetup) -> None:
 
 
 def test_selfcheck_setup_discriminates(setup: McSetup) -> None:
-    """True labels (empirical Fisher) and argmax labels are far (≥ 20 SE) from E[G] in every
-    statistic tested, so an implementation using them fails the 5-SE test."""
+    """True labels and argmax labels are far (≥ 20 SE) from E[G] in every statistic tested.
+
+    True labels (empirical Fisher) and argmax labels are far (≥ 20 SE) from E[G] in every statistic
+    tested, so an implementation using them fails the 5-SE test.
+    """
     emp = stats_for_labels(setup, setup.labels)
     amax = stats_for_labels(setup, setup.probs.argmax(dim=1))
     for key in setup.mean:
@@ -212,11 +218,11 @@ def mc_run(setup: McSetup) -> McRun:
     keys = list(setup.mean)
     draws: dict[str, list[Tensor]] = {k: [] for k in keys}
     for _ in range(setup.K):
-        opt.zero_grad()  # type: ignore[attr-defined]
+        opt.zero_grad()
         loss = R.ce_per_sample(model(setup.x), setup.labels).mean()
         loss.backward()
-        opt.step()  # type: ignore[attr-defined]
-        blocks = opt.blocks  # type: ignore[attr-defined]
+        opt.step()
+        blocks = opt.blocks
         for k in keys:
             kind, layer = k.split(":")
             draws[k].append(getattr(blocks[layer], kind).detach().to(torch.float64).clone())
@@ -241,9 +247,12 @@ def test_mc_average_approaches_exact_fisher(setup: McSetup, mc_run: McRun) -> No
 
 
 def test_mc_each_step_is_one_joint_label_draw(setup: McSetup, mc_run: McRun) -> None:
-    """Each step's statistics (all layers together) equal those of one label vector ŷ, so one
-    label per input is shared by all layers; and each ŷ_i is distributed as p(·|x_i):
-    per-(sample, class) counts within 5σ of the binomial K·p."""
+    """One MC label vector ŷ per step, shared by all layers, each ŷ_i distributed as p(·|x_i).
+
+    Each step's statistics (all layers together) equal those of one label vector ŷ, so one label per
+    input is shared by all layers; and each ŷ_i is distributed as p(·|x_i): per-(sample, class)
+    counts within 5σ of the binomial K·p.
+    """
     keys = sorted(setup.mean)
     cand = torch.stack([torch.cat([c.stats[k].flatten() for k in keys]) for c in setup.candidates])
     got = torch.cat([mc_run.draws[k].reshape(setup.K, -1) for k in keys], dim=1)
@@ -263,8 +272,11 @@ def test_mc_each_step_is_one_joint_label_draw(setup: McSetup, mc_run: McRun) -> 
 
 
 def test_mc_update_uses_true_loss_gradient(setup: McSetup) -> None:
-    """Under MC the loop's parameter gradients are the true-label ones (the extra backward adds
-    nothing to .grad), A is unchanged, and the update is −lr P(∇_true) with the step's own MC G/F."""
+    """Under MC the parameter gradients and A are the true-label ones; G/F are the MC ones.
+
+    The extra backward adds nothing to .grad, A is unchanged, and the update is −lr P(∇_true) with
+    the step's own MC G/F.
+    """
     lr, damping, bn_scale = 0.5, 1e-3, 4.0
     model = copy.deepcopy(setup.model)
     saved = {k: p.detach().clone() for k, p in model.named_parameters()}
@@ -275,7 +287,7 @@ def test_mc_update_uses_true_loss_gradient(setup: McSetup) -> None:
     for k, g in res.grads.items():
         torch.testing.assert_close(g, ref.plain_grads[k], rtol=1e-11, atol=1e-14)
     after = {k: p.detach().clone() for k, p in model.named_parameters()}
-    blocks = opt.blocks  # type: ignore[attr-defined]
+    blocks = opt.blocks
     modules = dict(model.named_modules())
     for name, ks in ref.kron.items():
         b = blocks[name]

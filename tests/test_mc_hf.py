@@ -1,7 +1,10 @@
-"""``fisher="mc"`` on HF-style outputs: logits as ``.logits`` or ``["logits"]``, 3-D (N, T, V),
-positions without a loss term left out of G (mask from ``labels`` with -100, shifted by one for a
-causal LM, else from ``attention_mask``). The sampled labels are recorded, and the head's G is
-compared with the float64 formula (1/n_valid) Σ_valid ĝ ĝᵀ, ĝ = softmax − e_ŷ."""
+"""``fisher="mc"`` on HF-style outputs.
+
+Logits as ``.logits`` or ``["logits"]``, 3-D (N, T, V), positions without a loss term left out of G
+(mask from ``labels`` with -100, shifted by one for a causal LM, else from ``attention_mask``). The
+sampled labels are recorded, and the head's G is compared with the float64 formula (1/n_valid)
+Σ_valid ĝ ĝᵀ, ĝ = softmax − e_ŷ.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""A factors sent behind the backward (spngd_ds/overlap.py) give the same step as sending them in
-the step: 3 forked gloo ranks (one owns nothing), float64, a BatchNorm CNN, three forwards a step
-of which the first two capture statistics, a learning rate that changes every step, and a step
-skipped for a non-finite gradient while the exchange is in flight."""
+"""A factors sent behind the backward (spngd_ds/overlap.py) give the same step as sending them in the step.
+
+3 forked gloo ranks (one owns nothing), float64, a BatchNorm CNN, three forwards a step of which the
+first two capture statistics, a learning rate that changes every step, and a step skipped for a
+non-finite gradient while the exchange is in flight.
+"""
 
 from __future__ import annotations
 
@@ -119,4 +121,4 @@ def test_no_early_sending_where_it_cannot_be_right() -> None:
     assert spngd_ds.SPNGD(model).config.overlap_statistics == "auto"
     assert spngd_ds.SPNGD(model).capture.on_factors_complete is None
     with pytest.raises(ValueError, match="overlap_statistics"):
-        spngd_ds.SPNGD(model, overlap_statistics="yes")  # type: ignore[arg-type]
+        spngd_ds.SPNGD(model, overlap_statistics="yes")

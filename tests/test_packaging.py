@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,8 +125,10 @@ def test_library_works_without_the_training_job_packages(tmp_path: Path) -> None
 
 
 def _imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
-    """(line, absolute module name) of every import in a file under ``root``, relative ones resolved;
-    ``from a import b`` yields both ``a`` and ``a.b``."""
+    """(line, absolute module name) of every import in a file under ``root``, relative ones resolved.
+
+    ``from a import b`` yields both ``a`` and ``a.b``.
+    """
     package = path.relative_to(root).with_suffix("").parts[:-1]  # a module's package, or an __init__'s own
     found: list[tuple[int, str]] = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -163,7 +166,7 @@ def test_import_scan_sees_relative_and_absolute_imports(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ pyproject / pins
-def _pyproject() -> dict:
+def _pyproject() -> dict[str, Any]:
     tomllib = pytest.importorskip("tomllib")  # python >= 3.11
     return dict(tomllib.loads((ROOT / "pyproject.toml").read_text()))
 
@@ -239,7 +242,7 @@ def _py310_problems(source: str, filename: str) -> list[str]:
     problems = []
     for node in ast.walk(tree):
         if type(node).__name__ in ("TryStar", "TypeAlias", "TypeVar", "ParamSpec", "TypeVarTuple"):
-            problems.append(f"{filename}:{node.lineno}: {type(node).__name__} syntax (3.11+)")
+            problems.append(f"{filename}:{node.lineno}: {type(node).__name__} syntax (3.11+)")  # type: ignore[attr-defined]
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -247,7 +250,7 @@ def _py310_problems(source: str, filename: str) -> list[str]:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             names = [f"{node.value.id}.{node.attr}"]
-        problems += [f"{filename}:{node.lineno}: {NEWER_THAN_310[n]}" for n in names if n in NEWER_THAN_310]
+        problems += [f"{filename}:{node.lineno}: {NEWER_THAN_310[n]}" for n in names if n in NEWER_THAN_310]  # type: ignore[attr-defined]
     return problems
 
 

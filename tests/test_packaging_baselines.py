@@ -1,5 +1,8 @@
-"""Baselines that run everywhere: pytorch-optimizer's LAMB as a client optimizer of the training job
-(DeepSpeed's own ``"Lamb"`` is CUDA-only), selected by ``"type": "pytorch_optimizer.Lamb"``."""
+"""Baselines that run everywhere.
+
+pytorch-optimizer's LAMB as a client optimizer of the training job (DeepSpeed's own ``"Lamb"`` is
+CUDA-only), selected by ``"type": "pytorch_optimizer.Lamb"``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from torch import nn
@@ -20,7 +24,7 @@ LAMB_CONFIGS = ("digits_cpu_lamb.json", "imagenet_resnet50_32k_lamb.json")
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 
 
-def _lamb_config(**params: object) -> dict:
+def _lamb_config(**params: object) -> dict[str, Any]:
     return {"optimizer": {"type": "pytorch_optimizer.Lamb", "params": dict(params)}, "zero_optimization": {"stage": 0}}
 
 
@@ -59,7 +63,7 @@ def test_deepspeed_types_are_left_to_deepspeed() -> None:
         ({"type": "pytorch_optimizer.Lamb", "params": [0.1]}, "params must be a JSON object"),
     ],
 )
-def test_bad_lamb_blocks_name_the_key(block: dict, match: str) -> None:
+def test_bad_lamb_blocks_name_the_key(block: dict[str, Any], match: str) -> None:
     cfg = {"optimizer": block}
     with pytest.raises(ValueError, match=match):
         pop_client_optimizer(cfg, nn.Linear(3, 2))

@@ -1,8 +1,11 @@
-"""gpu_check/ as far as a CPU can check it: both scripts parse, every carried wheel is pinned in
-constraints.txt and brings its own requirements, ``run.sh --dry-run`` (nothing installed; the cuda
-tests collected and skipped; the sync count and the step timing on ResNet-18 at 32x32) writes its
-files and a summary and ends with "GPU CHECK OK", and a failing step does not stop the later ones.
-The real run needs a GPU machine (see gpu_check/README.md)."""
+"""gpu_check/ as far as a CPU can check it.
+
+Both scripts parse, every carried wheel is pinned in constraints.txt and brings its own
+requirements, ``run.sh --dry-run`` (nothing installed; the cuda tests collected and skipped; the
+sync count and the step timing on ResNet-18 at 32x32) writes its files and a summary and ends with
+"GPU CHECK OK", and a failing step does not stop the later ones. The real run needs a GPU machine
+(see gpu_check/README.md).
+"""
 
 from __future__ import annotations
 
@@ -155,8 +158,10 @@ def test_a_failed_step_does_not_stop_the_later_ones(tmp_path: Path) -> None:
 
 
 def test_timing_still_times_sgd_when_spngd_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A step of SP-NGD that raises (a device mismatch, say) is reported as the part's failure,
-    with SGD's and the forward + backward's figures still measured."""
+    """A step of SP-NGD that raises is reported as the part's failure.
+
+    A device mismatch, say; SGD's and the forward + backward's figures are still measured.
+    """
     sys.path.insert(0, str(ROOT / "gpu_check"))
     try:
         import measure

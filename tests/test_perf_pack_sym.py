@@ -1,5 +1,8 @@
-"""pack_sym / unpack_sym with their cached triangle indices: the same values as the plain
-``torch.triu_indices`` formulas, for single and batched matrices, across sizes and dtypes."""
+"""pack_sym / unpack_sym with their cached triangle indices.
+
+The same values as the plain ``torch.triu_indices`` formulas, for single and batched matrices,
+across sizes and dtypes.
+"""
 
 from __future__ import annotations
 

@@ -1,11 +1,15 @@
-"""The shift Gram of stride-1 convolutions (spngd_ds.blocks.conv_gram.shift_gram) against
-``F.unfold`` + a column of ones, in float64, over the cases whose border corrections differ:
-padding smaller than, equal to and larger than the kernel's reach, dilation in one or both dims,
-asymmetric kernels, a stride in one dim (the im2col layouts then), bias, channels-last, one image
-and images smaller than the kernel's reach. The im2col layouts it replaces stay reachable
-(``SHIFT_LAYOUT = False``) and are checked too."""
+"""The shift Gram of stride-1 convolutions against ``F.unfold``, in float64.
+
+spngd_ds.blocks.conv_gram.shift_gram against ``F.unfold`` + a column of ones, over the cases whose
+border corrections differ: padding smaller than, equal to and larger than the kernel's reach,
+dilation in one or both dims, asymmetric kernels, a stride in one dim (the im2col layouts then),
+bias, channels-last, one image and images smaller than the kernel's reach. The im2col layouts it
+replaces stay reachable (``SHIFT_LAYOUT = False``) and are checked too.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
@@ -38,7 +42,7 @@ SPECS = [
 # "column": one pixel wide, so a row's border term and a corner's are the same pixel (their signs add up)
 @pytest.mark.parametrize("shape", [(3, 7, 8), (1, 9, 5), (4, 4, 6), (2, 2, 3), (2, 5, 1)],
                          ids=["n3", "n1", "short", "tiny", "column"])
-def test_shift_gram_equals_unfold(spec: dict, bias: bool, shift: bool, shape: tuple[int, int, int],
+def test_shift_gram_equals_unfold(spec: dict[str, Any], bias: bool, shift: bool, shape: tuple[int, int, int],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(conv_gram_mod, "SHIFT_LAYOUT", shift)
     monkeypatch.setattr(conv_gram_mod, "SHIFT_MIN_CHANNELS", 1)  # these 3-channel layers take it too

@@ -1,5 +1,8 @@
-"""spngd_ds.process_exit: the exit status is kept and what the job printed or logged last (no
-newline, buffered in a pipe) still arrives."""
+"""spngd_ds.process_exit keeps the exit status and the job's last output.
+
+The exit status is kept and what the job printed or logged last (no newline, buffered in a pipe)
+still arrives.
+"""
 
 from __future__ import annotations
 

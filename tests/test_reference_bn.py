@@ -123,8 +123,11 @@ def torch_loss(case: Case, out: Tensor, target: Tensor) -> Tensor:
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_selfcheck_bn_forward_and_gradients(case: Case) -> None:
-    """Explicit BN forward == nn.BatchNorm (train mode, module eps); (1/n) Σ_i u_i == autograd
-    (∇γ, ∇β); Kronecker gradients rebuilt from (g, ā) == autograd, with BN coupling in between."""
+    """Explicit BN forward == nn.BatchNorm (train mode, module eps).
+
+    (1/n) Σ_i u_i == autograd (∇γ, ∇β); Kronecker gradients rebuilt from (g, ā) == autograd, with BN
+    coupling in between.
+    """
     model, x, target, loss_fn = make_case(case)
     ref = R.compute_reference(model, x, target, loss_fn)
     out = model(x)
@@ -152,8 +155,11 @@ def test_selfcheck_bn_forward_and_gradients(case: Case) -> None:
 
 
 def test_selfcheck_bn_coupling_is_real() -> None:
-    """Sanity: with BN in train mode n·dL/ds_i differs from sample i's own-loss gradient in the
-    layer before BN, so the reference must (and does) use the batch-loss definition."""
+    """Sanity: with BN in train mode n·dL/ds_i is not sample i's own-loss gradient.
+
+    It differs in the layer before BN, so the reference must (and does) use the batch-loss
+    definition.
+    """
     case = CASES[2]
     model, x, target, loss_fn = make_case(case)
     ref = R.compute_reference(model, x, target, loss_fn)
@@ -196,7 +202,7 @@ def test_bn_and_kron_factors_match_reference(case: Case, damping: float, bn_scal
     ref = R.compute_reference(model, x, target, loss_fn)
     opt = R.make_spngd(model, lr=0.5, damping=damping, bn_damping_scale=bn_scale)
     R.spngd_step(opt, model, x, target, loss_fn)
-    blocks = opt.blocks  # type: ignore[attr-defined]
+    blocks = opt.blocks
     for name, bs in ref.bn.items():
         assert name in blocks, f"no block for BN layer {name}"
         assert tuple(blocks[name].F.shape) == tuple(bs.F.shape), f"{name}.F shape"

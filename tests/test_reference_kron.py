@@ -180,8 +180,11 @@ def test_selfcheck_grouped_conv() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_selfcheck_forward_and_batch_gradient(case: Case) -> None:
-    """Reference forward == module forward; reference gradients == autograd of the real modules,
-    and the Kronecker-block gradients rebuilt from (g, ā) as (1/n) Σ g āᵀ equal them too."""
+    """Reference forward == module forward.
+
+    Reference gradients == autograd of the real modules, and the Kronecker-block gradients rebuilt
+    from (g, ā) as (1/n) Σ g āᵀ equal them too.
+    """
     model, x, target, loss_fn = make_case(case)
     ref = R.compute_reference(model, x, target, loss_fn)
     out = model(x)
@@ -201,8 +204,11 @@ def test_selfcheck_forward_and_batch_gradient(case: Case) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_selfcheck_per_sample(case: Case) -> None:
-    """Without batch coupling, n·dL/ds_i equals the gradient of sample i's own loss (computed one
-    sample at a time), and Σ_i per-sample parameter gradients / n equals the batch gradient."""
+    """Without batch coupling, n·dL/ds_i equals the gradient of sample i's own loss.
+
+    Computed one sample at a time; and Σ_i per-sample parameter gradients / n equals the batch
+    gradient.
+    """
     model, x, target, loss_fn = make_case(case)
     ref = R.compute_reference(model, x, target, loss_fn)
     per_out = R.per_sample_output_grads(model, x, target, loss_fn)
@@ -219,8 +225,10 @@ def test_selfcheck_per_sample(case: Case) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_selfcheck_factors_and_preconditioner(case: Case) -> None:
-    """A, G from einsum agree with the loops; (Ĝ ⊗ Â)⁻¹ vec M == Ĝ⁻¹ M Â⁻¹; and at huge damping
-    Â ≈ π√λ I, Ĝ ≈ √λ/π I so P(∇) ≈ ∇/λ."""
+    """A, G from einsum agree with the loops.
+
+    (Ĝ ⊗ Â)⁻¹ vec M == Ĝ⁻¹ M Â⁻¹; and at huge damping Â ≈ π√λ I, Ĝ ≈ √λ/π I so P(∇) ≈ ∇/λ.
+    """
     model, x, target, loss_fn = make_case(case)
     ref = R.compute_reference(model, x, target, loss_fn)
     n = x.shape[0]
@@ -256,7 +264,7 @@ def test_kron_factors_match_reference(case: Case, damping: float) -> None:
     ref = R.compute_reference(model, x, target, loss_fn)
     opt = R.make_spngd(model, lr=0.5, damping=damping)
     R.spngd_step(opt, model, x, target, loss_fn)
-    blocks = opt.blocks  # type: ignore[attr-defined]
+    blocks = opt.blocks
     assert set(ref.kron) <= set(blocks), f"missing blocks: {set(ref.kron) - set(blocks)}"
     for name, ks in ref.kron.items():
         b = blocks[name]
@@ -271,8 +279,11 @@ def test_kron_factors_match_reference(case: Case, damping: float) -> None:
 @pytest.mark.parametrize("damping", DAMPINGS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_kron_one_step_update(case: Case, damping: float) -> None:
-    """Momentum 0, wd 0, first step: every parameter moves by exactly −lr · P(∇) (plain gradient
-    for the grouped conv and the Scale), 1e-10 relative."""
+    """Momentum 0, wd 0, first step.
+
+    Every parameter moves by exactly −lr · P(∇) (plain gradient for the grouped conv and the Scale),
+    1e-10 relative.
+    """
     lr = 0.5
     model, x, target, loss_fn = make_case(case)
     ref = R.compute_reference(model, x, target, loss_fn)

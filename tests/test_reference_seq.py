@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ class TinyRMSNorm(nn.Module):
 
 def conv1d_cls() -> type[nn.Module]:
     tf = pytest.importorskip("transformers.pytorch_utils")
-    return tf.Conv1D  # type: ignore[no-any-return]
+    return tf.Conv1D
 
 
 class TokenModel(nn.Module):
@@ -71,7 +72,7 @@ class TokenModel(nn.Module):
 def mid_weight(model: TokenModel) -> Tensor:
     """The middle layer's weight as (out, in)."""
     w = model.mid.weight
-    return w.t() if not isinstance(model.mid, nn.Linear) else w
+    return w.t() if not isinstance(model.mid, nn.Linear) else w  # type: ignore[operator, return-value]
 
 
 def data(seed: int = 1) -> tuple[Tensor, Tensor]:
@@ -83,7 +84,7 @@ def data(seed: int = 1) -> tuple[Tensor, Tensor]:
 
 
 # ------------------------------------------------------------------------------------ reference
-def reference(model: TokenModel, idx: Tensor, y: Tensor, positions: bool) -> dict[str, object]:
+def reference(model: TokenModel, idx: Tensor, y: Tensor, positions: bool) -> dict[str, Any]:
     """Every statistic of the contract and the preconditioned gradient, by explicit formulas."""
     emb, ln, rms, head = model.emb, model.ln, model.rms, model.head
     w_mid, b_mid = mid_weight(model), model.mid.bias
@@ -94,7 +95,7 @@ def reference(model: TokenModel, idx: Tensor, y: Tensor, positions: bool) -> dic
     var = ((e - mu) ** 2).mean(-1, keepdim=True)
     xhat1 = (e - mu) / torch.sqrt(var + ln.eps)
     y1 = xhat1 * ln.weight + (ln.bias if ln.bias is not None else 0.0)
-    s2 = y1 @ w_mid.t() + b_mid
+    s2 = y1 @ w_mid.t() + b_mid  # type: ignore[operator]
     h2 = torch.tanh(s2)
     xhat3 = h2 / torch.sqrt((h2**2).mean(-1, keepdim=True) + rms.variance_epsilon)
     y3 = xhat3 * rms.weight
@@ -172,7 +173,7 @@ def mid_weight_grad(model: TokenModel, plain: dict[str, Tensor]) -> Tensor:
 
 def spngd_step(model: TokenModel, positions: bool, **kw: object) -> tuple[spngd_ds.SPNGD, dict[str, Tensor]]:
     opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=DAMPING, bn_damping_scale=BN_SCALE, staleness=None,
-                         positions_as_samples=positions, **kw)  # type: ignore[arg-type]
+                         positions_as_samples=positions, **kw)
     idx, y = data()
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     loss = F.cross_entropy(model(idx).reshape(-1, C), y.reshape(-1))
@@ -201,19 +202,19 @@ def test_token_model_matches_reference(positions: bool, ln_bias: bool) -> None:
         "F_ln": blocks["ln"].stats["F"].value, "F_rms": blocks["rms"].stats["F"].value,
     }
     expected = dict(ref)
-    expected["A_e"] = torch.diagonal(ref["A_e"])  # type: ignore[arg-type]
-    assert float(ref["A_e"].sum()) < 1.0 if positions else True  # type: ignore[union-attr]  # padding left out
+    expected["A_e"] = torch.diagonal(ref["A_e"])
+    assert float(ref["A_e"].sum()) < 1.0 if positions else True  # padding left out
     for key, value in stats.items():
-        R.assert_rel(value, expected[key], RTOL, key)  # type: ignore[arg-type]
+        R.assert_rel(value, expected[key], RTOL, key)
     # the damped inverses: dense (Cholesky) for G_e, diagonal for A_e, closed form for the norms
-    a_hat, g_hat = R.damped_factors(ref["A_e"], ref["G_e"], DAMPING)  # type: ignore[arg-type]
+    a_hat, g_hat = R.damped_factors(ref["A_e"], ref["G_e"], DAMPING)
     R.assert_rel(blocks["emb"].stats["A"].inverse.view(-1), 1.0 / torch.diagonal(a_hat), RTOL, "A_e inverse")
     R.assert_rel(blocks["emb"].stats["G"].inverse, torch.linalg.inv(g_hat), RTOL, "G_e inverse")
     worst = 0.0
-    for name, p_ref in ref["p"].items():  # type: ignore[union-attr]
+    for name, p_ref in ref["p"].items():
         R.assert_rel(deltas[name], -LR * p_ref, RTOL, f"step of {name}")
         worst = max(worst, max_rel(deltas[name], -LR * p_ref))
-    worst_stat = max(max_rel(v, expected[k]) for k, v in stats.items())  # type: ignore[arg-type]
+    worst_stat = max(max_rel(v, expected[k]) for k, v in stats.items())
     print(f"positions={positions} ln_bias={ln_bias}: max rel. error statistics {worst_stat:.1e}, steps {worst:.1e}")
 
 
@@ -236,8 +237,11 @@ def test_conv1d_equals_linear_with_transposed_weight() -> None:
 
 
 def test_large_factor_kept_diagonal() -> None:
-    """max_factor_dim below the head's G (C) and the embedding's D: those factors are diagonal,
-    the rest dense; the step is the dense reference's with the diagonal of those factors."""
+    """max_factor_dim below the head's G (C) and the embedding's D.
+
+    Those factors are diagonal, the rest dense; the step is the dense reference's with the diagonal
+    of those factors.
+    """
     model = TokenModel()
     idx, y = data()
     ref = reference(model, idx, y, True)
@@ -247,22 +251,24 @@ def test_large_factor_kept_diagonal() -> None:
     assert opt.blocks["mid"].diagonal == {"A", "G"}  # D + 1 = 6, H = 6
     assert opt.metrics()["spngd/diagonal_factors"] == 4.0  # emb.G, mid.A, mid.G, head.A
     R.assert_rel(opt.blocks["head"].stats["A"].value.view(-1), torch.diagonal(ref["A_h"]), RTOL, "diag A_h")
-    a_h = torch.diag(torch.diagonal(ref["A_h"]))  # type: ignore[arg-type]
+    a_h = torch.diag(torch.diagonal(ref["A_h"]))
     m = torch.cat([opt.blocks["head"].params[0].grad, opt.blocks["head"].params[1].grad[:, None]], 1)
-    p = R.precondition_kron(a_h, ref["G_h"], m, DAMPING)  # type: ignore[arg-type]
+    p = R.precondition_kron(a_h, ref["G_h"], m, DAMPING)
     R.assert_rel(deltas["head.weight"], -LR * p[:, :H], RTOL, "head step")
-    a_e, g_e = torch.diagonal(ref["A_e"]), torch.diagonal(ref["G_e"])  # type: ignore[arg-type]
-    p_e = R.precondition_kron(torch.diag(a_e), torch.diag(g_e), model.emb.weight.grad.t(), DAMPING)
+    a_e, g_e = torch.diagonal(ref["A_e"]), torch.diagonal(ref["G_e"])
+    p_e = R.precondition_kron(torch.diag(a_e), torch.diag(g_e), model.emb.weight.grad.t(), DAMPING)  # type: ignore[union-attr]
     err = max_rel(deltas["emb.weight"], -LR * p_e.t())  # entries ~1e-8 of the largest: a max-relative bound
     assert err < RTOL, err
 
 
 # -------------------------------------------------------------------------- sequence-length transfer
 def step_norm(t: int, positions: bool, tiled: bool) -> float:
-    """‖Δθ‖ of the first SP-NGD step of a Linear-tanh-Linear token model at sequence length t, same
-    weights, token-mean cross-entropy with labels from a fixed teacher. ``tiled``: the sequence is
-    a length-16 sequence repeated (the same tokens, so the same per-token statistics and loss);
-    else i.i.d. positions."""
+    """‖Δθ‖ of the first SP-NGD step of a token model at sequence length t.
+
+    A Linear-tanh-Linear model, same weights, token-mean cross-entropy with labels from a fixed
+    teacher. ``tiled``: the sequence is a length-16 sequence repeated (the same tokens, so the same
+    per-token statistics and loss); else i.i.d. positions.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5)).double()
     teacher = torch.randn(8, 5, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
@@ -280,8 +286,11 @@ def step_norm(t: int, positions: bool, tiled: bool) -> float:
 
 @pytest.mark.parametrize("tiled", [True, False])
 def test_step_size_carries_over_sequence_lengths(tiled: bool) -> None:
-    """Tokens as samples: the step at T = 64 is the step at T = 16 (ratio ~1); sequences as samples:
-    A ⊗ G shrinks as 1/T, so the step grows with T (up to 4x for 64/16, less where damping rules)."""
+    """Tokens as samples.
+
+    The step at T = 64 is the step at T = 16 (ratio ~1); sequences as samples: A ⊗ G shrinks as 1/T,
+    so the step grows with T (up to 4x for 64/16, less where damping rules).
+    """
     ratio_tokens = step_norm(64, True, tiled) / step_norm(16, True, tiled)
     ratio_seq = step_norm(64, False, tiled) / step_norm(16, False, tiled)
     print(f"tiled={tiled} step(T=64)/step(T=16): positions_as_samples=true {ratio_tokens:.4f}, false {ratio_seq:.3f}")
@@ -309,8 +318,11 @@ class PositionModel(nn.Module):
 
 @pytest.mark.parametrize("positions", [True, False])
 def test_broadcast_position_embedding(positions: bool) -> None:
-    """A (1, T) lookup in a forward of N sequences counts N·T samples (N sequences), A = counts·N/n,
-    and G from the batch-summed output gradient: (1/(n·T_rows)) Σ_t (Σ_i g_it)(Σ_i g_it)ᵀ."""
+    """A (1, T) lookup in a forward of N sequences counts N·T samples.
+
+    N sequences: A = counts·N/n, and G from the batch-summed output gradient: (1/(n·T_rows)) Σ_t
+    (Σ_i g_it)(Σ_i g_it)ᵀ.
+    """
     model, twin = PositionModel(), PositionModel()  # twin: the output gradient, without SP-NGD's hooks
     idx, y = data()
     e_pos: list[Tensor] = []

@@ -1,5 +1,6 @@
-"""Bad DeepSpeed configs, as a user writes them in JSON, through the functions that
-``spngd_ds.initialize`` runs before any collective (issue 7, "Config validation").
+"""Bad DeepSpeed configs, as a user writes them in JSON, fail before any collective.
+
+Through the functions that ``spngd_ds.initialize`` runs before any collective.
 
 Each row: the function, its input, and three fragments the one error message must contain: the
 key, the value given, and what is allowed. The constructor path (``spngd_ds.SPNGD(model, ...)``)

@@ -1,5 +1,6 @@
-"""Killed ranks, broken checkpoints, resumes with other settings, determinism and rank agreement,
-with 2 gloo ranks under torchrun on the CPU (issue 7).
+"""Killed ranks, broken checkpoints, resumes, determinism and rank agreement on 2 gloo ranks.
+
+Resumes with other settings too; 2 gloo ranks under torchrun on the CPU.
 
 (a) a rank of ``launch/train.py`` is killed (SIGKILL from outside) mid-training; relaunching the
     same command (it always carries ``--resume``) continues from the last checkpoint and ends
@@ -63,8 +64,11 @@ def _env(**values: str) -> Iterator[None]:
 
 
 def _records(out: Path, proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
-    """How each of 2 worker ranks ended, from its own record (tests/rank_records.py): torchrun stops
-    a rank once the other has failed, which can cut what that rank prints to the shared output."""
+    """How each of 2 worker ranks ended, from its own record (tests/rank_records.py).
+
+    Torchrun stops a rank once the other has failed, which can cut what that rank prints to the
+    shared output.
+    """
     records = read_records(out, 2)
     for rank, record in enumerate(records):
         assert record is not None and not record["ok"], (rank, record, proc.stderr[-3000:])
@@ -118,10 +122,12 @@ def _copy_ck(straight: dict[str, Any], dest: Path) -> Path:
 
 
 def test_two_identical_runs_are_bit_identical(straight: dict[str, Any], tmp_path: Path) -> None:
-    """Same seed, same world size, 20 steps (stale statistics on, so refresh decisions count too):
-    parameters and every rank's SP-NGD state (curvature, inverses, momentum, schedules) are equal
+    """Same seed, same world size, 20 steps (stale statistics on, so refresh decisions count too).
+
+    Parameters and every rank's SP-NGD state (curvature, inverses, momentum, schedules) are equal
     bit for bit. Fails if any reduction, the owner assignment or a refresh decision depended on
-    timing or on the process (e.g. a set iteration order or an unordered all-gather)."""
+    timing or on the process (e.g. a set iteration order or an unordered all-gather).
+    """
     with _env(SPNGD_CHECK_AGREEMENT="1"):
         again = run_worker(2, tmp_path / "out.pt", "--steps", "20", "--save_dir", str(tmp_path / "ck"))
     a, b = straight["out"]["params"], again["params"]
@@ -138,9 +144,12 @@ def test_two_identical_runs_are_bit_identical(straight: dict[str, Any], tmp_path
 
 
 def test_a_rank_that_diverges_stops_the_job(tmp_path: Path) -> None:
-    """Rank 1 adds 1e-3 to one parameter after SP-NGD's update of step 3 (a silent divergence: the
-    run would finish normally without the check, measured). The check after that step stops the
-    job on every rank, naming the rank."""
+    """A silent divergence of one rank stops the job on every rank, naming the rank.
+
+    Rank 1 adds 1e-3 to one parameter after SP-NGD's update of step 3 (a silent divergence: the run
+    would finish normally without the check, measured). The check after that step stops the job on
+    every rank, naming the rank.
+    """
     with _env(SPNGD_CHECK_AGREEMENT="1"):
         proc = torchrun(2, ["--steps", "6", "--perturb_rank", "1", "--perturb_step", "3", "--out", str(tmp_path / "x")],
                         check=False)
@@ -168,10 +177,12 @@ def test_truncated_rank_file_fails_naming_the_file(straight: dict[str, Any], tmp
 
 
 class StubEngine:
-    """The two DeepSpeed engine methods ``wrap_checkpointing`` wraps, behaving like DeepSpeed 0.19.8
-    at ZeRO stage 0 (measured with real 2-rank launches: a missing ``mp_rank_00_model_states.pt``
-    ends in a bare ``AssertionError`` from ``state_dict_factory.check_ckpt_list``, a truncated one in
-    ``OSError: [Errno 22] Invalid argument`` from ``torch.load``; neither names the file)."""
+    """The two DeepSpeed engine methods ``wrap_checkpointing`` wraps, as DeepSpeed 0.19.8 behaves.
+
+    At ZeRO stage 0, measured with real 2-rank launches: a missing ``mp_rank_00_model_states.pt``
+    ends in a bare ``AssertionError`` from ``state_dict_factory.check_ckpt_list``, a truncated one
+    in ``OSError: [Errno 22] Invalid argument`` from ``torch.load``; neither names the file.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.module = model
@@ -261,11 +272,13 @@ def test_broken_deepspeed_file_is_named(straight: dict[str, Any], tmp_path: Path
 
 
 def test_crash_while_saving_leaves_latest_on_the_previous_checkpoint(straight: dict[str, Any], tmp_path: Path) -> None:
-    """Resume at step 20, run 2 steps, save: rank 1 dies (os._exit) half-way through writing its
-    SP-NGD file, after DeepSpeed wrote its own. ``latest`` must still name global_step20, which
-    still loads; no file of global_step22 may look complete. Without the write-then-rename the
-    half file would carry the final name; without the barrier before ``latest`` rank 0 would point
-    ``latest`` at global_step22."""
+    """Resume at step 20, run 2 steps, save.
+
+    Rank 1 dies (os._exit) half-way through writing its SP-NGD file, after DeepSpeed wrote its own.
+    ``latest`` must still name global_step20, which still loads; no file of global_step22 may look
+    complete. Without the write-then-rename the half file would carry the final name; without the
+    barrier before ``latest`` rank 0 would point ``latest`` at global_step22.
+    """
     ck = _copy_ck(straight, tmp_path / "ck")
     proc = torchrun(2, ["--load_dir", str(ck), "--save_dir", str(ck), "--start_step", "20", "--steps", "2",
                         "--crash_in_save_rank", "1", "--out", str(tmp_path / "x")], check=False)
@@ -313,8 +326,11 @@ def _trained(**kw: Any) -> spngd_ds.SPNGD:
 
 
 def test_load_state_dict_keeps_or_resets_schedules_as_it_logs(caplog: Any) -> None:
-    """Unit level of (d): another staleness rule resets every schedule (all due at the next step);
-    another stat_micro_batches is logged, takes effect, and keeps the schedules."""
+    """Unit level of (d): settings changed at a resume.
+
+    Another staleness rule resets every schedule (all due at the next step); another
+    stat_micro_batches is logged, takes effect, and keeps the schedules.
+    """
     saved = _trained(staleness={"threshold": 1e9, "max_interval": 3}, stat_micro_batches=None).state_dict()
     assert {tuple(s) for s in saved["schedules"].values()} == {(3, 6)}
     with caplog.at_level(logging.WARNING, logger="spngd_ds"):
@@ -456,8 +472,10 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
 
 def test_killed_rank_resumes_to_the_same_parameters(killed_and_resumed: dict[str, Any]) -> None:
     """Measured tolerance: 0 (bit-identical model, SP-NGD curvature, inverses, momentum, schedules).
+
     Fails if a checkpoint misses any state that the run depends on (momentum, curvature, refresh
-    schedules, the lr of the previous step for the momentum correction, scheduler, data position)."""
+    schedules, the lr of the previous step for the momentum correction, scheduler, data position).
+    """
     r, d = killed_and_resumed, killed_and_resumed["dir"]
     logs = r["logs"]
     assert r["rc_first"] != 0, "killing rank 1 must fail the job"

@@ -1,7 +1,8 @@
-"""Numerical faults injected for exactly one step, single process, float64 (issue 7, "Numerical
-faults"): the run goes on, parameters stay finite, the bad statistic never enters the factors, the
-fallback is counted in ``metrics()`` and logged, and training afterwards is bit-identical to a twin
-run in which that step (or that statistic's refresh) was skipped.
+"""Numerical faults injected for exactly one step, single process, float64 (issue 7, "Numerical faults").
+
+The run goes on, parameters stay finite, the bad statistic never enters the factors, the fallback is
+counted in ``metrics()`` and logged, and training afterwards is bit-identical to a twin run in which
+that step (or that statistic's refresh) was skipped.
 
 Faults are injected by hooks the test registers for one step:
 - a forward hook that writes NaN/Inf into a layer's activations (gradients become non-finite);
@@ -132,8 +133,11 @@ def poison_activation(run: Run, module: str, value: float) -> Callable[[], Any]:
 
 
 def poison_capture(run: Run, block: str, stat: str, value: float) -> Callable[[], Any]:
-    """NaN/Inf seen by one statistic only: the output gradient handed to G's capture, the input
-    handed to A's capture, or F's captured sum. The real forward and backward are untouched."""
+    """NaN/Inf seen by one statistic only.
+
+    The output gradient handed to G's capture, the input handed to A's capture, or F's captured sum.
+    The real forward and backward are untouched.
+    """
 
     @contextmanager
     def ctx() -> Iterator[None]:
@@ -160,9 +164,9 @@ def poison_capture(run: Run, block: str, stat: str, value: float) -> Callable[[]
             real_add(total * value, count, fresh=True)  # the product is a new tensor
 
         if stat == "F":
-            b.stats[stat].add = add  # type: ignore[method-assign]
+            b.stats[stat].add = add
         else:
-            b.capture_forward = capture_forward  # type: ignore[method-assign]
+            b.capture_forward = capture_forward
         try:
             yield
         finally:
@@ -179,7 +183,7 @@ def transform_stat(run: Run, block: str, stat: str, fn: Callable[[torch.Tensor],
     def ctx() -> Iterator[None]:
         s = run.opt.blocks[block].stats[stat]
         real_add = s.add
-        s.add = lambda total, count, fresh=False: real_add(fn(total), count)  # type: ignore[method-assign]
+        s.add = lambda total, count, fresh=False: real_add(fn(total), count)
         try:
             yield
         finally:
@@ -305,8 +309,11 @@ def test_exploding_statistic_is_rejected_like_a_skipped_refresh(block: str, stat
 
 
 def test_an_outlier_that_persists_is_accepted_after_max_rejections(caplog: Any) -> None:
-    """A real change of scale is not rejected forever: MAX_REJECTIONS refreshes in a row are rejected,
-    the next one is accepted, and the statistic follows the data again afterwards."""
+    """A real change of scale is not rejected forever.
+
+    MAX_REJECTIONS refreshes in a row are rejected, the next one is accepted, and the statistic
+    follows the data again afterwards.
+    """
     assert MAX_REJECTIONS == 3
     run = Run()
     for batch in range(2):

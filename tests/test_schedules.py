@@ -6,6 +6,8 @@ with e = step / steps_per_epoch; damping optionally follows the decay part, floo
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -140,7 +142,7 @@ def test_works_with_a_first_order_optimizer() -> None:
         (dict(min_damping=-1e-4), "min_damping"),
     ],
 )
-def test_bad_arguments_name_the_key(kwargs: dict, key: str) -> None:
+def test_bad_arguments_name_the_key(kwargs: dict[str, Any], key: str) -> None:
     args = dict(steps_per_epoch=10, start_epoch=1.0, end_epoch=5.0, power=2.0) | kwargs
     with pytest.raises(ValueError) as info:
         SPNGDPolyDecay(_opt(), **args)

@@ -122,7 +122,7 @@ def assert_safe(out: Outcome) -> None:
     assert max(out.losses[1:]) <= out.losses[0], (out.losses[0], max(out.losses[1:]), out.losses)
 
 
-STRESS = {
+STRESS: dict[str, dict[str, Any]] = {
     "bn_cnn": {},
     "bn_cnn-paper": {"step_bound": None},  # the paper's update: pi common to both damped factors suffices
     "mlp": {},
@@ -135,7 +135,7 @@ STRESS = {
     "mlp-damping1e-8": {"damping": 1e-8},
 }
 # climbs above its start (to ~6x) before it settles; held to: finite, bounded, ends below the start
-BOUNDED_ONLY = {"transformer-damping1e-8": {"damping": 1e-8}}
+BOUNDED_ONLY: dict[str, dict[str, Any]] = {"transformer-damping1e-8": {"damping": 1e-8}}
 
 
 @pytest.mark.parametrize("case", list(STRESS))
@@ -166,7 +166,7 @@ def test_the_bound_needs_the_loss_and_acts_on_a_too_large_step() -> None:
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        grads = [p.grad.clone() for p in model.parameters()]
+        grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
         before = [p.detach().clone() for p in model.parameters()]
         opt.observe_loss(loss)
         opt.step()
@@ -219,8 +219,11 @@ def test_a_one_off_jump_of_1e6_is_still_rejected() -> None:
 
 
 def test_a_collapsed_statistic_that_comes_back_is_accepted() -> None:
-    """G collapses by 1e-9 for three refreshes, then returns to its scale (a jump of ~1e9): accepted
-    at once and counted, not rejected while the collapsed inverse preconditions growing gradients."""
+    """G collapses by 1e-9 for three refreshes, then returns to its scale (a jump of ~1e9).
+
+    Accepted at once and counted, not rejected while the collapsed inverse preconditions growing
+    gradients.
+    """
     refreshes: list[int] = []
 
     def collapse(opt: Any, step: int) -> None:

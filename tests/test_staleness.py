@@ -141,8 +141,11 @@ def _counting(obj: object, attr: str, monkeypatch: pytest.MonkeyPatch) -> list[i
 
 
 def _counting_inversions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the matrices the step's batched inversion factors (Kronecker factors; BatchNorm's
-    2x2 blocks are inverted in closed form); returns the one-element counter."""
+    """Count the matrices the step's batched inversion factors.
+
+    Kronecker factors only: BatchNorm's 2x2 blocks are inverted in closed form. Returns the
+    one-element counter.
+    """
     original = base_mod.invert_spd_many
     calls = [0]
 
@@ -216,8 +219,10 @@ def test_optimizer_refreshes_only_when_due(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_stale_step_preconditions_with_the_old_inverses() -> None:
-    """At a step where nothing is due the update is -lr Ĝ⁻¹ M Â⁻¹ with the inverses of the last
-    refresh (momentum 0), i.e. stale is not the same as the plain gradient."""
+    """At a step where nothing is due the update uses the inverses of the last refresh.
+
+    The update is -lr Ĝ⁻¹ M Â⁻¹ (momentum 0), i.e. stale is not the same as the plain gradient.
+    """
     model = _mlp()
     opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3},
                          step_bound=None)
@@ -228,7 +233,7 @@ def test_stale_step_preconditions_with_the_old_inverses() -> None:
     a_inv, g_inv = head.stats["A"].inverse.clone(), head.stats["G"].inverse.clone()
     x, y = _batch(2)
     F.cross_entropy(model(x), y).backward()
-    w, b = model[3].weight, model[3].bias
+    w, b = model[3].weight, model[3].bias  # type: ignore[index]
     w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
     opt.step()
     m = torch.cat([gw, gb[:, None]], dim=1)
@@ -240,8 +245,10 @@ def test_stale_step_preconditions_with_the_old_inverses() -> None:
 
 
 def test_each_statistic_has_its_own_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    """G of the head refreshed every step while its A goes stale: A's activations are not computed
-    at the steps where only G is due, and only G is re-inverted."""
+    """G of the head refreshed every step while its A goes stale.
+
+    A's activations are not computed at the steps where only G is due, and only G is re-inverted.
+    """
     model = _mlp()
     opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3})
     head = opt.blocks["3"]
@@ -272,8 +279,10 @@ def _captures_of_two_forward_steps(model: torch.nn.Module, opt: spngd_ds.SPNGD) 
 
 
 def test_micro_batches_are_captured_only_when_due() -> None:
-    """Two forwards per step, every one captured (stat_micro_batches null): two captures at a due
-    step, none at a stale one."""
+    """Two forwards per step, every one captured (stat_micro_batches null).
+
+    Two captures at a due step, none at a stale one.
+    """
     model = _mlp()
     opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3},
                          stat_micro_batches=None)
@@ -343,9 +352,12 @@ def test_by_default_only_the_first_forward_of_a_step_is_captured() -> None:
 
 
 def test_block_hooks_are_installed_only_for_forwards_that_capture() -> None:
-    """A forward that captures nothing runs without the blocks' forward hooks (they cost the slow
+    """Forward hooks are registered only on the blocks due to capture.
+
+    A forward that captures nothing runs without the blocks' forward hooks (they cost the slow
     module call), a capturing forward has them exactly on the blocks that are due, and captures
-    still happen where they did (the counts of the test above)."""
+    still happen where they did (the counts of the test above).
+    """
     model = _mlp()
     opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3})
     modules = dict(model.named_modules())

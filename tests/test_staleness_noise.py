@@ -44,8 +44,10 @@ def test_wishart_rho_of_blocks_and_degenerate_values() -> None:
 
 
 def test_wishart_rho_in_float32_and_past_its_range() -> None:
-    """ρ from a float32 value equals the float64 one, also where the squares overflow float32
-    (entries of 1e25: the norm is then taken again in float64); ρ does not depend on the scale."""
+    """ρ from a float32 value equals the float64 one, also where the squares overflow float32.
+
+    Entries of 1e25: the norm is then taken again in float64. ρ does not depend on the scale.
+    """
     torch.manual_seed(3)
     x = torch.randn(40, 7, dtype=torch.float64)
     cov = x.t() @ x / 40
@@ -83,8 +85,11 @@ def test_noise_scale_zero_is_the_plain_rule() -> None:
 
 
 def test_floor_is_the_same_for_any_split_of_the_samples() -> None:
-    """The floor uses the global value and count only: one process with the whole batch and two
-    ranks with half each (summed before normalising) decide the same."""
+    """The floor uses the global value and count only.
+
+    One process with the whole batch and two ranks with half each (summed before normalising) decide
+    the same.
+    """
     torch.manual_seed(1)
     u = torch.randn(64, 5, dtype=torch.float64)
     whole = u.t() @ u

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+from typing import TypeVar
 
 import pytest
 import torch
@@ -43,7 +44,10 @@ def _train(model: nn.Module, opt: spngd_ds.SPNGD, steps: range) -> None:
             group["lr"] *= 0.9
 
 
-def _roundtrip(obj: object) -> object:
+T = TypeVar("T")
+
+
+def _roundtrip(obj: T) -> T:
     buf = io.BytesIO()
     torch.save(obj, buf)
     buf.seek(0)

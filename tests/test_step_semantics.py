@@ -1,6 +1,9 @@
-"""Issue 11 items on one process: parameters without gradient, frozen layers, tied weights, the
-first-order fallback said out loud, a module called twice in one forward (rule 3), clip_norm, and
-device discipline of every collective helper."""
+"""Issue 11 items on one process.
+
+Parameters without gradient, frozen layers, tied weights, the first-order fallback said out loud, a
+module called twice in one forward (rule 3), clip_norm, and device discipline of every collective
+helper.
+"""
 
 from __future__ import annotations
 
@@ -56,8 +59,10 @@ def test_a_parameter_without_gradient_is_left_alone() -> None:
 
 
 def test_freezing_a_layer_during_training() -> None:
-    """requires_grad_(False) after 2 steps (progressive fine-tuning): the next steps run, the layer
-    is no longer captured and no longer moves."""
+    """requires_grad_(False) after 2 steps (progressive fine-tuning).
+
+    The next steps run, the layer is no longer captured and no longer moves.
+    """
     model = Branchy()
     opt = spngd_ds.SPNGD(model, lr=0.1, staleness=None)
     _train(model, opt, 2)
@@ -71,8 +76,11 @@ def test_freezing_a_layer_during_training() -> None:
 
 
 def test_tied_weights_are_one_parameter_updated_once() -> None:
-    """Two Linear layers sharing a weight: the weight is in exactly one (first-order) block, and one
-    step moves it by exactly -lr times its (summed) gradient."""
+    """Two Linear layers sharing a weight.
+
+    The weight is in exactly one (first-order) block, and one step moves it by exactly -lr times its
+    (summed) gradient.
+    """
     from tests.cells import Tied
 
     model = Tied()
@@ -83,7 +91,7 @@ def test_tied_weights_are_one_parameter_updated_once() -> None:
     w0 = model.a.weight.detach().clone()
     x, y = torch.randn(8, 16), torch.randint(0, 5, (8,))
     F.cross_entropy(model(x), y).backward()
-    grad = model.a.weight.grad.detach().clone()
+    grad = model.a.weight.grad.detach().clone()  # type: ignore[union-attr]
     opt.step()
     torch.testing.assert_close(model.a.weight.detach(), w0 - 0.1 * grad, rtol=0, atol=1e-7)
 
@@ -113,9 +121,11 @@ def test_first_order_layers_are_named_at_warning_and_counted(caplog: pytest.LogC
 
 
 def test_a_module_called_twice_adds_locations_not_samples() -> None:
-    """Rule 3: a Linear applied at two places of one forward gets the statistics of one call on
-    both places stacked as locations (A sums over locations per sample, G averages over them), the
-    sequence being the sample (``positions_as_samples=False``; rule 10)."""
+    """Rule 3: a Linear applied at two places of one forward gets the statistics of one call.
+
+    Both places are stacked as locations (A sums over locations per sample, G averages over them),
+    the sequence being the sample (``positions_as_samples=False``; rule 10).
+    """
     torch.manual_seed(0)
     lin_a, head_a = nn.Linear(5, 4), nn.Linear(4, 3)
     lin_b, head_b = nn.Linear(5, 4), nn.Linear(4, 3)
@@ -161,8 +171,10 @@ def test_clip_norm_scales_the_preconditioned_update() -> None:
 
 # -- device discipline ------------------------------------------------------------------------------------------
 class MetaComm(Communicator):
-    """A 2-rank communicator whose device is 'meta': any CPU tensor handed to a collective is a
-    violation that NCCL would also refuse."""
+    """A 2-rank communicator whose device is 'meta'.
+
+    Any CPU tensor handed to a collective is a violation that NCCL would also refuse.
+    """
 
     world_size = 2
 
@@ -177,8 +189,11 @@ def test_collective_helpers_refuse_a_tensor_on_another_device() -> None:
 
 
 def test_helpers_build_their_buffers_on_the_communicator_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """gather_full (checkpoints; fragments may sit on the CPU under offload) and the flag reduction
-    hand the collective a tensor on the communicator's device."""
+    """gather_full and the flag reduction hand the collective a tensor on the comm's device.
+
+    gather_full (checkpoints; fragments may sit on the CPU under offload) and the flag reduction
+    hand the collective a tensor on the communicator's device.
+    """
     import torch.distributed as dist
 
     from spngd_ds.partitions import Fragment, gather_full
@@ -197,8 +212,11 @@ def test_helpers_build_their_buffers_on_the_communicator_device(monkeypatch: pyt
 
 
 def test_library_creates_no_tensor_on_a_hard_coded_cpu_device() -> None:
-    """Collectives take tensors on ``comm.device``; a literal "cpu" device in the library is allowed only
-    where a tensor is saved to or loaded from disk."""
+    """Collectives take tensors on ``comm.device``.
+
+    A literal "cpu" device in the library is allowed only where a tensor is saved to or loaded from
+    disk.
+    """
     allowed = {("checkpoint.py", "map_location")}
     bad = []
     for path in (ROOT / "spngd_ds").rglob("*.py"):
@@ -212,8 +230,11 @@ def test_library_creates_no_tensor_on_a_hard_coded_cpu_device() -> None:
 
 
 def test_decisions_travel_with_values_only_where_their_dtype_holds_the_step_numbers() -> None:
-    """The fast path sends the refresh decisions (interval, next step) with the gathered parameters
-    only in a dtype that holds them exactly: float32 below 2**24 steps, float64, never bf16/fp16."""
+    """The fast path sends the refresh decisions only in a dtype that holds them exactly.
+
+    The decisions (interval, next step) travel with the gathered parameters: float32 below 2**24
+    steps, float64, never bf16/fp16.
+    """
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     opt = spngd_ds.SPNGD(model, staleness={"threshold": 0.1, "max_interval": 20})
     assert opt.decisions_exact_in(torch.float32) and opt.decisions_exact_in(torch.float64)

@@ -1,12 +1,16 @@
-"""Issue 11 items that need DeepSpeed on gloo ranks: a resume at another world size on the
-compatible path keeps the schedule and the engine's counters; a step SP-NGD skips is a skipped
-step for DeepSpeed too (counted, scheduler not advanced) on every path; clipping unset is logged;
-combinations SP-NGD cannot do right are refused on every rank before any collective."""
+"""Issue 11 items that need DeepSpeed on gloo ranks.
+
+A resume at another world size on the compatible path keeps the schedule and the engine's counters;
+a step SP-NGD skips is a skipped step for DeepSpeed too (counted, scheduler not advanced) on every
+path; clipping unset is logged; combinations SP-NGD cannot do right are refused on every rank before
+any collective.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,8 +25,10 @@ TOL = 2e-5
 def test_resume_at_another_world_size_keeps_schedule_and_counters(
     tmp_path: Path, stage: int, save_ranks: int, load_ranks: int
 ) -> None:
-    """ZeRO 1/2 at another world size loads the module only (DeepSpeed cannot re-partition its
-    optimizer state); the learning-rate schedule, global steps and samples must still continue."""
+    """ZeRO 1/2 at another world size loads the module only (DeepSpeed cannot re-partition its optimizer state).
+
+    The learning-rate schedule, global steps and samples must still continue.
+    """
     common = ["--stage", str(stage), "--poly", "--global_batch", "16"]
     straight = run_worker(load_ranks, tmp_path / "straight.pt", *common, "--steps", "5")
     ck = tmp_path / "ck"
@@ -37,9 +43,11 @@ def test_resume_at_another_world_size_keeps_schedule_and_counters(
 
 @pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (0, "bf16"), (2, "fp32"), (2, "bf16"), (3, "fp32")])
 def test_a_step_spngd_skips_is_skipped_for_deepspeed(tmp_path: Path, stage: int, precision: str) -> None:
-    """A NaN on one rank at step 2: SP-NGD skips the step on every rank, DeepSpeed counts it in
-    ``skipped_steps`` and does not advance the scheduler, so the learning rates that follow are
-    those of a run with one step fewer."""
+    """A NaN on one rank at step 2.
+
+    SP-NGD skips the step on every rank, DeepSpeed counts it in ``skipped_steps`` and does not
+    advance the scheduler, so the learning rates that follow are those of a run with one step fewer.
+    """
     args = ["--stage", str(stage), "--precision", precision, "--poly", "--steps", "5"]
     skipped = run_worker(2, tmp_path / "skip.pt", *args, "--nan_grad_step", "2")
     clean = run_worker(2, tmp_path / "clean.pt", "--stage", str(stage), "--precision", precision, "--poly",
@@ -74,10 +82,15 @@ def test_unset_gradient_clipping_is_logged_once(tmp_path: Path) -> None:
         ({"gradient_clipping": -1}, "gradient_clipping = -1 is invalid; allowed: a number >= 0"),
     ],
 )
-def test_unsupported_combination_is_refused_on_every_rank(tmp_path: Path, override: dict, message: str) -> None:
-    """Each rank records its own refusal (tests/rank_records.py), so a rank that torchrun stops
-    once the other has failed cannot hide it; the records also show that no collective had been
-    called and no process group existed when the error was raised."""
+def test_unsupported_combination_is_refused_on_every_rank(
+    tmp_path: Path, override: dict[str, Any], message: str
+) -> None:
+    """Each rank records its own refusal, before any collective or process group.
+
+    The records (tests/rank_records.py) keep a rank that torchrun stops once the other has failed
+    from hiding it; they also show that no collective had been called and no process group existed
+    when the error was raised.
+    """
     proc = torchrun(2, ["--config_override", json.dumps(override), "--out", str(tmp_path / "x")],
                     timeout=REFUSAL_TIMEOUT_S, check=False)
     assert proc.returncode != 0

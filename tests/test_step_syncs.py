@@ -126,8 +126,11 @@ def test_syncs_with_clipping_and_rescaling() -> None:
 @pytest.mark.parametrize("solve", [False, True])
 def test_batched_inversion_matches_dense_inverses_and_flags_failures(monkeypatch: pytest.MonkeyPatch,
                                                                      solve: bool) -> None:
-    """Both inversion branches (CPU: cholesky_inverse; accelerators: cholesky_solve against I)
-    against float64 dense inverses, with failures (indefinite, NaN) flagged and not fatal."""
+    """Both inversion branches against float64 dense inverses, with failures flagged.
+
+    CPU: cholesky_inverse; accelerators: cholesky_solve against I. Failures (indefinite, NaN) are
+    flagged and not fatal.
+    """
     import spngd_ds.blocks.base as base
 
     monkeypatch.setattr(base, "CPU_CHOLESKY_INVERSE", not solve)

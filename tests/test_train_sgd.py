@@ -1,5 +1,8 @@
-"""launch/train.py end to end with the SGD digits config: plain python, torchrun and the deepspeed
-launcher; summary line, checkpoints, offline W&B run, and an exact resume."""
+"""launch/train.py end to end with the SGD digits config.
+
+Plain python, torchrun and the deepspeed launcher; summary line, checkpoints, offline W&B run, and
+an exact resume.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""launch/train.py with the default SP-NGD digits config: a stopped-and-resumed run continues exactly
-(SP-NGD's curvature state, refresh intervals and momentum come back with the checkpoint)."""
+"""launch/train.py with the default SP-NGD digits config.
+
+A stopped-and-resumed run continues exactly (SP-NGD's curvature state, refresh intervals and
+momentum come back with the checkpoint).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Rule 7 (momentum SGD on the preconditioned gradient, momentum correction, weight decay) and
-rule 8 (weight rescaling of layers that feed a BatchNorm), against hand computations in float64."""
+"""Rules 7 and 8 (momentum update, weight rescaling) against hand computations in float64.
+
+Rule 7 (momentum SGD on the preconditioned gradient, momentum correction, weight decay) and rule 8
+(weight rescaling of layers that feed a BatchNorm), against hand computations in float64.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import spngd_ds
 
 
 class PlainNet(nn.Module):
-    """Only layers without curvature: Conv1d, and Embedding with ``curvature_embedding=False``
-    (first-order fallback)."""
+    """Only layers without curvature (the first-order fallback).
+
+    Conv1d, and Embedding with ``curvature_embedding=False``.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,7 +47,7 @@ def test_fallback_layers_are_plain_blocks() -> None:
 
 @pytest.mark.parametrize("wd", [0.0, 0.01])
 def test_momentum_update_with_lr_changes(wd: float) -> None:
-    """v <- m_eff v - lr_t (g + wd θ); θ <- θ + v; m_eff = m lr_t / lr_{t-1} when lr changes."""
+    """``v <- m_eff v - lr_t (g + wd θ); θ <- θ + v``; m_eff = m lr_t / lr_{t-1} when lr changes."""
     torch.manual_seed(0)
     model = PlainNet().double()
     m = 0.9
@@ -56,7 +61,7 @@ def test_momentum_update_with_lr_changes(wd: float) -> None:
             group["lr"] = lr
         x, y = _plain_batch(step)
         F.cross_entropy(model(x), y).backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
         opt.step()
         opt.zero_grad()
         m_eff = m if prev_lr is None or prev_lr == lr else m * lr / prev_lr
@@ -70,9 +75,12 @@ def test_momentum_update_with_lr_changes(wd: float) -> None:
 
 
 def test_momentum_correction_matches_torch_sgd_across_lr_changes() -> None:
-    """torch.optim.SGD keeps its buffer in gradient units (b <- m b + g; θ <- θ - lr_t b), which is
+    """torch.optim.SGD agrees with rule 7 with the momentum correction at every step.
+
+    torch.optim.SGD keeps its buffer in gradient units (b <- m b + g; θ <- θ - lr_t b), which is
     rule 7 *with* the correction m_eff = m lr_t / lr_{t-1}: the two agree at every step, including
-    after lr changes. Without the correction they would differ from the first lr change on."""
+    after lr changes. Without the correction they would differ from the first lr change on.
+    """
     lrs = [0.1, 0.1, 0.02, 0.02, 0.3]
     results = {}
     for name in ("spngd", "sgd"):
@@ -106,7 +114,7 @@ def test_momentum_correction_matches_torch_sgd_across_lr_changes() -> None:
         F.cross_entropy(model(x), y).backward()
         with torch.no_grad():
             for p, buf in zip(model.parameters(), v, strict=True):
-                buf.mul_(0.9).add_(p.grad, alpha=-lr)
+                buf.mul_(0.9).add_(p.grad, alpha=-lr)  # type: ignore[arg-type]
                 p.add_(buf)
                 p.grad = None
     uncorrected = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -126,7 +134,7 @@ def test_zero_lr_then_positive_uses_plain_momentum() -> None:
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     opt.param_groups[0]["lr"] = 0.1
     F.cross_entropy(model(x), y).backward()
-    grads = [p.grad.detach().clone() for p in model.parameters()]
+    grads = [p.grad.detach().clone() for p in model.parameters()]  # type: ignore[union-attr]
     opt.step()
     for p, b, g in zip(model.parameters(), before, grads, strict=True):
         assert torch.isfinite(p).all()
@@ -145,7 +153,7 @@ def test_weight_decay_is_added_after_preconditioning() -> None:
         g = torch.Generator().manual_seed(step)
         x, y = torch.randn(20, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (20,), generator=g)
         F.cross_entropy(model(x), y).backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
         opt.step()
         opt.zero_grad()
         for layer in ("0", "2"):
@@ -168,8 +176,8 @@ def _bn_mlp() -> nn.Module:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
     with torch.no_grad():
-        model[0].weight.mul_(40.0)  # ||W||_F far above sqrt(2·6)
-        model[3].weight.mul_(40.0)  # large too, but it feeds no BatchNorm
+        model[0].weight.mul_(40.0)  # type: ignore[operator]  # ||W||_F far above sqrt(2·6)
+        model[3].weight.mul_(40.0)  # type: ignore[operator]  # large too, but it feeds no BatchNorm
     return model
 
 
@@ -189,18 +197,18 @@ def test_weight_rescale_only_layers_feeding_bn() -> None:
     _one_step(twin, rescale=False)
     assert opt.capture.feeds_bn == {"0"}
     target = math.sqrt(2 * 6)
-    w_twin = twin[0].weight.detach()
+    w_twin = twin[0].weight.detach()  # type: ignore[index]
     assert float(w_twin.norm()) > 2 * target  # without rule 8 the norm stays large
     # (the norm is taken in float32 even for a float64 model, hence rel 1e-6)
-    assert float(model[0].weight.detach().norm()) == pytest.approx(target, rel=1e-6)
+    assert float(model[0].weight.detach().norm()) == pytest.approx(target, rel=1e-6)  # type: ignore[index]
     # rescaling is a pure scaling of the updated weight, applied after the update
-    torch.testing.assert_close(model[0].weight.detach(), w_twin * (target / float(w_twin.norm())), rtol=1e-6, atol=0)
+    torch.testing.assert_close(model[0].weight.detach(), w_twin * (target / float(w_twin.norm())), rtol=1e-6, atol=0)  # type: ignore[index]
     # bias, BatchNorm and the head are untouched by rule 8
     for name in ("0.bias", "1.weight", "1.bias", "3.weight", "3.bias"):
         torch.testing.assert_close(
             dict(model.named_parameters())[name], dict(twin.named_parameters())[name], rtol=1e-12, atol=0, msg=name
         )
-    assert float(model[3].weight.detach().norm()) > math.sqrt(2 * 3)
+    assert float(model[3].weight.detach().norm()) > math.sqrt(2 * 3)  # type: ignore[index]
 
 
 def test_weight_rescale_never_scales_up() -> None:
@@ -208,7 +216,7 @@ def test_weight_rescale_never_scales_up() -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
     twin = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
     twin.load_state_dict(model.state_dict())
-    assert float(model[0].weight.detach().norm()) < math.sqrt(12)
+    assert float(model[0].weight.detach().norm()) < math.sqrt(12)  # type: ignore[operator]
     opt = _one_step(model, rescale=True)
     _one_step(twin, rescale=False)
     assert opt.capture.feeds_bn == {"0"}
@@ -228,15 +236,15 @@ def test_weight_rescale_conv_feeding_batchnorm2d() -> None:
     ).double()
     with torch.no_grad():
         for i in (0, 3, 5):
-            model[i].weight.mul_(30.0)
-    norms_before = {i: float(model[i].weight.detach().norm()) for i in (3, 5)}
+            model[i].weight.mul_(30.0)  # type: ignore[operator]
+    norms_before = {i: float(model[i].weight.detach().norm()) for i in (3, 5)}  # type: ignore[operator]
     opt = spngd_ds.SPNGD(model, lr=1e-3, momentum=0.0, damping=1e-2, weight_rescale=True, staleness=None)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (8,), generator=g)
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert opt.capture.feeds_bn == {"0"}
-    assert float(model[0].weight.detach().norm()) == pytest.approx(math.sqrt(2 * 4), rel=1e-6)
+    assert float(model[0].weight.detach().norm()) == pytest.approx(math.sqrt(2 * 4), rel=1e-6)  # type: ignore[operator]
     for i in (3, 5):  # not rescaled: still about as large as before (a small lr step)
-        assert float(model[i].weight.detach().norm()) == pytest.approx(norms_before[i], rel=0.05)
-        assert float(model[i].weight.detach().norm()) > 2 * math.sqrt(2 * model[i].weight.shape[0])
+        assert float(model[i].weight.detach().norm()) == pytest.approx(norms_before[i], rel=0.05)  # type: ignore[operator]
+        assert float(model[i].weight.detach().norm()) > 2 * math.sqrt(2 * model[i].weight.shape[0])  # type: ignore[index, operator]

@@ -44,8 +44,11 @@ class Statistic:
     rejections: int = 0
 
     def add(self, total: torch.Tensor, count: int, fresh: bool = False) -> None:
-        """Accumulate one micro-batch's sum (``shape``) over ``count`` samples. ``fresh``: the
-        caller hands over a tensor that nothing else holds, kept as the sum without a copy."""
+        """Accumulate one micro-batch's sum (``shape``) over ``count`` samples.
+
+        ``fresh``: the caller hands over a tensor that nothing else holds, kept as the sum without a
+        copy.
+        """
         if self.local_sum is None:
             self.local_sum = total if fresh else total.clone()
         else:
@@ -65,18 +68,23 @@ class Statistic:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry of ``t`` is finite. A finite sum proves it (an inf or NaN entry makes
-    the sum inf or NaN) for one reduction instead of an elementwise test; only when the sum is
-    not finite (a bad entry, or finite entries that overflow the sum) are the entries tested."""
+    """Whether every entry of ``t`` is finite.
+
+    A finite sum proves it (an inf or NaN entry makes the sum inf or NaN) for one reduction instead
+    of an elementwise test; only when the sum is not finite (a bad entry, or finite entries that
+    overflow the sum) are the entries tested.
+    """
     if t.numel() == 0:
         return True
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def all_finite_many(tensors: list[torch.Tensor]) -> bool:
-    """:func:`all_finite` of every tensor with one host synchronisation: the float64 sums of all of
-    them are stacked and tested at once (a float64 sum of finite fp32/bf16/fp16 entries cannot
-    overflow); only when that fails are the tensors tested one by one."""
+    """:func:`all_finite` of every tensor with one host synchronisation.
+
+    The float64 sums of all of them are stacked and tested at once (a float64 sum of finite
+    fp32/bf16/fp16 entries cannot overflow); only when that fails are the tensors tested one by one.
+    """
     tensors = [t for t in tensors if t.numel() > 0]
     if not tensors:
         return True
@@ -85,10 +93,12 @@ def all_finite_many(tensors: list[torch.Tensor]) -> bool:
 
 
 def all_finite_device(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Whether every entry of every tensor is finite, as a 0-d bool tensor on their device, without
-    a host synchronisation: float64 norms of all of them in one multi-tensor op (the squares of
-    finite fp32/bf16/fp16 entries cannot overflow float64; float64 entries beyond 1e154 can:
-    where this says False, :func:`all_finite_many` decides)."""
+    """Whether every entry of every tensor is finite, without a host synchronisation.
+
+    Returns a 0-d bool tensor on their device: float64 norms of all of them in one multi-tensor op
+    (the squares of finite fp32/bf16/fp16 entries cannot overflow float64; float64 entries beyond
+    1e154 can: where this says False, :func:`all_finite_many` decides).
+    """
     tensors = [t for t in tensors if t.numel() > 0]
     if not tensors:
         raise ValueError("all_finite_device: no tensor with entries given")
@@ -122,11 +132,12 @@ CPU_CHOLESKY_INVERSE = True
 
 
 def invert_spd_many(matrices: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
-    """Inverses of symmetric positive-definite matrices (each (d, d)), in their own dtype, without
-    a host synchronisation: the matrices are stacked by (d, dtype, device), factored by one
-    batched ``torch.linalg.cholesky_ex`` per stack and inverted by ``torch.cholesky_solve``
-    against the identity on an accelerator (``torch.cholesky_inverse`` reads its error flag on the
-    host there) and by ``torch.cholesky_inverse`` on the CPU.
+    """Inverses of symmetric positive-definite matrices, batched, without a host synchronisation.
+
+    Each matrix is (d, d) and is inverted in its own dtype. The matrices are stacked by (d, dtype,
+    device), factored by one batched ``torch.linalg.cholesky_ex`` per stack and inverted by
+    ``torch.cholesky_solve`` against the identity on an accelerator (``torch.cholesky_inverse``
+    reads its error flag on the host there) and by ``torch.cholesky_inverse`` on the CPU.
 
     Returns the inverses (garbage where not ok), ok (len(matrices),) bool on the first matrix's
     device: the factorisation succeeded and the matrix and its inverse are finite, and which matrix
@@ -176,9 +187,12 @@ class InversionJob:
 
 
 def run_inversions(jobs: list[InversionJob]) -> list[InversionReport]:
-    """Every job's matrices inverted in batches (:func:`invert_spd_many`), their success flags and
-    the jobs' scalars read back in ONE host synchronisation; a matrix whose own-dtype inversion
-    failed is retried in float64 (:func:`robust_inverse`'s rule: rare, a synchronisation each)."""
+    """Run every job's inversions in batches with one host synchronisation.
+
+    Every job's matrices inverted in batches (:func:`invert_spd_many`), their success flags and the
+    jobs' scalars read back in ONE host synchronisation; a matrix whose own-dtype inversion failed
+    is retried in float64 (:func:`robust_inverse`'s rule: rare, a synchronisation each).
+    """
     matrices = [m for job in jobs for _, m in job.matrices]
     inverses, ok, order = invert_spd_many(matrices)
     parts = [ok.to(torch.float64)] if matrices else []
@@ -230,6 +244,7 @@ class Block:
     kind = "plain"
 
     def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter]) -> None:
+        """A block named ``name`` over ``params`` (in this order) of ``module``."""
         self.name = name
         self.module = module
         self.params = params
@@ -239,8 +254,11 @@ class Block:
 
     # -- capture (hooks) -------------------------------------------------------------------------
     def capture_forward(self, inputs: torch.Tensor, due: set[str]) -> Callable[[torch.Tensor, float], None] | None:
-        """Called by the forward hook with the module's input; returns the backward capture
-        (called with the output gradient and its per-sample scale), or ``None``."""
+        """Called by the forward hook with the module's input.
+
+        Returns the backward capture (called with the output gradient and its per-sample scale), or
+        ``None``.
+        """
         return None
 
     # -- owner side --------------------------------------------------------------------------------
@@ -249,15 +267,20 @@ class Block:
         return total / count
 
     def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
-        """(Re-)invert the damped statistics named in ``refreshed`` (:meth:`inversion_job`, run
-        alone). A block kind may override this instead of :meth:`inversion_job`; the optimizer
-        then calls it, outside the step's batched inversion."""
+        """(Re-)invert the damped statistics named in ``refreshed`` (:meth:`inversion_job`, run alone).
+
+        A block kind may override this instead of :meth:`inversion_job`; the optimizer then calls
+        it, outside the step's batched inversion.
+        """
         job = self.inversion_job(damping, refreshed)
         return run_inversions([job])[0] if job is not None else InversionReport()
 
     def inversion_job(self, damping: float, refreshed: set[str]) -> InversionJob | None:
-        """What (re-)inverting the statistics named in ``refreshed`` takes, for the step's batched
-        inversion (:func:`run_inversions`); ``None``: nothing to invert."""
+        """The inversion job for the statistics named in ``refreshed``.
+
+        What (re-)inverting the statistics named in ``refreshed`` takes, for the step's batched
+        inversion (:func:`run_inversions`); ``None``: nothing to invert.
+        """
         return None
 
     def ready(self) -> bool:

@@ -25,13 +25,16 @@ class BatchedPreconditioner:
     """The persistent inverse stacks of one optimizer and the batched ``precondition`` over them."""
 
     def __init__(self) -> None:
+        """Start with no stacks."""
         #: group key -> (ids of the member statistics, the stacks, per stack the member views)
         self._stacks: dict[_Key, tuple[tuple[int, ...], list[torch.Tensor], list[list[torch.Tensor]]]] = {}
 
     def precondition(self, blocks: list[Block], grads: dict[str, list[torch.Tensor]]
                      ) -> dict[str, list[torch.Tensor]]:
-        """P(∇) of every block of ``blocks`` (``grads``: name -> gradients in ``params`` order);
-        the plain gradient for a block that is not ready."""
+        """P(∇) of every block of ``blocks`` (``grads``: name -> gradients in ``params`` order).
+
+        The plain gradient for a block that is not ready.
+        """
         out: dict[str, list[torch.Tensor]] = {}
         kron: dict[_Key, list[KronBlock]] = {}
         unit: dict[_Key, list[UnitwiseBlock]] = {}
@@ -76,9 +79,12 @@ class BatchedPreconditioner:
         return {b.name: out[b.name] for b in blocks}
 
     def _stacked(self, key: _Key, stats: list[list[Statistic]], concat: bool) -> list[torch.Tensor]:
-        """One stack per list of ``stats`` of their inverses (``torch.stack``, or ``torch.cat`` along
+        """Stacked inverses of ``stats``, one stack per list, kept across steps.
+
+        One stack per list of ``stats`` of their inverses (``torch.stack``, or ``torch.cat`` along
         dim 0 when ``concat``); each statistic's ``inverse`` becomes a view of its slot. Built again
-        only when the members change; a statistic re-inverted since is copied into its slot."""
+        only when the members change; a statistic re-inverted since is copied into its slot.
+        """
         members = tuple(id(s) for group in stats for s in group)
         hit = self._stacks.get(key)
         if hit is None or hit[0] != members:

@@ -30,8 +30,10 @@ class BlockOptions:
 def _kron_block(
     name: str, module: nn.Module, schedule: Callable[[], RefreshSchedule], options: BlockOptions
 ) -> tuple[Block | None, str]:
-    """The Kronecker block of a Linear / Conv2d / HF Conv1D (diagonal factors above
-    ``max_factor_dim``), or ``None`` and the reason."""
+    """The Kronecker block of a Linear / Conv2d / HF Conv1D, or ``None`` and the reason.
+
+    Factors above ``max_factor_dim`` are kept diagonal.
+    """
     conv1d = is_hf_conv1d(module)
     dims = Conv1DBlock.weight_dims(module) if conv1d else KronBlock.weight_dims(module)
     bias = int(getattr(module, "bias", None) is not None)
@@ -55,9 +57,11 @@ def build_blocks(
     bn_damping_scale: float,
     options: BlockOptions | None = None,
 ) -> tuple[list[Block], list[str]]:
-    """One block per supported layer, in ``named_modules`` order, plus one :class:`PlainBlock` per
-    remaining trainable parameter (named ``"<param name>"``), each parameter in exactly one block.
-    ``options``: the layer kinds switched on (default: all) and ``positions_as_samples``.
+    """One block per supported layer plus one plain block per remaining parameter.
+
+    Layers in ``named_modules`` order, then one :class:`PlainBlock` per remaining trainable
+    parameter (named ``"<param name>"``), each parameter in exactly one block. ``options``: the
+    layer kinds switched on (default: all) and ``positions_as_samples``.
 
     A layer gets no curvature block (first-order update instead) when it is of an unsupported kind,
     when only some of its parameters are trainable, or when it shares a parameter with another

@@ -44,9 +44,11 @@ SHIFT_LAYOUT = True
 
 
 def symmetric_gram(cols: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """``cols @ cols.T`` for a wide ``cols`` (d, K), computing only the blocks on and above the
-    diagonal (row blocks of at least ``block``; at most 8 of them) and mirroring the rest: about
-    (b + 1)/(2b) of the products for b blocks."""
+    """``cols @ cols.T`` for a wide ``cols`` (d, K), computing only the upper blocks.
+
+    Only the blocks on and above the diagonal are computed (row blocks of at least ``block``; at
+    most 8 of them) and the rest mirrored: about (b + 1)/(2b) of the products for b blocks.
+    """
     d = cols.shape[0]
     nb = max(1, min(8, d // block))
     if nb == 1:
@@ -65,9 +67,12 @@ def symmetric_gram(cols: torch.Tensor, block: int = 256) -> torch.Tensor:
 
 def _padded_channels_last(x: torch.Tensor, pad_h: tuple[int, int], pad_w: tuple[int, int],
                           dtype: torch.dtype) -> torch.Tensor:
-    """``x`` (N, C, H, W) as a contiguous (N, top + H + bottom, left + W + right, C) copy in
-    ``dtype`` with zeros around it, ``pad_h`` = (top, bottom), ``pad_w`` = (left, right) (only the
-    border is zeroed: the interior is written once, by the copy)."""
+    """``x`` (N, C, H, W) as a zero-padded channels-last copy in ``dtype``.
+
+    The copy is contiguous (N, top + H + bottom, left + W + right, C) with ``pad_h`` = (top,
+    bottom), ``pad_w`` = (left, right). Only the border is zeroed: the interior is written once, by
+    the copy.
+    """
     n, c, h, w = x.shape
     (top, bottom), (left, right) = pad_h, pad_w
     xp = x.new_empty((n, top + h + bottom, left + w + right, c), dtype=dtype)
@@ -172,8 +177,11 @@ def _shift_plan(h: int, w: int, kh: int, kw: int, dh: int, dw: int, ph: int, pw:
 
 @dataclass(frozen=True)
 class _PlanTensors:
-    """A :class:`_ShiftPlan`'s index and sign tensors on one device, in one dtype (built once: a
-    tensor built from a Python list is a host-to-device copy, a stream synchronisation)."""
+    """A :class:`_ShiftPlan`'s index and sign tensors on one device, in one dtype.
+
+    Built once: a tensor built from a Python list is a host-to-device copy, a stream
+    synchronisation.
+    """
 
     block_shift: torch.Tensor  #: (blocks,) int64
     offsets: torch.Tensor  #: (pixels,) int64: ``pixel_offsets``
@@ -219,8 +227,10 @@ def _plan_tensors(plan: _ShiftPlan, device: torch.device, dtype: torch.dtype) ->
 
 def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
                bias: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gram (d, d) of the im2col patches of a stride-1 convolution on ``x`` (N, C, H, W), in
-    ``F.unfold`` order, d = C·kh·kw, and the patch sum (d,) when ``bias``; computed in ``dtype``.
+    """Gram (d, d) of the im2col patches of a stride-1 convolution on ``x`` (N, C, H, W).
+
+    In ``F.unfold`` order, d = C·kh·kw, with the patch sum (d,) when ``bias``; computed in
+    ``dtype``.
 
     Exact: each block is a sum over the same pixel pairs as the im2col Gram, in another order.
     """
@@ -267,8 +277,11 @@ def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, in
 
 def patch_gram(module: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, bias: bool
                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Gram (d, d) of the im2col patches of ``x`` (N, C, H, W) for ``module``, in ``F.unfold``
-    order, their sum (d,) when ``bias`` (else None), and their number N·Ho·Wo; in ``dtype``."""
+    """Gram (d, d) of the im2col patches of ``x`` (N, C, H, W) for ``module``.
+
+    In ``F.unfold`` order, with the patches' sum (d,) when ``bias`` (else None) and their number
+    N·Ho·Wo; computed in ``dtype``.
+    """
     assert not isinstance(module.padding, str)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
     n, c, h, w = x.shape

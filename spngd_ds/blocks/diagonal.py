@@ -29,7 +29,7 @@ def is_diagonal(value: torch.Tensor) -> bool:
 
 
 def mean_trace(value: torch.Tensor) -> float:
-    """tr X / dim X of a dense (d, d) or diagonal (d, 1, 1) factor."""
+    """tr(X) / dim(X) of a dense (d, d) or diagonal (d, 1, 1) factor."""
     return float(value.sum() if is_diagonal(value) else torch.trace(value)) / value.shape[0]
 
 
@@ -42,8 +42,10 @@ def factor_pi(a: torch.Tensor, g: torch.Tensor) -> float:
 
 
 def invert_factor(value: torch.Tensor, shift: float) -> torch.Tensor | None:
-    """(X + shift·I)⁻¹ of a dense (Cholesky, :func:`robust_inverse`) or diagonal factor;
-    ``None`` when it is not positive definite and finite."""
+    """(X + shift·I)⁻¹ of a dense (Cholesky, :func:`robust_inverse`) or diagonal factor.
+
+    ``None`` when it is not positive definite and finite.
+    """
     if not is_diagonal(value):
         damped = value.clone()
         damped.diagonal().add_(shift)
@@ -55,12 +57,12 @@ def invert_factor(value: torch.Tensor, shift: float) -> torch.Tensor | None:
 
 
 def apply_left(inverse: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """inverse @ m for a dense (d, d) or diagonal (d, 1, 1) inverse and m (d, k)."""
+    """``inverse @ m`` for a dense (d, d) or diagonal (d, 1, 1) inverse and m (d, k)."""
     return m * inverse.view(-1, 1) if is_diagonal(inverse) else inverse @ m
 
 
 def apply_right(m: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """m @ inverse for m (k, d) and a dense (d, d) or diagonal (d, 1, 1) inverse."""
+    """``m @ inverse`` for m (k, d) and a dense (d, d) or diagonal (d, 1, 1) inverse."""
     return m * inverse.view(1, -1) if is_diagonal(inverse) else m @ inverse
 
 
@@ -72,10 +74,12 @@ class PairedFactors(Protocol):
 
 
 def invert_pair(block: PairedFactors, damping: float, refreshed: set[str]) -> InversionReport:
-    """Rule 5 on ``block``'s factors "A" and "G" (dense or diagonal): each refreshed (or never
-    inverted) factor re-inverted with its shift. π follows the traces when both are re-inverted; a
-    factor re-inverted alone keeps the π its partner's inverse was built with, so that the shifts'
-    product stays λ. ``block.pi`` receives the π used."""
+    """Rule 5 on ``block``'s factors "A" and "G" (dense or diagonal).
+
+    Each refreshed (or never inverted) factor is re-inverted with its shift. π follows the traces
+    when both are re-inverted; a factor re-inverted alone keeps the π its partner's inverse was
+    built with, so that the shifts' product stays λ. ``block.pi`` receives the π used.
+    """
     report = InversionReport()
     a, g = block.stats["A"].value, block.stats["G"].value
     if a is None or g is None:
@@ -95,13 +99,17 @@ def invert_pair(block: PairedFactors, damping: float, refreshed: set[str]) -> In
 
 
 class DiagonalKronBlock(KronBlock):
-    """A Linear (or, as :class:`DiagonalConv1DBlock`, HF Conv1D) block whose factors of a
-    dimension above ``max_dim`` are kept diagonal: A's diagonal Σ ā², G's Σ g² (same
-    normalisation as the dense factors)."""
+    """A Linear (or HF Conv1D) block whose large factors are kept diagonal.
+
+    A Linear (or, as :class:`DiagonalConv1DBlock`, HF Conv1D) block whose factors of a dimension
+    above ``max_dim`` are kept diagonal: A's diagonal Σ ā², G's Σ g² (same normalisation as the
+    dense factors).
+    """
 
     kind = "kron_diag"
 
     def __init__(self, name: str, module: nn.Module, schedule: Callable[[], RefreshSchedule], max_dim: int):
+        """A Kronecker block whose factors of a dimension above ``max_dim`` are diagonal."""
         super().__init__(name, module, schedule)  # type: ignore[arg-type]
         assert not self.is_conv, "Conv2d factors are not kept diagonal"
         dims = {"A": self.d_A, "G": self.d_G}
@@ -111,6 +119,7 @@ class DiagonalKronBlock(KronBlock):
             self.stats[n] = Statistic(n, self.stats[n].schedule, (dims[n], 1, 1))
 
     def activation_gram(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Diagonal Σ ā² as (d_A, 1, 1) when A is diagonal (else the dense Gram), and N."""
         if "A" not in self.diagonal:
             return super().activation_gram(x)
         flat = x.reshape(-1, x.shape[-1]).to(self.dtype)
@@ -122,24 +131,29 @@ class DiagonalKronBlock(KronBlock):
         return diag.view(-1, 1, 1), n
 
     def output_gram(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Diagonal Σ g² as (d_G, 1, 1) when G is diagonal (else the dense Gram), and T."""
         if "G" not in self.diagonal:
             return super().output_gram(grad)
         rows = grad.reshape(-1, grad.shape[-1]).to(self.dtype)
         return rows.pow(2).sum(0).view(-1, 1, 1), rows.shape[0] // self.samples_in(grad)
 
     def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
+        """Rule 5 on the (dense or diagonal) factors due in ``refreshed``."""
         return invert_pair(self, damping, refreshed)
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Ĝ⁻¹ M Â⁻¹ with dense or diagonal inverses, in the parameters' shapes and dtypes."""
         a_inv, g_inv = self.stats["A"].inverse, self.stats["G"].inverse
         if a_inv is None or g_inv is None:
             return grads
         return self.split_update(apply_right(apply_left(g_inv, self.grad_matrix(grads)), a_inv), grads)
 
     def inversion_cost(self) -> float:
+        """Sum of d³ over dense factors and d over diagonal ones."""
         return float(sum(d if n in self.diagonal else d**3 for n, d in (("A", self.d_A), ("G", self.d_G))))
 
     def memory_cost(self) -> float:
+        """Sum of d² over dense factors and d over diagonal ones (elements held)."""
         return float(sum(d if n in self.diagonal else d**2 for n, d in (("A", self.d_A), ("G", self.d_G))))
 
 

@@ -44,6 +44,7 @@ class EmbeddingBlock(Block):
         positions_as_samples: bool = True,
         max_dim: int | None = None,
     ):
+        """The block of ``module``'s weight (vocab, D): a diagonal A and a dense (or diagonal) G."""
         weight = module.weight
         assert isinstance(weight, nn.Parameter)
         super().__init__(name, module, [weight])
@@ -71,6 +72,7 @@ class EmbeddingBlock(Block):
     def capture_forward(
         self, inputs: torch.Tensor, due: set[str]
     ) -> Callable[[torch.Tensor, float], None] | None:
+        """Count the token ids of ``inputs`` into A when due; return G's capture when due."""
         idx = inputs.detach()
         n = self.samples_in(idx)
         per_sample = max(idx.numel(), 1) / max(n, 1)
@@ -98,14 +100,17 @@ class EmbeddingBlock(Block):
         return capture_backward
 
     def normalise(self, name: str, total: torch.Tensor, count: float) -> torch.Tensor:
+        """Mean over ``count`` samples; notes ρ for the staleness rule."""
         value = total / count
         self.stats[name].schedule.note_value(wishart_rho(value, self.vectors_per_sample[name]), count)
         return value
 
     def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
+        """Rule 5 on A (diagonal) and G for the statistics due in ``refreshed``."""
         return invert_pair(self, damping, refreshed)
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Â⁻¹ ∇W Ĝ⁻¹ for the weight gradient (vocab, D), in its dtype."""
         a_inv, g_inv = self.stats["A"].inverse, self.stats["G"].inverse
         if a_inv is None or g_inv is None:
             return grads
@@ -113,7 +118,9 @@ class EmbeddingBlock(Block):
         return [p.reshape(grads[0].shape).to(grads[0].dtype)]
 
     def inversion_cost(self) -> float:
+        """The vocabulary size (diagonal A) plus d_G³ (or d_G when G is diagonal)."""
         return float(self.vocab + (self.d_G if "G" in self.diagonal else self.d_G**3))
 
     def memory_cost(self) -> float:
+        """The vocabulary size (diagonal A) plus d_G² (or d_G when G is diagonal)."""
         return float(self.vocab + (self.d_G if "G" in self.diagonal else self.d_G**2))

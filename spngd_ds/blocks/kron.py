@@ -38,8 +38,11 @@ def conv_supported(module: nn.Module) -> bool:
 
 
 def pi_tensor(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """π of rule 5 as a float64 0-d tensor on a's device (no host synchronisation); 1 when either
-    mean trace is not a positive finite number. The same arithmetic as :func:`compute_pi`."""
+    """π of rule 5 as a float64 0-d tensor on a's device (no host synchronisation).
+
+    1 when either mean trace is not a positive finite number. The same arithmetic as
+    :func:`compute_pi`.
+    """
     ta = torch.trace(a).to(torch.float64) / a.shape[0]
     tg = torch.trace(g).to(torch.float64).to(ta.device) / g.shape[0]
     valid = torch.isfinite(ta) & torch.isfinite(tg) & (ta > 0.0) & (tg > 0.0)
@@ -61,6 +64,7 @@ class KronBlock(Block):
     kind = "kron"
 
     def __init__(self, name: str, module: nn.Linear | nn.Conv2d, schedule: Callable[[], RefreshSchedule]):
+        """The block of ``module``'s weight and bias; ``schedule`` makes each factor's refresh schedule."""
         params = list(module.parameters(recurse=False))  # [weight, bias] in registration order
         super().__init__(name, module, params)
         self.is_conv = isinstance(module, nn.Conv2d)
@@ -86,8 +90,11 @@ class KronBlock(Block):
         return int(shape[0]), int(shape[1:].numel())
 
     def samples_in(self, t: torch.Tensor) -> int:
-        """Samples in a layer input or output gradient ``t``: its leading dim, 1 when unbatched;
-        every position of a Linear's (N, T, ..., d) input when ``positions_as_samples``."""
+        """Samples in a layer input or output gradient ``t``.
+
+        Its leading dim, 1 when unbatched; every position of a Linear's (N, T, ..., d) input when
+        ``positions_as_samples``.
+        """
         if t.dim() <= (3 if self.is_conv else 1):
             return 1
         if self.positions_as_samples and not self.is_conv:
@@ -106,8 +113,9 @@ class KronBlock(Block):
 
     # -- statistics ------------------------------------------------------------------------------
     def activation_gram(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Σ ā āᵀ (d_A, d_A) over the rows ā of the layer input ``x`` (N, C_in, H, W) or
-        (N, ..., in_features), and the number of samples N.
+        """Σ ā āᵀ (d_A, d_A) over the rows ā of the layer input ``x``, and the sample count.
+
+        ``x`` is (N, C_in, H, W) or (N, ..., in_features); the count is the number of samples N.
 
         Conv2d: the im2col Gram without forming the patches where the stride is 1, else from one
         strided copy (:func:`spngd_ds.blocks.conv_gram.patch_gram`); the bias row and column are
@@ -137,8 +145,11 @@ class KronBlock(Block):
         return out, n
 
     def output_gram(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Σ g gᵀ (d_G, d_G) over the rows of an output gradient (N, C_out, H, W) or
-        (N, ..., out), unscaled, and T (rows per sample)."""
+        """Σ g gᵀ (d_G, d_G) over the rows of an output gradient, and the rows per sample.
+
+        The gradient is (N, C_out, H, W) or (N, ..., out), unscaled; the count is T, the rows per
+        sample.
+        """
         if self.is_conv:
             if grad.dim() == 3:
                 grad = grad.unsqueeze(0)
@@ -154,6 +165,7 @@ class KronBlock(Block):
     def capture_forward(
         self, inputs: torch.Tensor, due: set[str]
     ) -> Callable[[torch.Tensor, float], None] | None:
+        """Capture A from ``inputs`` when due; return G's capture when due."""
         if "A" in due:
             x = inputs.detach()
             batched = x.dim() > (3 if self.is_conv else 1)  # an unbatched input is one sample
@@ -174,6 +186,7 @@ class KronBlock(Block):
         return capture_backward
 
     def normalise(self, name: str, total: torch.Tensor, count: float) -> torch.Tensor:
+        """Mean over ``count`` samples; notes ρ and the count for the staleness rule."""
         value = super().normalise(name, total, count)
         # the staleness rule's noise floor (staleness.py): ρ of this value and its sample count
         self.stats[name].schedule.note_value_figures(value, self.vectors_per_sample[name], count)
@@ -181,6 +194,7 @@ class KronBlock(Block):
 
     # -- inversion and preconditioning -----------------------------------------------------------
     def inversion_job(self, damping: float, refreshed: set[str]) -> InversionJob | None:
+        """Rule 5 on the factors due in ``refreshed`` (or without an inverse yet), or ``None``."""
         a, g = self.stats["A"].value, self.stats["G"].value
         if a is None or g is None:
             return None
@@ -222,8 +236,10 @@ class KronBlock(Block):
         return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
 
     def split_update(self, p: torch.Tensor, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The inverse of :meth:`grad_matrix`: P (d_G, d_A) back into the shapes and dtypes of
-        ``grads`` (weight, then bias)."""
+        """The inverse of :meth:`grad_matrix`.
+
+        P (d_G, d_A) back into the shapes and dtypes of ``grads`` (weight, then bias).
+        """
         d_in = self.d_A - int(self.has_bias)
         out = [self.weight_from_matrix(p[:, :d_in]).reshape(grads[0].shape).to(grads[0].dtype)]
         if self.has_bias:
@@ -235,21 +251,27 @@ class KronBlock(Block):
         return w
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Ĝ⁻¹ M Â⁻¹ split back into the weight and bias shapes and dtypes."""
         a_inv, g_inv = self.stats["A"].inverse, self.stats["G"].inverse
         if a_inv is None or g_inv is None:
             return grads
         return self.split_update(g_inv @ self.grad_matrix(grads) @ a_inv, grads)
 
     def inversion_cost(self) -> float:
+        """d_A³ + d_G³."""
         return float(self.d_A**3 + self.d_G**3)
 
     def memory_cost(self) -> float:
+        """d_A² + d_G² (elements of the two factors)."""
         return float(self.d_A**2 + self.d_G**2)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
-    """HF transformers' ``pytorch_utils.Conv1D`` (weight (in, out), y = x W + b), told by its class
-    name and its ``nf`` (out) attribute, without importing transformers."""
+    """Whether ``module`` is HF transformers' ``pytorch_utils.Conv1D``.
+
+    HF transformers' ``pytorch_utils.Conv1D`` (weight (in, out), y = x W + b), told by its class
+    name and its ``nf`` (out) attribute, without importing transformers.
+    """
     weight = getattr(module, "weight", None)
     return (
         type(module).__name__ == "Conv1D"
@@ -264,10 +286,12 @@ class Conv1DBlock(KronBlock):
 
     @staticmethod
     def weight_dims(module: nn.Module) -> tuple[int, int]:
+        """(d_in, d_out) of the Conv1D weight (in, out)."""
         shape = full_shape(module.weight)  # type: ignore[arg-type]
         return int(shape[1]), int(shape[0])
 
     def grad_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """M (d_G, d_A) from the Conv1D weight gradient (in, out) and the bias gradient (out,)."""
         d_in = self.d_A - int(self.has_bias)
         cols = [grads[0].reshape(d_in, self.d_G).t().to(self.dtype)]
         if self.has_bias:

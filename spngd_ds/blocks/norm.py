@@ -60,6 +60,7 @@ class NormBlock(UnitwiseBlock):
         damping_scale: float,
         positions_as_samples: bool = True,
     ):
+        """The block of a LayerNorm / RMSNorm ``module``'s weight (and bias)."""
         weight = module.weight
         bias = getattr(module, "bias", None)
         assert isinstance(weight, nn.Parameter)
@@ -99,6 +100,7 @@ class NormBlock(UnitwiseBlock):
     def capture_forward(
         self, inputs: torch.Tensor, due: set[str]
     ) -> Callable[[torch.Tensor, float], None] | None:
+        """Keep the input when F is due; the backward capture forms F from x̂ and the output gradient."""
         if "F" not in due:
             return None
         x = inputs.detach()  # x̂ is formed in the backward, from the input autograd keeps anyway
@@ -117,6 +119,7 @@ class NormBlock(UnitwiseBlock):
         return capture_backward
 
     def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
+        """Invert F: closed-form 2x2 with a bias, elementwise without one."""
         if self.k == 2:
             return super().invert(damping, refreshed)
         stat = self.stats["F"]
@@ -133,6 +136,7 @@ class NormBlock(UnitwiseBlock):
         return report
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """F̂⁻¹ applied per unit to the stacked (weight, bias) gradients, in their shapes and dtypes."""
         inv = self.stats["F"].inverse
         if inv is None:
             return grads

@@ -21,7 +21,9 @@ from spngd_ds.staleness import RefreshSchedule
 def channel_moments(
     module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The input of a BatchNorm in training mode as rows (N·C, L) in ``dtype`` (L: locations per
+    """A BatchNorm's training-mode input as rows (N·C, L), with its batch mean and rstd (C,).
+
+    The input of a BatchNorm in training mode as rows (N·C, L) in ``dtype`` (L: locations per
     sample, 1 for (N, C) inputs), and the batch's per-channel mean μ (C,) and 1/sqrt(σ² + eps) (C,)
     with the biased σ² over all dims but 1, so that x̂ = (x - μ)·rstd.
 
@@ -67,6 +69,7 @@ class UnitwiseBlock(Block):
         schedule: Callable[[], RefreshSchedule],
         damping_scale: float,
     ):
+        """The block of a BatchNorm ``module``'s weight and bias (C,)."""
         assert module.weight is not None and module.bias is not None
         super().__init__(name, module, [module.weight, module.bias])
         self.channels = int(full_shape(module.weight)[0])
@@ -82,6 +85,7 @@ class UnitwiseBlock(Block):
     def capture_forward(
         self, inputs: torch.Tensor, due: set[str]
     ) -> Callable[[torch.Tensor, float], None] | None:
+        """Capture the channel moments when F is due; return the backward capture of F."""
         if "F" not in due:
             return None
         assert isinstance(self.module, nn.modules.batchnorm._BatchNorm)
@@ -100,12 +104,14 @@ class UnitwiseBlock(Block):
         return capture_backward
 
     def normalise(self, name: str, total: torch.Tensor, count: float) -> torch.Tensor:
+        """Mean over ``count`` samples; notes ρ for the staleness rule."""
         value = super().normalise(name, total, count)
         # the staleness rule's noise floor (staleness.py): u is one vector per sample and channel
         self.stats[name].schedule.note_value_figures(value, 1.0, count)
         return value
 
     def inversion_job(self, damping: float, refreshed: set[str]) -> InversionJob | None:
+        """The closed-form 2x2 inversion of F when due (nothing to batch), or ``None``."""
         stat = self.stats["F"]
         if stat.value is None or ("F" not in refreshed and stat.inverse is not None):
             return None
@@ -124,6 +130,7 @@ class UnitwiseBlock(Block):
         return InversionJob([], [(~ok).sum()], finish)
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """F̂⁻¹ (C, 2, 2) applied to the stacked (weight, bias) gradients (C, 2)."""
         inv = self.stats["F"].inverse
         if inv is None:
             return grads
@@ -132,7 +139,9 @@ class UnitwiseBlock(Block):
         return [p[:, 0].to(grads[0].dtype), p[:, 1].to(grads[1].dtype)]
 
     def inversion_cost(self) -> float:
+        """8 per channel (2x2 closed form)."""
         return float(8 * self.channels)
 
     def memory_cost(self) -> float:
+        """8 per channel (F and its inverse, 2x2 each)."""
         return float(8 * self.channels)

@@ -113,14 +113,16 @@ class BatchRandomErasing:
         ratio: tuple[float, float] = (0.3, 3.3),
         value: float | str = 0.0,
     ) -> None:
+        """Erase a random rectangle of each image with probability ``p`` (torchvision's arguments)."""
         from torchvision.transforms import RandomErasing
 
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"random erasing probability must be in [0, 1], got {p}")
         self.p = p
-        self._erase = RandomErasing(p=p, scale=scale, ratio=ratio, value=value, inplace=False)  # type: ignore[arg-type]
+        self._erase = RandomErasing(p=p, scale=scale, ratio=ratio, value=value, inplace=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (N, C, H, W) with each image erased independently."""
         if self.p <= 0.0:
             return x
         if x.dim() != 4:

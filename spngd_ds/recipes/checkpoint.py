@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 __all__ = ["TrainState", "capture_rng", "load", "restore_rng", "save"]
 
@@ -49,6 +52,7 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """A state from the fields in ``data``; unknown keys are ignored."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -91,7 +95,7 @@ def _gather_rng() -> list[dict[str, Any]]:
     return gathered
 
 
-def save(engine: Any, checkpoint_dir: str, state: TrainState) -> str:
+def save(engine: DeepSpeedEngine, checkpoint_dir: str, state: TrainState) -> str:
     """Save a DeepSpeed checkpoint tagged ``step{N}`` with ``state`` and all ranks' RNG states.
 
     A collective: every rank must call it. Returns the tag.
@@ -103,7 +107,7 @@ def save(engine: Any, checkpoint_dir: str, state: TrainState) -> str:
     return tag
 
 
-def load(engine: Any, checkpoint_dir: str) -> TrainState | None:
+def load(engine: DeepSpeedEngine, checkpoint_dir: str) -> TrainState | None:
     """Load the latest checkpoint in ``checkpoint_dir`` into ``engine``; ``None`` when there is none.
 
     RNG states are restored when the world size matches the saved one (otherwise the loop's

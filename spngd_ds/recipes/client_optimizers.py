@@ -44,6 +44,7 @@ class ClientOptimizer:
     extra: str = "train"
 
     def cls(self) -> Callable[..., torch.optim.Optimizer]:
+        """The optimizer class, imported on first use; ``ValueError`` when it is missing."""
         try:
             module = importlib.import_module(self.module)
         except ImportError as exc:
@@ -51,7 +52,7 @@ class ClientOptimizer:
                 f'optimizer type "{self.type}" needs the package {self.module!r}: '
                 f"pip install 'spngd_ds[{self.extra}]'"
             ) from exc
-        return getattr(module, self.attr)  # type: ignore[no-any-return]
+        return getattr(module, self.attr)
 
 
 #: Types the job accepts in addition to DeepSpeed's own (keys are lower case).
@@ -69,7 +70,7 @@ def _keyword_names(cls: Callable[..., Any]) -> list[str]:
     return names
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value  # JSON arrays (betas) as tuples
 
 

@@ -35,7 +35,7 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-class ResumableDistributedSampler(DistributedSampler):
+class ResumableDistributedSampler(DistributedSampler[int]):
     """:class:`DistributedSampler` that can start an epoch part-way through.
 
     ``set_epoch(e)`` selects the permutation (seeded with ``seed + e``) and clears any skip;
@@ -45,17 +45,19 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __init__(
         self,
-        dataset: Dataset,
+        dataset: Dataset[object],
         num_replicas: int,
         rank: int,
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
     ) -> None:
+        """The arguments of torch's ``DistributedSampler``."""
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its beginning."""
         super().set_epoch(epoch)
         self._skip = 0
 
@@ -66,10 +68,12 @@ class ResumableDistributedSampler(DistributedSampler):
         self._skip = min(num_samples, self.num_samples)
 
     def __iter__(self) -> Iterator[int]:
+        """This rank's indices of the epoch, less those already consumed."""
         indices = list(super().__iter__())
         return iter(indices[self._skip :])
 
     def __len__(self) -> int:
+        """Indices left in this rank's epoch."""
         return self.num_samples - self._skip
 
 
@@ -77,28 +81,31 @@ class ShardSampler(Sampler[int]):
     """Indices ``rank, rank + world, rank + 2*world, ...``: a partition of the dataset, no padding."""
 
     def __init__(self, dataset: Sized, num_replicas: int, rank: int) -> None:
+        """Rank ``rank`` of ``num_replicas`` over the indices of ``dataset``."""
         self._n = len(dataset)
         self._world = num_replicas
         self._rank = rank
 
     def __iter__(self) -> Iterator[int]:
+        """Indices rank, rank + world, ... below the dataset's length."""
         return iter(range(self._rank, self._n, self._world))
 
     def __len__(self) -> int:
+        """Number of this rank's indices."""
         return len(range(self._rank, self._n, self._world))
 
 
 class Loaders(NamedTuple):
     """The train and validation loaders and the train sampler (for ``set_epoch`` / ``skip``)."""
 
-    train: DataLoader
-    val: DataLoader
+    train: DataLoader[object]
+    val: DataLoader[object]
     train_sampler: ResumableDistributedSampler
 
 
 def build_loaders(
-    train_ds: Dataset,
-    val_ds: Dataset,
+    train_ds: Dataset[object],
+    val_ds: Dataset[object],
     micro_batch_size: int,
     *,
     eval_batch_size: int | None = None,
@@ -110,13 +117,15 @@ def build_loaders(
     """Train/validation loaders for this rank.
 
     Args:
-        train_ds, val_ds: map-style datasets yielding ``(input, int label)``.
+        train_ds: map-style dataset yielding ``(input, int label)``.
+        val_ds: map-style dataset yielding ``(input, int label)``.
         micro_batch_size: samples per rank per forward pass (DeepSpeed's
             ``train_micro_batch_size_per_gpu``).
         eval_batch_size: validation batch per rank (default ``micro_batch_size``).
         num_workers: loader worker processes; 0 loads in the main process.
         seed: base of the per-epoch shuffle (``seed + epoch``).
-        rank, world_size: default to the initialised process group, else ``(0, 1)``.
+        rank: this process's rank; defaults to the initialised process group's, else 0.
+        world_size: number of ranks; defaults to the initialised process group's, else 1.
 
     Returns:
         Train batches are ``(micro_batch_size, ...)``, shuffled per epoch, incomplete last batch
@@ -152,7 +161,7 @@ def build_loaders(
     return Loaders(train, val, train_sampler)
 
 
-def reseed_workers(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
+def reseed_workers(loader: DataLoader[object], seed: int, epoch: int, rank: int) -> None:
     """Make the random transforms of one epoch reproducible (per rank), e.g. after a resume.
 
     Re-seeds the generator from which the loader draws its workers' base seed (and, with

@@ -50,6 +50,7 @@ class SmallResNet(nn.Module):
         widths: tuple[int, int, int] = (16, 32, 64),
         blocks_per_stage: int = 1,
     ) -> None:
+        """A CIFAR-style ResNet: three stages of ``widths`` channels, ``blocks_per_stage`` blocks each."""
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -71,6 +72,7 @@ class SmallResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes) of images ``x`` (N, in_channels, H, W)."""
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))

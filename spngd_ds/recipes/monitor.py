@@ -67,6 +67,7 @@ class WandbLogger:
         team: str | None = None,
         run_config: Mapping[str, Any] | None = None,
     ) -> None:
+        """Log to Weights & Biases on rank 0 when ``enabled``; a no-op otherwise."""
         self.active = bool(enabled) and rank == 0
         self.run: Any = None
         if not self.active:

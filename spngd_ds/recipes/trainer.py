@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,9 @@ from spngd_ds.recipes.augment import BatchRandomErasing, MixedBatch, mixed_accur
 from spngd_ds.recipes.checkpoint import TrainState
 from spngd_ds.recipes.loaders import Loaders, rank_and_world, reseed_workers
 from spngd_ds.recipes.monitor import WandbLogger
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 __all__ = [
     "EvalResult",
@@ -95,7 +98,7 @@ class Summary:
         )
 
 
-def input_dtype(engine: Any) -> torch.dtype:
+def input_dtype(engine: DeepSpeedEngine) -> torch.dtype:
     """The dtype the engine's model takes: bf16/fp16 when DeepSpeed runs it in that precision."""
     if engine.bfloat16_enabled():
         return torch.bfloat16
@@ -104,7 +107,7 @@ def input_dtype(engine: Any) -> torch.dtype:
     return torch.float32
 
 
-def engine_device(engine: Any) -> torch.device:
+def engine_device(engine: DeepSpeedEngine) -> torch.device:
     """The device of this rank's model (``engine.device``)."""
     return torch.device(engine.device)
 
@@ -122,7 +125,7 @@ def _all_reduce(tensor: torch.Tensor, maximum: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, loader: DataLoader) -> EvalResult:
+def evaluate(engine: DeepSpeedEngine, loader: DataLoader[Any]) -> EvalResult:
     """Top-1 and loss of the engine's model on ``loader``, summed over all ranks.
 
     Every rank must call it. Ranks with fewer batches run extra (discarded) forward passes so that
@@ -157,7 +160,7 @@ def evaluate(engine: Any, loader: DataLoader) -> EvalResult:
     return EvalResult(100.0 * float(sums[0].item()) / count, float(sums[1].item()) / count, count)
 
 
-def optimizer_metrics(optimizer: Any) -> dict[str, float]:
+def optimizer_metrics(optimizer: object) -> dict[str, float]:
     """``optimizer.metrics()`` (SP-NGD's figures) as floats; ``{}`` for an optimizer without one.
 
     Keys without a ``/`` namespace get ``spngd/`` in front; keys like ``spngd/damping`` stay.
@@ -194,7 +197,7 @@ class _Meter:
 
 
 def fit(
-    engine: Any,
+    engine: DeepSpeedEngine,
     optimizer: Any,
     loaders: Loaders,
     cfg: LoopConfig,
