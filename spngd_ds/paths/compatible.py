@@ -6,7 +6,7 @@ unscaled this rank's gradient partition, calls SP-NGD's ``step()``, which lands 
 :meth:`CompatiblePath.step`. There, on every rank:
 
 1. this rank's fragments of the reduced gradients (where DeepSpeed's step reads them, located by
-   :mod:`spngd_ds.partitions`) go to the owners of their layers: one all-to-all
+   :mod:`spngd_ds.deepspeed.partitions`) go to the owners of their layers: one all-to-all
    (:meth:`~spngd_ds.comm.Communicator.fragments_to_owners`), no per-parameter all-reduce and no
    all-gather of full gradients;
 2. one small all-reduce: a non-finite gradient anywhere skips the step; which parameters received
@@ -35,7 +35,7 @@ from spngd_ds.assignment import assign_to_holders, block_cost
 from spngd_ds.blocks.base import all_finite_many
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.comm import FragmentPlan, OwnerLayout
-from spngd_ds.partitions import Fragment, local_fragment
+from spngd_ds.deepspeed.partitions import Fragment, local_fragment
 from spngd_ds.reductions import all_reduce_sum, any_rank_each
 
 if TYPE_CHECKING:
