@@ -1,10 +1,12 @@
 """Packing tensors for the wire: symmetric matrices as their upper triangle (:func:`pack_sym`,
-:func:`unpack_sym`) and items as one flat buffer and back (:func:`_concat`, :func:`_split`).
+:func:`unpack_sym`), items as one flat buffer and back (:func:`_concat`, :func:`_split`), and a
+parameter's piece of a flat buffer (:class:`Fragment`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
@@ -70,3 +72,13 @@ def _split(
     if offsets is None:
         offsets = list(accumulate(numels, initial=0))[:-1]
     return [flat[o : o + n].view(tuple(s)) for o, n, s in zip(offsets, numels, shapes, strict=True)]
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """``flat[flat_start : flat_start + numel]`` holds ``param.flatten()[full_start : full_start + numel]``."""
+
+    flat: torch.Tensor
+    flat_start: int
+    full_start: int
+    numel: int

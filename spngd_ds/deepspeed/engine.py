@@ -20,6 +20,7 @@ from typing import Any
 
 from spngd_ds.deepspeed.agreement import check_rank_agreement
 from spngd_ds.deepspeed.agreement import enabled as agreement_enabled
+from spngd_ds.deepspeed.partitions import local_fragment
 from spngd_ds.optimizer import SPNGD
 from spngd_ds.paths.compatible import CompatiblePath, loss_scale
 from spngd_ds.paths.fast import FastPath
@@ -37,7 +38,7 @@ def attach(engine: Any, opt: SPNGD) -> None:
         opt.path = FastPath(overflow_target=engine.optimizer)
         step = _fast_step(engine, opt)
     else:
-        path = CompatiblePath(engine, opt)
+        path = CompatiblePath(engine, opt, local_fragment)
         opt.path = path
         step = _compatible_step(engine, opt, path)
 
