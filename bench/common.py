@@ -60,7 +60,7 @@ def isolate_extension_cache() -> None:
 def prepare_environment() -> None:
     """What every benchmark sets before DeepSpeed starts: a private extension cache
     (:func:`isolate_extension_cache`), the launcher variables for a plain ``python`` run, and the
-    per-step rank-agreement check of ``spngd_ds.agreement`` off (a debugging all-gather that
+    per-step rank-agreement check of ``spngd_ds.deepspeed.agreement`` off (a debugging all-gather that
     would otherwise be timed and counted when ``SPNGD_CHECK_AGREEMENT`` is set)."""
     isolate_extension_cache()
     ensure_launcher_env()

@@ -2,7 +2,7 @@
 
 Every requirement of ``spngd_ds`` (pyproject.toml's ``dependencies``) must be installed at a version
 inside its range -- so the GPU machine's own CUDA torch is used, not replaced -- and
-``spngd_ds.patch.check_deepspeed_version`` must accept the installed DeepSpeed. Without
+``spngd_ds.deepspeed.patch.check_deepspeed_version`` must accept the installed DeepSpeed. Without
 ``--cpu-ok`` a CUDA device must be visible. Exit status 1 with one line per problem otherwise.
 """
 
@@ -49,7 +49,7 @@ def problems(cpu_ok: bool) -> list[str]:
     if not cpu_ok and not torch.cuda.is_available():
         found.append("no CUDA device visible (torch.cuda.is_available() is false)")
     import spngd_ds
-    from spngd_ds.patch import check_deepspeed_version
+    from spngd_ds.deepspeed.patch import check_deepspeed_version
 
     try:
         check_deepspeed_version()

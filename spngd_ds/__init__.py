@@ -32,11 +32,11 @@ def __getattr__(name: str) -> Any:
 
         return SPNGDConfig
     if name == "initialize":
-        from spngd_ds.deepspeed_integration import initialize
+        from spngd_ds.deepspeed.integration import initialize
 
         return initialize
     if name == "patch_deepspeed":
-        from spngd_ds.patch import patch_deepspeed
+        from spngd_ds.deepspeed.patch import patch_deepspeed
 
         return patch_deepspeed
     raise AttributeError(f"module 'spngd_ds' has no attribute {name!r}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import spngd_ds
-from spngd_ds.checkpoint import read_states
+from spngd_ds.deepspeed.checkpoint import read_states
 
 
 def _trained_state() -> dict[str, Any]:

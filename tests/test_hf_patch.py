@@ -1,7 +1,7 @@
 """``spngd_ds.patch_deepspeed()`` routing, without building an engine.
 
 ``deepspeed.initialize`` is replaced by a recording fake *before* patching, and
-``spngd_ds.deepspeed_integration.initialize`` by a recorder that makes the inner
+``spngd_ds.deepspeed.integration.initialize`` by a recorder that makes the inner
 ``deepspeed.initialize`` call the real one makes; so these tests see exactly which function each
 call reaches. The real thing (a Trainer building the engine) is in test_hf_trainer.py.
 """
@@ -20,7 +20,8 @@ import deepspeed
 import pytest
 
 import spngd_ds
-from spngd_ds import deepspeed_integration, patch
+from spngd_ds.deepspeed import integration as deepspeed_integration
+from spngd_ds.deepspeed import patch
 
 SGD = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
 SPNGD = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "SPNGD", "params": {"lr": 0.1}}}

@@ -116,7 +116,7 @@ def run_case(stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, ou
     import deepspeed
     from transformers import Trainer, TrainingArguments
 
-    from spngd_ds.patch import is_patched
+    from spngd_ds.deepspeed.patch import is_patched
     from spngd_ds.recipes.data import load_digits_split
 
     torch.manual_seed(0)
@@ -280,7 +280,7 @@ def test_trainer_two_ranks_language_models(tmp_path: Path, kind: str, stage: int
 
 
 def test_trainer_refused_combination_has_spngd_error(tmp_path: Path) -> None:
-    from spngd_ds.deepspeed_integration import check_combination
+    from spngd_ds.deepspeed.integration import check_combination
 
     cfg = ds_config(0, fp16=True)
     cfg["fp16"]["enabled"] = True

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from spngd_ds.deepspeed_integration import _poly_params, check_combination, load_ds_config, spngd_params_from_config
+from spngd_ds.deepspeed.integration import _poly_params, check_combination, load_ds_config, spngd_params_from_config
 
 WHERE = "optimizer.params (SPNGD)"
 

@@ -40,7 +40,7 @@ import pytest
 import torch
 
 import spngd_ds
-from spngd_ds.checkpoint import wrap_checkpointing
+from spngd_ds.deepspeed.checkpoint import wrap_checkpointing
 from tests.distributed import ROOT, STANDALONE, run_worker, torchrun
 from tests.ds_worker import build_model
 from tests.rank_records import read_records

@@ -196,7 +196,7 @@ def test_helpers_build_their_buffers_on_the_communicator_device(monkeypatch: pyt
     """
     import torch.distributed as dist
 
-    from spngd_ds.partitions import Fragment, gather_full
+    from spngd_ds.deepspeed.partitions import Fragment, gather_full
 
     seen: list[torch.device] = []
     monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: seen.append(t.device))

@@ -6,7 +6,8 @@ unscaled this rank's gradient partition, calls SP-NGD's ``step()``, which lands 
 :meth:`CompatiblePath.step`. There, on every rank:
 
 1. this rank's fragments of the reduced gradients (where DeepSpeed's step reads them, located by
-   :mod:`spngd_ds.partitions`) go to the owners of their layers: one all-to-all
+   the ``locate`` the engine wiring passes in: :func:`spngd_ds.deepspeed.partitions.local_fragment`)
+   go to the owners of their layers: one all-to-all
    (:meth:`~spngd_ds.comm.Communicator.fragments_to_owners`), no per-parameter all-reduce and no
    all-gather of full gradients;
 2. one small all-reduce: a non-finite gradient anywhere skips the step; which parameters received
@@ -27,6 +28,7 @@ step's statistics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,11 +37,15 @@ from spngd_ds.assignment import assign_to_holders, block_cost
 from spngd_ds.blocks.base import all_finite_many
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.comm import FragmentPlan, OwnerLayout
-from spngd_ds.partitions import Fragment, local_fragment
+from spngd_ds.comm.packing import Fragment
 from spngd_ds.reductions import all_reduce_sum, any_rank_each
 
 if TYPE_CHECKING:
     from spngd_ds.optimizer import SPNGD
+
+#: ``(param, param_groups, rank) -> Fragment | None``: where ``param``'s elements live in the flat
+#: partitions this rank steps (``None``: this rank holds none of them)
+FragmentLocator = Callable[[torch.nn.Parameter, list[dict[str, Any]], int], "Fragment | None"]
 
 
 class CompatiblePath:
@@ -47,8 +53,9 @@ class CompatiblePath:
 
     holds_flat_partitions = True
 
-    def __init__(self, engine: Any, opt: SPNGD) -> None:
+    def __init__(self, engine: Any, opt: SPNGD, locate: FragmentLocator) -> None:
         self.engine = engine
+        self.locate = locate
         # DeepSpeed's ZeRO 1/2 step swaps ``param_groups`` for a one-group list while it calls us;
         # fragments are located in the full list, kept here
         self.groups = opt.param_groups
@@ -122,7 +129,7 @@ class CompatiblePath:
         return True
 
     def _fragment(self, opt: SPNGD, p: torch.nn.Parameter) -> Fragment | None:
-        return local_fragment(p, self.groups, opt.comm.rank)
+        return self.locate(p, self.groups, opt.comm.rank)
 
     def _layout(self, opt: SPNGD) -> OwnerLayout:
         """Every block parameter's full shape, in block order, with its block's owner."""

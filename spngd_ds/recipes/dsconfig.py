@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from spngd_ds.deepspeed_integration import load_ds_config  # one loader for the library and the job
+from spngd_ds.deepspeed.integration import load_ds_config  # one loader for the library and the job
 
 __all__ = [
     "AUTO",

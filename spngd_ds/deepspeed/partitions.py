@@ -8,23 +8,13 @@ helpers write copies its step no longer reads, or need state that exists only af
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from spngd_ds.comm import Communicator
+from spngd_ds.comm.packing import Fragment
 from spngd_ds.reductions import all_reduce_sum
-
-
-@dataclass(frozen=True)
-class Fragment:
-    """``flat[flat_start : flat_start + numel]`` holds ``param.flatten()[full_start : full_start + numel]``."""
-
-    flat: torch.Tensor
-    flat_start: int
-    full_start: int
-    numel: int
 
 
 def local_fragment(param: torch.nn.Parameter, param_groups: list[dict[str, Any]], rank: int) -> Fragment | None:

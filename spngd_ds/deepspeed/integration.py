@@ -9,7 +9,7 @@ Paths (DESIGN.md §3):
 - ZeRO stage 0 (fp32, or bf16 with bf16 gradient accumulation): the *fast path*. The engine's
   all-reduce is switched off; SP-NGD reduce-scatters gradients and statistics to owners, owners
   update their layers and the parameters are all-gathered.
-- ZeRO 1, 2, 3 (fp32, bf16, fp16; optimizer offload): the *compatible path*, see engine_hooks.
+- ZeRO 1, 2, 3 (fp32, bf16, fp16; optimizer offload): the *compatible path*, see spngd_ds.deepspeed.engine.
 Refused, with the combination that works instead: fp16 at stage 0 (broken inside DeepSpeed
 0.19.8) and bf16 with fp32 gradient accumulation at stage 0 (DeepSpeed itself does not support it).
 """
@@ -234,7 +234,7 @@ def initialize(
         )
     if spngd is None:
         return engine, ds_opt, loader, sched
-    from spngd_ds.engine_hooks import attach
+    from spngd_ds.deepspeed.engine import attach
 
     attach(engine, spngd)
     return engine, spngd, loader, sched

@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from spngd_ds.batchnorm import average_batchnorm_buffers
 from spngd_ds.blocks.shapes import full_shape
+from spngd_ds.deepspeed.partitions import gather_full, local_fragment, write_fragment
 from spngd_ds.optimizer import SPNGD
-from spngd_ds.partitions import gather_full, local_fragment, write_fragment
 
 logger = logging.getLogger("spngd_ds")
 _FILE = re.compile(r"spngd_rank(\d+)-of-(\d+)\.pt$")

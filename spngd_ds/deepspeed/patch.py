@@ -5,7 +5,7 @@ plugin and Lightning's DeepSpeed strategy build the engine with ``deepspeed.init
 user's JSON, where ``"optimizer": {"type": "SPNGD"}`` would fail DeepSpeed's own check. After
 :func:`patch_deepspeed`, ``deepspeed.initialize`` is a wrapper that hands every call whose config
 names ``"SPNGD"`` (optimizer) or ``"SPNGDPolyDecay"`` (scheduler) to
-:func:`spngd_ds.deepspeed_integration.initialize` -- the same validation, the same refusals and the
+:func:`spngd_ds.deepspeed.integration.initialize` -- the same validation, the same refusals and the
 same engine wiring as calling ``spngd_ds.initialize`` yourself -- and every other call to DeepSpeed's
 original, untouched.
 
@@ -74,7 +74,7 @@ def check_deepspeed_version(version: str | None = None) -> str:
 def wants_spngd(config: Any) -> bool:
     """True when a DeepSpeed config (a dict) names ``SPNGD`` as optimizer or ``SPNGDPolyDecay`` as
     scheduler (case-insensitive, as ``spngd_ds.initialize`` reads it)."""
-    from spngd_ds.deepspeed_integration import SCHEDULER_TYPE, SPNGD_TYPE
+    from spngd_ds.deepspeed.integration import SCHEDULER_TYPE, SPNGD_TYPE
 
     if not isinstance(config, dict):
         return False
@@ -109,8 +109,8 @@ def _make_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
         config = _config_of(call)
         if config is None:
             return original(*args, **kwargs)
-        from spngd_ds.deepspeed_integration import initialize as spngd_initialize
-        from spngd_ds.deepspeed_integration import load_ds_config
+        from spngd_ds.deepspeed.integration import initialize as spngd_initialize
+        from spngd_ds.deepspeed.integration import load_ds_config
 
         cfg = load_ds_config(config)  # a path is read once here, with spngd_ds's error messages
         if not wants_spngd(cfg):

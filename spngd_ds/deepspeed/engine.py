@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from spngd_ds.agreement import check_rank_agreement
-from spngd_ds.agreement import enabled as agreement_enabled
+from spngd_ds.deepspeed.agreement import check_rank_agreement
+from spngd_ds.deepspeed.agreement import enabled as agreement_enabled
+from spngd_ds.deepspeed.partitions import local_fragment
 from spngd_ds.optimizer import SPNGD
 from spngd_ds.paths.compatible import CompatiblePath, loss_scale
 from spngd_ds.paths.fast import FastPath
@@ -37,7 +38,7 @@ def attach(engine: Any, opt: SPNGD) -> None:
         opt.path = FastPath(overflow_target=engine.optimizer)
         step = _fast_step(engine, opt)
     else:
-        path = CompatiblePath(engine, opt)
+        path = CompatiblePath(engine, opt, local_fragment)
         opt.path = path
         step = _compatible_step(engine, opt, path)
 
@@ -50,7 +51,7 @@ def attach(engine: Any, opt: SPNGD) -> None:
 
     engine.step = checked_step if agreement_enabled() else step
     _observe_losses(engine, opt)
-    from spngd_ds.checkpoint import wrap_checkpointing
+    from spngd_ds.deepspeed.checkpoint import wrap_checkpointing
 
     wrap_checkpointing(engine, opt)
 
