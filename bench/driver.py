@@ -93,8 +93,8 @@ def timed_step(engine: Any, micro_batches: Iterable[tuple[torch.Tensor, torch.Te
     appended to ``collectives``."""
     sync(device)
     dist.barrier()
-    window = counter.window() if counter is not None else contextlib.nullcontext()
-    with window as w:
+    window = counter.window() if counter is not None else None
+    with window if window is not None else contextlib.nullcontext():
         start = time.perf_counter()
         for xb, yb in micro_batches:
             loss = F.cross_entropy(engine(xb.to(device)), yb.to(device))
@@ -102,8 +102,8 @@ def timed_step(engine: Any, micro_batches: Iterable[tuple[torch.Tensor, torch.Te
             engine.step()
         sync(device)
         seconds = time.perf_counter() - start
-    if counter is not None and collectives is not None:
-        collectives.append([(c["seconds"], c["async"]) for c in w.calls])
+    if window is not None and collectives is not None:
+        collectives.append([(c["seconds"], c["async"]) for c in window.calls])
     return seconds
 
 

@@ -12,6 +12,7 @@ Writes ``bench/results/capture_cost_cpu.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -68,7 +69,7 @@ def capture_cost(model_kind: str, xb: torch.Tensor, yb: torch.Tensor, device: to
         g = grads[name] / n  # recorded for the mean loss; the blocks expect it per sample times 1/n
         inp = inputs[name]
         for kind in ("A", "G") if isinstance(b, KronBlock) else ("F",):
-            cost[KIND_KEYS[kind]] += clock(lambda b=b, inp=inp, g=g, kind=kind: capture_one(b, inp, g, kind))
+            cost[KIND_KEYS[kind]] += clock(functools.partial(capture_one, b, inp, g, kind))
         for s in b.stats.values():
             s.take_local()
     plain = common.build_model(model_kind).to(device)
