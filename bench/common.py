@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: models, data, DeepSpeed configs, output helpers.
+"""Shared pieces of the benchmark scripts: models, data, DeepSpeed configs, output helpers, and
+the counter of every ``torch.distributed`` collective (:class:`CollectiveCounter`).
 
 Nothing here downloads anything: models are built with ``weights=None`` and the data is
 scikit-learn's bundled digits (through :func:`spngd_ds.recipes.data.load_digits_split`).
@@ -6,7 +7,9 @@ scikit-learn's bundled digits (through :func:`spngd_ds.recipes.data.load_digits_
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -15,7 +18,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -38,7 +43,7 @@ SPNGD_PARAMS: dict[str, Any] = {
     "fisher": "empirical",
     "bn_damping_scale": 64.0,
 }
-#: The default stale-statistics setting (DESIGN.md section 4).
+#: The default stale-statistics setting (docs/design.md, section 2, rule 6).
 DEFAULT_STALENESS: dict[str, Any] = {"threshold": 0.1, "max_interval": 20, "noise_scale": 1.0}
 #: Momentum SGD as DeepSpeed builds it from ``"type": "SGD"`` (torch.optim.SGD).
 SGD_PARAMS: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
@@ -195,3 +200,190 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def mib(nbytes: float) -> float:
     """Bytes to MiB."""
     return nbytes / 2**20
+
+
+# -- counting every collective (what a rank sends, ring model) -----------------------------------------
+
+#: every collective and point-to-point function of torch.distributed; those mapped to None have no
+#: byte formula here and raise when called during a measured step
+FUNCS: dict[str, str | None] = {
+    "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",
+    "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_single": "reduce_scatter",
+    "_reduce_scatter_base": "reduce_scatter",
+    "reduce_scatter": "reduce_scatter_list",
+    "all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather",
+    "_all_gather_base": "all_gather", "all_gather": "all_gather_list",
+    "all_to_all_single": "all_to_all",
+    "reduce": "reduce", "broadcast": "reduce",
+    "barrier": "none", "monitored_barrier": "none",
+    "all_gather_coalesced": None, "all_gather_object": None, "gather": None, "gather_object": None,
+    "scatter": None, "scatter_object_list": None, "broadcast_object_list": None, "all_to_all": None,
+    "send": None, "recv": None, "isend": None, "irecv": None, "batch_isend_irecv": None,
+    "_all_gather_base_coalesced": None, "_reduce_scatter_base_coalesced": None,
+}
+def _nbytes(t: Any) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    if isinstance(t, list | tuple):
+        return sum(_nbytes(x) for x in t)
+    return 0
+
+
+def sent_bytes(kind: str, a: dict[str, Any], rank: int, world: int) -> float:
+    """Bytes one rank sends in one collective of ``kind`` (bound arguments ``a``), ring model."""
+    n = world
+    if n == 1 or kind == "none":
+        return 0.0
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n * _nbytes(a.get("tensor", a.get("tensors")))
+    if kind == "reduce_scatter":  # the full input buffer, (N-1)/N of it leaves each rank
+        return (n - 1) / n * _nbytes(a.get("input"))
+    if kind == "reduce_scatter_list":
+        return (n - 1) / n * _nbytes(a.get("input_list"))
+    if kind == "all_gather":  # (N-1)/N of the full output buffer
+        return (n - 1) / n * _nbytes(a.get("output_tensor"))
+    if kind == "all_gather_list":
+        return (n - 1) * _nbytes(a.get("tensor"))
+    if kind == "all_to_all":
+        inp = a["input"]
+        splits = a.get("input_split_sizes")
+        row = inp.element_size() * (math.prod(inp.shape[1:]) if inp.dim() > 1 else 1)
+        if not splits:
+            return (n - 1) / n * _nbytes(inp)
+        return float(sum(s for q, s in enumerate(splits) if q != rank) * row)
+    if kind == "reduce":
+        return (n - 1) / n * _nbytes(a.get("tensor"))
+    raise KeyError(kind)
+
+
+class CollectiveCounter:
+    """Replaces every function of :data:`FUNCS` in ``torch.distributed`` and
+    ``torch.distributed.distributed_c10d`` (and DeepSpeed's cached all-gather / reduce-scatter
+    functions) by a wrapper that logs :func:`sent_bytes` and the wall seconds of each call (for an
+    asynchronous one, its issue plus its ``wait``). Nested calls (one c10d function calling
+    another) count once, as the outermost."""
+
+    def __init__(self) -> None:
+        import deepspeed.comm.comm as ds_comm
+        from torch.distributed import distributed_c10d as c10d
+
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.measuring = False
+        self.allowed: frozenset[str] | None = None
+        self.log: list[dict[str, Any]] = []
+        self.outside: dict[str, int] = {}  # calls outside measured windows (engine setup)
+        self._depth = 0
+        self._wrapped: dict[int, Callable[..., Any]] = {}
+        for name in FUNCS:
+            for mod in (dist, c10d):
+                orig = getattr(mod, name, None)
+                if orig is not None:
+                    setattr(mod, name, self._wrap(name, orig))
+        cdb = ds_comm.cdb
+        for attr, name in (("all_gather_function", "all_gather_into_tensor"),
+                           ("reduce_scatter_function", "reduce_scatter_tensor")):
+            orig = getattr(cdb, attr, None)
+            if orig is not None:
+                setattr(cdb, attr, self._wrap(getattr(orig, "__name__", name), orig))
+
+    def _wrap(self, name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        inner = getattr(orig, "__wrapped_by_counter__", orig)
+        if id(inner) in self._wrapped:
+            return self._wrapped[id(inner)]
+        sig = inspect.signature(inner)
+        kind = FUNCS.get(name)
+
+        @functools.wraps(inner)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            entry = None
+            if self._depth == 0:
+                entry = self._record(name, kind, sig, args, kwargs, sys._getframe(1).f_code.co_filename)
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                out = inner(*args, **kwargs)
+            finally:
+                self._depth -= 1
+            if entry is not None:
+                entry["seconds"] = time.perf_counter() - start
+                if out is not None and hasattr(out, "wait"):  # async_op: the wait counts too
+                    entry["async"] = True
+                    out = _TimedWork(out, entry)
+            return out
+
+        wrapper.__wrapped_by_counter__ = inner  # type: ignore[attr-defined]
+        self._wrapped[id(inner)] = wrapper
+        return wrapper
+
+    def _record(self, name: str, kind: str | None, sig: inspect.Signature, args: tuple[Any, ...],
+                kwargs: dict[str, Any], caller: str) -> dict[str, Any] | None:
+        """Log one call made inside a measured window (its entry, which the wrapper completes with
+        the call's wall ``seconds``); count it in :attr:`outside` otherwise."""
+        if not self.measuring:
+            self.outside[name] = self.outside.get(name, 0) + 1
+            return None
+        if kind is None or (self.allowed is not None and name not in self.allowed):
+            raise RuntimeError(f"unexpected collective torch.distributed.{name} during a measured step "
+                               f"(called from {caller}); allowed: {sorted(self.allowed or FUNCS)}")
+        bound = sig.bind_partial(*args, **kwargs).arguments
+        group = bound.get("group")
+        world = dist.get_world_size(group) if group is not None else self.world
+        rank = dist.get_rank(group) if group is not None else self.rank
+        entry = {"fn": name, "bytes": sent_bytes(kind, bound, rank, world),
+                 "ours": "/spngd_ds/" in caller.replace("\\", "/"), "seconds": 0.0, "async": False}
+        self.log.append(entry)
+        return entry
+
+    def window(self, allowed: frozenset[str] | None = None) -> _Window:
+        """``with counter.window() as w:`` counts the calls inside; ``w.calls`` afterwards."""
+        return _Window(self, allowed)
+
+
+class _TimedWork:
+    """The handle of an asynchronous collective: its ``wait`` adds to the call's logged seconds."""
+
+    def __init__(self, work: Any, entry: dict[str, Any]) -> None:
+        self._work, self._entry = work, entry
+
+    def wait(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self._work.wait(*args, **kwargs)
+        finally:
+            self._entry["seconds"] += time.perf_counter() - start
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
+
+
+class _Window:
+    def __init__(self, counter: CollectiveCounter, allowed: frozenset[str] | None) -> None:
+        self.counter, self.allowed = counter, allowed
+        self.calls: list[dict[str, Any]] = []
+
+    def __enter__(self) -> _Window:
+        c = self.counter
+        c.log, c.measuring, c.allowed = [], True, self.allowed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        c = self.counter
+        self.calls, c.log, c.measuring, c.allowed = c.log, [], False, None
+
+
+def summarise_calls(calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bytes (total, SP-NGD's, DeepSpeed's) and call counts by function of one measured step."""
+    by_fn: dict[str, dict[str, float]] = {}
+    for c in calls:
+        row = by_fn.setdefault(c["fn"], {"calls": 0, "bytes": 0.0})
+        row["calls"] += 1
+        row["bytes"] += c["bytes"]
+    return {
+        "bytes": sum(c["bytes"] for c in calls),
+        "ours_bytes": sum(c["bytes"] for c in calls if c["ours"]),
+        "deepspeed_bytes": sum(c["bytes"] for c in calls if not c["ours"]),
+        "calls": len(calls),
+        "ours_calls": sum(1 for c in calls if c["ours"]),
+        "by_function": by_fn,
+    }
