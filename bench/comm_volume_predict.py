@@ -72,9 +72,12 @@ def layouts(blocks: Sequence[Any], owners: dict[str, int], world: int) -> dict[s
     }
 
 
-def predicted(lay: dict[str, Any], world: int, itemsize: int = FP32, bucket: int | None = None) -> dict[str, list[int]]:
+def predicted(lay: dict[str, Any], world: int, itemsize: int = FP32, bucket: int | None = None,
+              bounded: bool = True) -> dict[str, list[int]]:
     """Per rank, what the fast path sends on a step that refreshes nothing and the extra on a step
-    that refreshes every statistic (``itemsize``: comm_dtype on the wire), from ``layout_bytes``."""
+    that refreshes every statistic (``itemsize``: comm_dtype on the wire), from ``layout_bytes``.
+    ``bounded``: the step bound (or ``clip_norm``) is on, which adds one all-reduce of 4 float64
+    sums (the squared norms of P(∇) and ∇, the loss, the ranks that observed one)."""
     from spngd_ds.comm import layout_bytes
 
     grads = layout_bytes(lay["grads"], FP32, "both", bucket)
@@ -86,10 +89,12 @@ def predicted(lay: dict[str, Any], world: int, itemsize: int = FP32, bucket: int
     back = layout_bytes(lay["grads"], FP32, "from", bucket)
     dec = [w - b for w, b in zip(layout_bytes(lay["params_and_decisions"], FP32, "from", bucket), back, strict=True)]
     counts = all_reduce_count(FP64 * (1 + lay["n_params"] + lay["n_stats"]), world) - flags
+    bound = all_reduce_count(FP64 * 4, world) if bounded else 0
     return {
-        "no_refresh": [g + flags for g in grads],
+        "no_refresh": [g + flags + bound for g in grads],
         "grads": grads,
         "flags": [flags] * world,
+        "bound": [bound] * world,
         "refresh_extra": [s + d + counts for s, d in zip(stats, dec, strict=True)],
         "stats": stats,
         "decisions": dec,
