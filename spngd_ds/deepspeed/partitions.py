@@ -34,8 +34,11 @@ def local_fragment(param: torch.nn.Parameter, param_groups: list[dict[str, Any]]
 
 
 def write_fragment(frag: Fragment, target: torch.Tensor, full: torch.Tensor, scale: float = 1.0) -> None:
-    """Copy this rank's part of the full-shape ``full`` into ``target`` (``frag.flat`` or its grad
-    or a state tensor of the same layout), divided by ``scale``."""
+    """Copy this rank's part of the full-shape ``full`` into ``target``.
+
+    Copy this rank's part of the full-shape ``full`` into ``target`` (``frag.flat`` or its grad or a
+    state tensor of the same layout), divided by ``scale``.
+    """
     if frag.numel == 0:
         return
     src = full.flatten().narrow(0, frag.full_start, frag.numel)
@@ -45,9 +48,12 @@ def write_fragment(frag: Fragment, target: torch.Tensor, full: torch.Tensor, sca
 def gather_full(
     comm: Communicator, frag: Fragment | None, source: torch.Tensor | None, shape: torch.Size
 ) -> torch.Tensor:
-    """Assemble the full-shape fp32 tensor whose fragments ranks hold in ``source`` (same layout as
+    """Assemble the full-shape fp32 tensor from the fragments ranks hold.
+
+    Assemble the full-shape fp32 tensor whose fragments ranks hold in ``source`` (same layout as
     ``frag.flat``; possibly on the CPU under offload). A collective over ``comm``: every rank calls
-    it for the same parameter in the same order. The buffer lives on ``comm.device``."""
+    it for the same parameter in the same order. The buffer lives on ``comm.device``.
+    """
     out = torch.zeros(int(torch.Size(shape).numel()), dtype=torch.float32, device=comm.device)
     if frag is not None and source is not None and frag.numel > 0:
         out.narrow(0, frag.full_start, frag.numel).copy_(source.narrow(0, frag.flat_start, frag.numel))
