@@ -1,7 +1,7 @@
 """The communicator: the collectives that move SP-NGD's tensors between ranks.
 
-The communicator: the collectives that move curvature statistics, gradients and updates between
-data-parallel ranks (DESIGN.md §3), over the arithmetic of :mod:`spngd_ds.comm.layout`.
+Curvature statistics, gradients and updates move between data-parallel ranks (DESIGN.md §3) over
+the arithmetic of :mod:`spngd_ds.comm.layout`.
 
 "To owners" is a reduce-scatter of the equal shards followed by an all-to-all with variable splits
 that moves the parts of each shard owned by another rank to their owner; "from owners" is the same
@@ -164,10 +164,17 @@ class Communicator:
     ) -> list[torch.Tensor]:
         """Reduce every item of ``layout`` onto its owner ("to owners").
 
-        Every rank gives ALL items of ``layout`` (its local contribution, any shape with the item's
-        numel, any dtype, any device); returns the items this rank owns, summed over ranks, in item
-        order, in each input's shape and dtype, on :attr:`device`. ``dtype`` is the wire dtype. One
-        reduce-scatter + one all-to-all per bucket.
+        One reduce-scatter + one all-to-all per bucket; every rank calls it with the same layout.
+
+        Args:
+            layout: Where the items go.
+            tensors: ALL items of ``layout``, this rank's local contribution (any shape with the
+                item's numel, any dtype, any device).
+            dtype: The wire dtype.
+
+        Returns:
+            The items this rank owns, summed over ranks, in item order, in each input's shape and
+            dtype, on :attr:`device`.
         """
         return self.to_owners_async(layout, tensors, dtype).wait()
 
@@ -177,9 +184,9 @@ class Communicator:
     ) -> PendingToOwners:
         """Start :meth:`to_owners` asynchronously.
 
-        :meth:`to_owners` with the reduce-scatter(s) issued now (``async_op=True``): the inputs are
-        copied into the wire buffer before this returns, so they may change afterwards. ``.wait()``
-        runs the all-to-all(s) and returns the result.
+        The reduce-scatter(s) are issued now (``async_op=True``): the inputs are copied into the
+        wire buffer before this returns, so they may change afterwards. ``.wait()`` runs the
+        all-to-all(s) and returns what :meth:`to_owners` returns.
         """
         self._check_layout(layout, [t.numel() for t in tensors])
         buckets = layout.buckets(self.bucket_numel)
@@ -209,10 +216,17 @@ class Communicator:
     ) -> list[torch.Tensor]:
         """Send every owned item to all ranks ("from owners").
 
-        Each rank gives the items it owns (``layout.owned_items[rank]`` order, any shape with the
-        item's numel); every rank receives ALL items, in item order, shaped ``layout.shapes``, of
-        the wire ``dtype``, on :attr:`device` (views of one buffer). One all-to-all + one all-gather
-        per bucket.
+        One all-to-all + one all-gather per bucket; every rank calls it with the same layout.
+
+        Args:
+            layout: Where the items come from.
+            mine: The items this rank owns, in ``layout.owned_items[rank]`` order (any shape with
+                the item's numel).
+            dtype: The wire dtype.
+
+        Returns:
+            ALL items, in item order, shaped ``layout.shapes``, of ``dtype``, on :attr:`device`
+            (views of one buffer).
         """
         owned = layout.owned_items[self.rank]
         if len(mine) != len(owned):
@@ -250,10 +264,18 @@ class Communicator:
     def fragment_plan(self, layout: OwnerLayout, fragments: Sequence[tuple[int, int, int]]) -> FragmentPlan:
         """Gather every rank's fragments into a validated :class:`FragmentPlan`.
 
-        Every rank gives its ``(item, start, length)`` fragments; returns the validated
-        :class:`FragmentPlan` (the same on every rank). A collective (one all-gather of counts, one
-        of the triples, int64 on :attr:`device`, counted in :attr:`bytes_sent`); build it once and
-        cache it. Raises ValueError on every rank when the fragments overlap or leave a gap.
+        A collective (one all-gather of counts, one of the triples, int64 on :attr:`device`, counted in
+        :attr:`bytes_sent`); build it once and cache it.
+
+        Args:
+            layout: The items the fragments belong to.
+            fragments: This rank's ``(item, start, length)`` fragments, in elements.
+
+        Returns:
+            The plan, the same on every rank.
+
+        Raises:
+            ValueError: On every rank, when the fragments overlap or leave a gap.
         """
         n = self.world_size
         mine = torch.tensor([list(map(int, f)) for f in fragments], dtype=torch.int64).reshape(-1, 3)
@@ -276,10 +298,16 @@ class Communicator:
     ) -> list[torch.Tensor]:
         """Send every rank's fragments to the owners of their items.
 
-        Every rank gives its fragment tensors (1-D, in ``plan.fragments[rank]`` order); each owner
-        receives its items whole, assembled from every rank's fragments without reduction, in
-        ``layout.owned_items[rank]`` order, shaped ``layout.shapes``, of the wire ``dtype``, on
-        :attr:`device`. One all-to-all.
+        One all-to-all; no reduction: each element lives in exactly one rank's fragment.
+
+        Args:
+            plan: The fragments of every rank.
+            fragments: This rank's fragment tensors (1-D, in ``plan.fragments[rank]`` order).
+            dtype: The wire dtype.
+
+        Returns:
+            The items this rank owns, whole, in ``layout.owned_items[rank]`` order, shaped
+            ``layout.shapes``, of ``dtype``, on :attr:`device`.
         """
         lay, rank = plan.layout, self.rank
         mine = plan.fragments[rank]
@@ -313,9 +341,17 @@ class Communicator:
     ) -> list[torch.Tensor]:
         """Send each owner's items back to the ranks that hold their fragments.
 
-        Each owner gives its items (``layout.owned_items[rank]`` order, any shape with the item's
-        numel); every rank receives exactly its fragments of them (1-D, in ``plan.fragments[rank]``
-        order, wire ``dtype``, on :attr:`device`). One all-to-all.
+        One all-to-all.
+
+        Args:
+            plan: The fragments of every rank.
+            owned: The items this rank owns (``layout.owned_items[rank]`` order, any shape with the
+                item's numel).
+            dtype: The wire dtype.
+
+        Returns:
+            This rank's fragments of them (1-D, in ``plan.fragments[rank]`` order, of ``dtype``, on
+            :attr:`device`).
         """
         lay, rank = plan.layout, self.rank
         items = lay.owned_items[rank]

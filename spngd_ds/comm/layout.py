@@ -1,7 +1,6 @@
 """The exchange layout: where every item travels between data-parallel ranks.
 
-The exchange layout (DESIGN.md §3, "One exchange layout"): where every item travels between
-data-parallel ranks, as pure arithmetic (no process group, no tensors).
+DESIGN.md §3, "One exchange layout", as pure arithmetic (no process group, no tensors).
 
 Items (gradients, packed statistics, parameters) each have one owner rank. They are laid in one
 flat buffer in owner order and cut into N equal shards (:class:`ShardGeometry`); "to owners" moves
@@ -34,9 +33,9 @@ def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:
 class ShardGeometry:
     """One owner-ordered buffer cut into N equal shards.
 
-    One owner-ordered buffer: ``counts[q]`` elements of owner q, owners one after the other (q =
-    0..N-1), P = sum(counts) elements, cut into N equal shards of S = ceil(P/N) elements (the buffer
-    is padded with zeros to N·S). Rank p holds shard p = [p·S, (p+1)·S).
+    The buffer holds ``counts[q]`` elements of owner q, owners one after the other
+    (q = 0..N-1), P = sum(counts) elements, cut into N equal shards of S = ceil(P/N) elements (the
+    buffer is padded with zeros to N·S). Rank p holds shard p = [p·S, (p+1)·S).
 
     All sizes are in elements. "To owners": rank p sends owner q the part of shard p inside q's
     range, ``overlap(p, q)`` elements; "from owners" is the reverse.
@@ -92,9 +91,9 @@ class ShardGeometry:
     def to_owner_splits(self, rank: int) -> tuple[list[int], list[int]]:
         """Split sizes of ``rank``'s all-to-all that moves shard parts to owners.
 
-        (input, output) split sizes of ``rank``'s all-to-all that moves shard parts to owners:
-        it sends owner q ``overlap(rank, q)`` and receives ``overlap(p, rank)`` from holder p.
-        Received pieces, in holder order, are ``rank``'s range in order (length ``counts[rank]``).
+        Returns ``(input, output)``: ``rank`` sends owner q ``overlap(rank, q)`` elements and receives
+        ``overlap(p, rank)`` from holder p. Received pieces, in holder order, are ``rank``'s range in
+        order (length ``counts[rank]``).
         """
         n = self.world_size
         return [self.overlap(rank, q) for q in range(n)], [self.overlap(p, rank) for p in range(n)]
@@ -244,8 +243,8 @@ class OwnerLayout:
     def buckets(self, bucket_numel: int | None = None) -> list[Bucket]:
         """Cut the exchange into K buckets of at most ``bucket_numel`` elements.
 
-        Cut the exchange into K buckets whose padded buffers (N·S_k) hold <= ``bucket_numel``
-        elements each; one bucket when ``bucket_numel`` is None or large enough.
+        Each bucket's padded buffer (N·S_k) holds <= ``bucket_numel`` elements; one bucket when
+        ``bucket_numel`` is None or large enough.
 
         Every owner's range is cut into K near-equal consecutive chunks and bucket k takes chunk k
         of every owner, so each bucket is balanced across owners like the whole layout and the
@@ -278,9 +277,18 @@ def layout_bytes(
 ) -> list[int]:
     """Bytes each rank sends to exchange ``layout``.
 
-    Bytes each rank sends to exchange ``layout`` with ``itemsize``-byte wire elements:
-    :meth:`Communicator.to_owners` ("to"), :meth:`Communicator.from_owners` ("from") or one of each
-    ("both"), ring count for the reduce-scatter / all-gather, exactly what the primitives count.
+    Exactly what the communicator's primitives count (ring count for the reduce-scatter and the
+    all-gather).
+
+    Args:
+        layout: The exchange layout.
+        itemsize: Bytes of one wire element.
+        direction: :meth:`Communicator.to_owners` ("to"), :meth:`Communicator.from_owners` ("from")
+            or one of each ("both").
+        bucket_numel: The communicator's bucket size in elements (None: one bucket).
+
+    Returns:
+        Bytes sent by each rank, indexed by rank.
     """
     dirs: tuple[Literal["to", "from"], ...] = ("to", "from") if direction == "both" else (direction,)
     return [

@@ -25,9 +25,9 @@ _TRIU_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, to
 def _triu_flat(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flat positions of the upper triangle of a (d, d) matrix.
 
-    For a (d, d) matrix flattened row-major: the flat positions of its upper triangle in row-major
-    order (d(d+1)/2,), the positions of their mirror images, and the upper-triangle mask (d, d);
-    built once per (d, device) (``torch.triu_indices`` costs more than the packing).
+    For the row-major flattened matrix: the flat positions of its upper triangle in row-major order
+    (d(d+1)/2,), the positions of their mirror images (d(d+1)/2,), and the upper-triangle mask
+    (d, d); built once per (d, device) (``torch.triu_indices`` costs more than the packing).
     """
     key = (d, torch.device(device))
     hit = _TRIU_CACHE.get(key)
@@ -48,8 +48,8 @@ def pack_sym(matrix: torch.Tensor) -> torch.Tensor:
 def unpack_sym(packed: torch.Tensor, d: int) -> torch.Tensor:
     """Unpack a symmetric matrix from its upper triangle (inverse of :func:`pack_sym`).
 
-    Inverse of :func:`pack_sym`: a symmetric (..., d, d) matrix (each entry a copy of its packed
-    value: the lower triangle is the transpose of the upper one, bit for bit).
+    ``packed`` (..., d(d+1)/2) becomes a symmetric (..., d, d) matrix whose every entry is a copy of
+    its packed value (the lower triangle is the transpose of the upper one, bit for bit).
     """
     flat, _, mask = _triu_flat(d, packed.device)
     upper = packed.new_zeros(*packed.shape[:-1], d * d).index_copy_(-1, flat, packed).view(*packed.shape[:-1], d, d)
@@ -61,8 +61,8 @@ def _concat(
 ) -> torch.Tensor:
     """Pack tensors into one zero-padded 1-D buffer.
 
-    A zero-padded 1-D buffer of ``size`` elements of ``dtype`` on ``device`` holding the flattened
-    ``pieces`` one after the other (one copy each, cast on the way).
+    The buffer, (size,) of ``dtype`` on ``device``, holds the flattened ``pieces`` one after the
+    other (one copy each, cast on the way).
     """
     out = torch.zeros(size, dtype=dtype, device=device)
     at = 0

@@ -1,7 +1,7 @@
 """A cheap check that every data-parallel rank holds the same parameters and schedules.
 
-A cheap check that every data-parallel rank holds the same parameters and the same refresh schedules
-after a step (issue: ranks must never silently diverge).
+Ranks must never silently diverge: after a step, every rank must hold the same parameters and the
+same refresh schedules.
 
 Each rank reduces its state to a short float64 fingerprint (per parameter: sum and sum of squares;
 per statistic: interval and next step); fingerprints are all-gathered and must be bit-identical.

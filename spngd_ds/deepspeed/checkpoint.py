@@ -194,10 +194,19 @@ _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 def _restore_engine_counters(engine: DeepSpeedEngineAPI, result: object, want_scheduler: bool) -> object:
     """Restore after a module-only load what a full load restores.
 
-    After a module-only load (ZeRO at another world size), restore what a full load restores:
-    the learning-rate scheduler and the engine's step, sample and skipped-step counters (else the
-    schedule and the W&B axis would start again). They are in the client state DeepSpeed returns;
-    they are taken out of it, as a full load does.
+    A module-only load (ZeRO at another world size) leaves the learning-rate scheduler and the
+    engine's step, sample and skipped-step counters behind (the schedule and the W&B axis would
+    start again). They are in the client state DeepSpeed returns; they are taken out of it, as a
+    full load does.
+
+    Args:
+        engine: The engine that loaded.
+        result: What ``load_checkpoint`` returned: ``(load_path, client_state)``.
+        want_scheduler: Whether the caller asked for the scheduler's state.
+
+    Returns:
+        ``(load_path, client_state)`` with those entries taken out (``result`` itself when there
+        is no client state).
     """
     load_path, client_state = result if isinstance(result, tuple) else (result, None)
     if not isinstance(client_state, dict):
@@ -216,8 +225,11 @@ def _restore_engine_counters(engine: DeepSpeedEngineAPI, result: object, want_sc
 def check_model_states(tag_dir: str) -> None:
     """Raise a clear error when DeepSpeed's model-states file is missing or truncated.
 
-    A clear error naming the file when DeepSpeed's model-states file of ``tag_dir`` is missing or
-    truncated (DeepSpeed's own error does not say which file).
+    The error names the file in ``tag_dir`` (DeepSpeed's own error does not say which file).
+
+    Raises:
+        FileNotFoundError: No model-states file.
+        RuntimeError: A DeepSpeed ``.pt`` file that is not a ``torch.save`` archive.
     """
     files = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
     if not files:

@@ -36,8 +36,11 @@ def local_fragment(param: torch.nn.Parameter, param_groups: list[dict[str, Any]]
 def write_fragment(frag: Fragment, target: torch.Tensor, full: torch.Tensor, scale: float = 1.0) -> None:
     """Copy this rank's part of the full-shape ``full`` into ``target``.
 
-    Copy this rank's part of the full-shape ``full`` into ``target`` (``frag.flat`` or its grad or a
-    state tensor of the same layout), divided by ``scale``.
+    Args:
+        frag: Where this rank's part lies.
+        target: 1-D, ``frag.flat`` or its grad or a state tensor of the same layout.
+        full: The parameter-shaped tensor.
+        scale: ``full`` is divided by it on the way.
     """
     if frag.numel == 0:
         return
@@ -50,9 +53,16 @@ def gather_full(
 ) -> torch.Tensor:
     """Assemble the full-shape fp32 tensor from the fragments ranks hold.
 
-    Assemble the full-shape fp32 tensor whose fragments ranks hold in ``source`` (same layout as
-    ``frag.flat``; possibly on the CPU under offload). A collective over ``comm``: every rank calls
-    it for the same parameter in the same order. The buffer lives on ``comm.device``.
+    A collective over ``comm``: every rank calls it for the same parameter in the same order.
+
+    Args:
+        comm: The data-parallel communicator.
+        frag: This rank's fragment of the parameter, or None.
+        source: 1-D, the same layout as ``frag.flat`` (possibly on the CPU under offload), or None.
+        shape: The parameter's full shape.
+
+    Returns:
+        The fp32 tensor of ``shape`` on ``comm.device``, the same on every rank.
     """
     out = torch.zeros(int(torch.Size(shape).numel()), dtype=torch.float32, device=comm.device)
     if frag is not None and source is not None and frag.numel > 0:

@@ -74,8 +74,8 @@ def check_deepspeed_version(version: str | None = None) -> str:
 def wants_spngd(config: object) -> bool:
     """True when a DeepSpeed config names SP-NGD's optimizer or schedule.
 
-    True when a DeepSpeed config (a dict) names ``SPNGD`` as optimizer or ``SPNGDPolyDecay`` as
-    scheduler (case-insensitive, as ``spngd_ds.initialize`` reads it).
+    ``config`` (a dict; anything else is False) names ``SPNGD`` as optimizer or ``SPNGDPolyDecay``
+    as scheduler, case-insensitive, as ``spngd_ds.initialize`` reads it.
     """
     from spngd_ds.deepspeed.integration import SCHEDULER_TYPE, SPNGD_TYPE
 
@@ -137,8 +137,7 @@ def _make_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
 def _rebind(old: Callable[..., Any], new: Callable[..., Any]) -> None:
     """Point every already-imported module's global that *is* ``old`` at ``new``.
 
-    Point every already-imported module's global that *is* ``old`` at ``new`` (modules that did
-    ``from deepspeed import initialize`` before the patch).
+    This reaches modules that did ``from deepspeed import initialize`` before the patch.
     """
     for module_name, module in list(sys.modules.items()):
         if module_name == __name__:  # our own _original/_wrapper globals keep what they hold
