@@ -1,5 +1,7 @@
-"""Bytes each rank sends per step under the exchange layout (docs/design.md, section 3), against
-the targets, counted outside the project by wrapping every ``torch.distributed`` collective
+"""Bytes each rank sends per step under the exchange layout, against the targets.
+
+Bytes each rank sends per step under the exchange layout (docs/design.md, section 3), against the
+targets, counted outside the project by wrapping every ``torch.distributed`` collective
 (:class:`common.CollectiveCounter`). The measured parts live in ``comm_volume_measure.py``, the
 predictions from the library's own code in ``comm_volume_predict.py``; this file runs them, merges
 the JSON, prints the tables and draws the plot.
@@ -153,8 +155,11 @@ def report(res: dict[str, Any]) -> None:
 
 
 def plot(res: dict[str, Any], path: Path = PLOT) -> None:
-    """Three panels: no-refresh fast-path step / first-order all-reduce vs N; refresh-step extra /
-    (N-1)/N packed statistics vs N; compatible path / DeepSpeed SGD per ZeRO stage."""
+    """Plot the three panels of the communication volume figure.
+
+    Three panels: no-refresh fast-path step / first-order all-reduce vs N; refresh-step extra /
+    (N-1)/N packed statistics vs N; compatible path / DeepSpeed SGD per ZeRO stage.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,6 @@
-"""What the exchange sends per rank per step, measured under torchrun by intercepting every
+"""What the exchange sends per rank per step, measured under torchrun.
+
+What the exchange sends per rank per step, measured under torchrun by intercepting every
 ``torch.distributed`` collective (:class:`common.CollectiveCounter`): the fast path (ZeRO 0) and the
 ZeRO-compatible path against DeepSpeed's SGD step, on the seeded ResNet-20; the parts ``fast`` and
 ``compatible`` of ``bench/comm_volume.py``.
@@ -64,8 +66,11 @@ def spngd_optimizer() -> dict[str, Any]:
 
 def train(counter: CollectiveCounter, optimizer: dict[str, Any], stage: int, steps: int,
           allowed: frozenset[str] | None) -> tuple[list[dict[str, Any]], Any, int]:
-    """A fresh engine on the seeded ResNet-20; per step (forward, backward, step) the intercepted
-    summary plus, for SP-NGD, ``comm_nbytes`` and the number of statistics refreshed."""
+    """Measure the bytes one rank sends per step on a fresh engine.
+
+    A fresh engine on the seeded ResNet-20; per step (forward, backward, step) the intercepted
+    summary plus, for SP-NGD, ``comm_nbytes`` and the number of statistics refreshed.
+    """
     import spngd_ds
 
     model = common.build_model("resnet20", seed=0)

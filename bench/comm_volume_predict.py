@@ -1,4 +1,6 @@
-"""What the exchange sends per rank per step, predicted from the library's own code (no ranks):
+"""What the exchange sends per rank per step, predicted from the library's own code.
+
+What the exchange sends per rank per step, predicted from the library's own code (no ranks):
 the fast path's layouts and ``layout_bytes``, the compatible path's fragment exchanges on a model of
 DeepSpeed's partitions, and the ResNet-50 table of ``bench/comm_volume.py analytic``
 (docs/design.md, section 3). Bytes are what one rank sends, ring model.
@@ -44,10 +46,13 @@ def first_order_bytes(n_params: int, world: int) -> float:
 
 
 def layouts(blocks: Sequence[Any], owners: dict[str, int], world: int) -> dict[str, Any]:
-    """The fast path's layouts for ``blocks`` under ``owners``: gradients (as paths/fast.py builds
-    it), the packed statistics when every one is due, and the parameters gathered back with the
-    refresh decisions after them (two elements per statistic, as ``FastPath._gather_parameters``
-    builds it on a step where every statistic is due)."""
+    """Build the fast path's exchange layouts for ``blocks`` under ``owners``.
+
+    The fast path's layouts for ``blocks`` under ``owners``: gradients (as paths/fast.py builds it),
+    the packed statistics when every one is due, and the parameters gathered back with the refresh
+    decisions after them (two elements per statistic, as ``FastPath._gather_parameters`` builds it
+    on a step where every statistic is due).
+    """
     from spngd_ds.blocks.shapes import full_shape
     from spngd_ds.comm import OwnerLayout, triu_numel
 
@@ -74,10 +79,13 @@ def layouts(blocks: Sequence[Any], owners: dict[str, int], world: int) -> dict[s
 
 def predicted(lay: dict[str, Any], world: int, itemsize: int = FP32, bucket: int | None = None,
               bounded: bool = True) -> dict[str, list[int]]:
-    """Per rank, what the fast path sends on a step that refreshes nothing and the extra on a step
-    that refreshes every statistic (``itemsize``: comm_dtype on the wire), from ``layout_bytes``.
+    """Predict the bytes the fast path sends per rank without and with a refresh.
+
+    Per rank, what the fast path sends on a step that refreshes nothing and the extra on a step that
+    refreshes every statistic (``itemsize``: comm_dtype on the wire), from ``layout_bytes``.
     ``bounded``: the step bound (or ``clip_norm``) is on, which adds one all-reduce of 4 float64
-    sums (the squared norms of P(∇) and ∇, the loss, the ranks that observed one)."""
+    sums (the squared norms of P(∇) and ∇, the loss, the ranks that observed one).
+    """
     from spngd_ds.comm import layout_bytes
 
     grads = layout_bytes(lay["grads"], FP32, "both", bucket)
@@ -103,9 +111,12 @@ def predicted(lay: dict[str, Any], world: int, itemsize: int = FP32, bucket: int
 
 
 def stats_bounds(lay: dict[str, Any], world: int, itemsize: int) -> dict[str, Any]:
-    """The refresh-step yardsticks: the ideal (N-1)/N of the packed statistics, what the all-to-all
-    moves per rank (shard parts owned elsewhere), and what a layout padded to the most-loaded
-    owner (the old one) would send."""
+    """Compute the refresh-step yardsticks.
+
+    The refresh-step yardsticks: the ideal (N-1)/N of the packed statistics, what the all-to-all
+    moves per rank (shard parts owned elsewhere), and what a layout padded to the most-loaded owner
+    (the old one) would send.
+    """
     geo = lay["stats"].geometry
     ideal = (world - 1) / world * itemsize * geo.total
     moved = [0] * world
@@ -118,7 +129,9 @@ def stats_bounds(lay: dict[str, Any], world: int, itemsize: int) -> dict[str, An
 
 
 def compatible_analytic(blocks: Sequence[Any], model: torch.nn.Module, world: int) -> dict[str, float]:
-    """The compatible path's two fragment exchanges for ``blocks`` at ``world`` ranks, most-loaded
+    """Predict the compatible path's two fragment exchanges.
+
+    The compatible path's two fragment exchanges for ``blocks`` at ``world`` ranks, most-loaded
     rank, over DeepSpeed's own SGD bytes, from the real assignment code on a model of DeepSpeed's
     partitions: ZeRO 1/2 cut the flat fp32 buffer of the trainable parameters (model order) into
     N contiguous equal partitions and owners come from ``assign_to_holders`` (as
@@ -126,7 +139,8 @@ def compatible_analytic(blocks: Sequence[Any], model: torch.nn.Module, world: in
     ceil(numel/N) and keeps ``assign_owners``. DeepSpeed's SGD bytes, as measured at 2 and 4 ranks:
     ZeRO 1/2 an all-reduce of the gradients plus an all-gather of the parameters, 3(N-1)/N·4P;
     ZeRO 3 one all-gather plus one reduce-scatter, 2(N-1)/N·4P (a backward re-gather, which large
-    models need, would add (N-1)/N·4P and only lower the ratio). Ours adds the flag all-reduce."""
+    models need, would add (N-1)/N·4P and only lower the ratio). Ours adds the flag all-reduce.
+    """
     from spngd_ds.assignment import assign_owners, assign_to_holders, block_cost
 
     costs = [block_cost(b) for b in blocks]

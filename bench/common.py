@@ -1,5 +1,7 @@
-"""Shared pieces of the benchmark scripts: models, data, DeepSpeed configs, output helpers, and
-the counter of every ``torch.distributed`` collective (:class:`CollectiveCounter`).
+"""Shared pieces of the benchmark scripts.
+
+Models, data, DeepSpeed configs, output helpers, and the counter of every ``torch.distributed``
+collective (:class:`CollectiveCounter`).
 
 Nothing here downloads anything: models are built with ``weights=None`` and the data is
 scikit-learn's bundled digits (through :func:`spngd_ds.recipes.data.load_digits_split`).
@@ -50,7 +52,9 @@ SGD_PARAMS: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
 
 
 def isolate_extension_cache() -> None:
-    """Give DeepSpeed's JIT-built CPU ops (the shm communication op every CPU ``init_distributed``
+    """Give DeepSpeed's JIT-built CPU ops a private extension cache.
+
+    Give DeepSpeed's JIT-built CPU ops (the shm communication op every CPU ``init_distributed``
     loads) a cache directory of this interpreter's own, unless ``TORCH_EXTENSIONS_DIR`` is set.
 
     The default ``~/.cache/torch_extensions`` is shared by every virtualenv on the machine; two
@@ -63,10 +67,13 @@ def isolate_extension_cache() -> None:
 
 
 def prepare_environment() -> None:
-    """What every benchmark sets before DeepSpeed starts: a private extension cache
+    """Set what every benchmark needs before DeepSpeed starts.
+
+    What every benchmark sets before DeepSpeed starts: a private extension cache
     (:func:`isolate_extension_cache`), the launcher variables for a plain ``python`` run, and the
-    per-step rank-agreement check of ``spngd_ds.deepspeed.agreement`` off (a debugging all-gather that
-    would otherwise be timed and counted when ``SPNGD_CHECK_AGREEMENT`` is set)."""
+    per-step rank-agreement check of ``spngd_ds.deepspeed.agreement`` off (a debugging all-gather
+    that would otherwise be timed and counted when ``SPNGD_CHECK_AGREEMENT`` is set).
+    """
     isolate_extension_cache()
     ensure_launcher_env()
     os.environ["SPNGD_CHECK_AGREEMENT"] = "0"
@@ -87,8 +94,11 @@ def ensure_launcher_env() -> None:
 
 
 def spngd_block(staleness: bool, comm_dtype: str = "fp32", **extra: Any) -> dict[str, Any]:
-    """The ``"optimizer"`` block for SP-NGD, with the default staleness or with it switched off
-    (``extra``: further SP-NGD keyword arguments, e.g. ``stat_micro_batches``)."""
+    """Build the ``"optimizer"`` block for SP-NGD.
+
+    The ``"optimizer"`` block for SP-NGD, with the default staleness or with it switched off
+    (``extra``: further SP-NGD keyword arguments, e.g. ``stat_micro_batches``).
+    """
     params = dict(SPNGD_PARAMS, staleness=dict(DEFAULT_STALENESS) if staleness else None, comm_dtype=comm_dtype)
     return {"type": "SPNGD", "params": params | extra}
 
@@ -112,8 +122,11 @@ def ds_config(optimizer: dict[str, Any], micro_batch: int, stage: int = 0, gas: 
 
 
 def build_model(kind: str, seed: int = 0) -> nn.Module:
-    """``"resnet20"``: CIFAR-style ResNet-20 (widths 16/32/64, 3 basic blocks per stage, 1x1-conv
-    shortcuts, 10 classes); ``"resnet50"``: torchvision ResNet-50 (1000 classes), no weights."""
+    """Build a benchmark model by name.
+
+    ``"resnet20"``: CIFAR-style ResNet-20 (widths 16/32/64, 3 basic blocks per stage, 1x1-conv
+    shortcuts, 10 classes); ``"resnet50"``: torchvision ResNet-50 (1000 classes), no weights.
+    """
     torch.manual_seed(seed)
     if kind == "resnet20":
         from spngd_ds.recipes.models import SmallResNet
@@ -127,8 +140,11 @@ def build_model(kind: str, seed: int = 0) -> nn.Module:
 
 
 def digits_rgb(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training images of the digits split (``spngd_ds.recipes.data``), upscaled to ``image_size``
-    and repeated to 3 channels, and their labels."""
+    """Load the training images of the digits split at ``image_size``.
+
+    Training images of the digits split (``spngd_ds.recipes.data``), upscaled to ``image_size`` and
+    repeated to 3 channels, and their labels.
+    """
     from spngd_ds.recipes.data import load_digits_split
 
     train, _ = load_digits_split(image_size=image_size)
@@ -257,11 +273,14 @@ def sent_bytes(kind: str, a: dict[str, Any], rank: int, world: int) -> float:
 
 
 class CollectiveCounter:
-    """Replaces every function of :data:`FUNCS` in ``torch.distributed`` and
+    """Wrap every collective of :data:`FUNCS` to count its calls and bytes.
+
+    Replaces every function of :data:`FUNCS` in ``torch.distributed`` and
     ``torch.distributed.distributed_c10d`` (and DeepSpeed's cached all-gather / reduce-scatter
     functions) by a wrapper that logs :func:`sent_bytes` and the wall seconds of each call (for an
-    asynchronous one, its issue plus its ``wait``). Nested calls (one c10d function calling
-    another) count once, as the outermost."""
+    asynchronous one, its issue plus its ``wait``). Nested calls (one c10d function calling another)
+    count once, as the outermost.
+    """
 
     def __init__(self) -> None:
         import deepspeed.comm.comm as ds_comm
@@ -318,8 +337,11 @@ class CollectiveCounter:
 
     def _record(self, name: str, kind: str | None, sig: inspect.Signature, args: tuple[Any, ...],
                 kwargs: dict[str, Any], caller: str) -> dict[str, Any] | None:
-        """Log one call made inside a measured window (its entry, which the wrapper completes with
-        the call's wall ``seconds``); count it in :attr:`outside` otherwise."""
+        """Log one call made inside a measured window.
+
+        Log one call made inside a measured window (its entry, which the wrapper completes with the
+        call's wall ``seconds``); count it in :attr:`outside` otherwise.
+        """
         if not self.measuring:
             self.outside[name] = self.outside.get(name, 0) + 1
             return None

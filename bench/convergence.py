@@ -1,5 +1,6 @@
-"""Steps (and wall time) to 97% validation top-1 on scikit-learn's digits at large batch: SP-NGD
-against momentum SGD, LARS and LAMB.
+"""Steps (and wall time) to 97% validation top-1 on scikit-learn's digits at large batch.
+
+SP-NGD against momentum SGD, LARS and LAMB.
 
 Data: ``spngd_ds.recipes.data.load_digits_split(image_size=8)`` (the recipes' stratified 80/20 split,
 seed 0, normalised with the training pixels' mean and std), flattened to 64 features. Model: the
@@ -81,8 +82,11 @@ def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimi
 
 @dataclass
 class Run:
-    """One training run: per-step training loss (of the batch, before the update), validation
-    accuracy after the step, cumulative training seconds, and the step the target was first met."""
+    """Run one training run and record its loss and accuracy curves.
+
+    One training run: per-step training loss (of the batch, before the update), validation accuracy
+    after the step, cumulative training seconds, and the step the target was first met.
+    """
 
     loss: list[float] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
@@ -213,8 +217,11 @@ def print_report(res: dict[str, Any]) -> None:
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    """Validation accuracy and training loss against steps, per batch size and optimizer (mean over
-    seeds, band = min..max), at each optimizer's chosen lr."""
+    """Plot validation accuracy and training loss against steps.
+
+    Validation accuracy and training loss against steps, per batch size and optimizer (mean over
+    seeds, band = min..max), at each optimizer's chosen lr.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,5 +1,7 @@
-"""Counting what a GPU would pay for a piece of host code, on any device: aten ops dispatched
-(each one kernel launch or more on an accelerator) and host-device synchronisations.
+"""Count what a GPU would pay for a piece of host code, on any device.
+
+Counting what a GPU would pay for a piece of host code, on any device: aten ops dispatched (each one
+kernel launch or more on an accelerator) and host-device synchronisations.
 
 Counted outside the optimizer's own bookkeeping, by a :class:`~torch.utils._python_dispatch.TorchDispatchMode`
 that sees every aten op below autograd, plus wrappers for what dispatches nothing:
@@ -38,8 +40,11 @@ SYNC_OPS = frozenset({
 
 @dataclass
 class DispatchCounts:
-    """What one counted region dispatched: ``ops`` aten ops, ``syncs`` host synchronisations, and
-    per-name tallies of both (``op_names``, ``sync_names``)."""
+    """What one counted region dispatched.
+
+    ``ops`` aten ops, ``syncs`` host synchronisations, and per-name tallies of both (``op_names``,
+    ``sync_names``).
+    """
 
     ops: int = 0
     syncs: int = 0

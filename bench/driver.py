@@ -1,4 +1,6 @@
-"""The driver the step-time regimes share (``bench/step_time.py --regime ...``): the process group,
+"""The driver the step-time regimes share.
+
+The driver the step-time regimes share (``bench/step_time.py --regime ...``): the process group,
 engines on copies of one model, the timed optimizer step, the rotation of engines over the same
 batches, reductions over ranks and steps, and the JSON with the machine it was measured on.
 
@@ -56,8 +58,11 @@ def a_samples_params(a_samples: int | None) -> dict[str, Any]:
 
 def build_engines(model_kind: str, blocks: dict[str, dict[str, Any]], micro_batch: int,
                   gas: int = 1) -> dict[str, tuple[Any, Any]]:
-    """name -> (engine, SPNGD or None) for each ``"optimizer"`` block, each on its own copy of the
-    same initial model (seed 0), ZeRO 0, fp32, ``gas`` micro-batches a step."""
+    """Build one engine per ``"optimizer"`` block on copies of the same model.
+
+    name -> (engine, SPNGD or None) for each ``"optimizer"`` block, each on its own copy of the same
+    initial model (seed 0), ZeRO 0, fp32, ``gas`` micro-batches a step.
+    """
     import spngd_ds
 
     base = common.build_model(model_kind, seed=0)
@@ -71,8 +76,7 @@ def build_engines(model_kind: str, blocks: dict[str, dict[str, Any]], micro_batc
 
 
 def rotation(names: Sequence[str], step: int) -> Iterator[str]:
-    """The engines in this step's turn order (the order rotates every step, so machine noise hits
-    each engine alike)."""
+    """The engines in this step's turn order (it rotates every step, so machine noise hits each engine alike)."""
     for k in range(len(names)):
         yield names[(step + k) % len(names)]
 
@@ -86,11 +90,13 @@ def sync(device: torch.device) -> None:
 def timed_step(engine: Any, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                counter: common.CollectiveCounter | None = None,
                collectives: list[list[tuple[float, bool]]] | None = None) -> float:
-    """Wall seconds of one optimizer step on this rank: forward + ``engine.backward`` +
-    ``engine.step`` of each micro-batch (ranks aligned by a barrier first; a generator of
-    micro-batches is drawn inside the timed window). With a ``counter``, the
-    seconds of each collective of the step and whether it was asynchronous, in call order, are
-    appended to ``collectives``."""
+    """Time one optimizer step on this rank.
+
+    Wall seconds of one optimizer step on this rank: forward + ``engine.backward`` + ``engine.step``
+    of each micro-batch (ranks aligned by a barrier first; a generator of micro-batches is drawn
+    inside the timed window). With a ``counter``, the seconds of each collective of the step and
+    whether it was asynchronous, in call order, are appended to ``collectives``.
+    """
     sync(device)
     dist.barrier()
     window = counter.window() if counter is not None else None
@@ -135,8 +141,11 @@ def slowest_rank(values: list[float], world: int) -> list[float]:
 
 
 def split_means(split: dict[str, list[float]], world: int, mean_step_s: float) -> dict[str, float]:
-    """Mean seconds a step of each part of SP-NGD's split (slowest rank per step), and ``rest``:
-    what the step took beyond them (forward, backward, update)."""
+    """Time each part of SP-NGD's split step.
+
+    Mean seconds a step of each part of SP-NGD's split (slowest rank per step), and ``rest``:
+    what the step took beyond them (forward, backward, update).
+    """
     out = {k: mean(slowest_rank(split[k], world)) for k in SPLIT_KEYS}
     out["rest"] = mean_step_s - sum(out.values())
     return out
@@ -176,8 +185,11 @@ def record_layer_io(model: torch.nn.Module, names: list[str], xb: torch.Tensor, 
 
 
 def finish(res: dict[str, Any], name: str, load_before: list[float], wall_start: float) -> Path:
-    """Add the machine (with the load average at the start) and the wall seconds to ``res`` and
-    write ``bench/results/<name>.json``; returns the path."""
+    """Add the machine and the wall seconds to ``res`` and write it.
+
+    Add the machine (with the load average at the start) and the wall seconds to ``res`` and write
+    ``bench/results/<name>.json``; returns the path.
+    """
     res["machine"] = common.machine_info() | {"load_average_at_start": load_before}
     res["wall_s"] = time.perf_counter() - wall_start
     return common.write_json(name, res)

@@ -1,5 +1,6 @@
-"""Steps and wall time to a target validation loss in byte-level language modelling: SP-NGD against
-AdamW and LAMB under DeepSpeed, at two global batch sizes.
+"""Steps and wall time to a target validation loss in byte-level language modelling.
+
+SP-NGD against AdamW and LAMB under DeepSpeed, at two global batch sizes.
 
 Corpus: the Python standard library's own source, every ``*.py`` file under
 ``sysconfig.get_paths()["stdlib"]`` (``site-packages``/``dist-packages`` excluded), sorted by
@@ -95,8 +96,11 @@ def stdlib_root() -> Path:
 
 
 def source_files(root: Path) -> list[str]:
-    """Relative POSIX paths of every ``*.py`` file under ``root``, sorted, without third-party
-    package directories (:data:`EXCLUDED_DIRS`)."""
+    """List the ``*.py`` files under ``root``.
+
+    Relative POSIX paths of every ``*.py`` file under ``root``, sorted, without third-party package
+    directories (:data:`EXCLUDED_DIRS`).
+    """
     out = []
     for p in root.rglob("*.py"):
         rel = p.relative_to(root)
@@ -107,8 +111,11 @@ def source_files(root: Path) -> list[str]:
 
 
 def is_validation(rel: str, val_fraction: float) -> bool:
-    """Whether the file at relative path ``rel`` belongs to validation: the first 32 bits of
-    SHA-1(``rel``) below ``val_fraction`` of their range (deterministic, order-independent)."""
+    """Whether the file at relative path ``rel`` belongs to validation.
+
+    The first 32 bits of SHA-1(``rel``) below ``val_fraction`` of their range (deterministic,
+    order-independent).
+    """
     return int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) < val_fraction * 16**8
 
 
@@ -143,8 +150,11 @@ def read_stream(root: Path, files: list[str]) -> torch.Tensor:
 
 
 def load_corpus(val_fraction: float, max_files: int | None = None, root: Path | None = None) -> Corpus:
-    """The split corpus. ``max_files``: only the first that many files of the sorted list (a smoke
-    test); the split of each file does not depend on it."""
+    """The split corpus.
+
+    ``max_files``: only the first that many files of the sorted list (a smoke test); the split of each file does not
+    depend on it.
+    """
     root = root or stdlib_root()
     files = source_files(root)[:max_files]
     train, val = split_files(files, val_fraction)
@@ -159,8 +169,11 @@ def windows(stream: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Te
 
 
 def train_batch(stream: torch.Tensor, step: int, count: int, seq_len: int, seed: int) -> torch.Tensor:
-    """The global batch of training step ``step``: ``count`` windows of ``seq_len + 1`` bytes at
-    uniformly random offsets (the same for every optimizer and rank)."""
+    """The global batch of training step ``step``.
+
+    ``count`` windows of ``seq_len + 1`` bytes at uniformly random offsets (the same for every
+    optimizer and rank).
+    """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, stream.numel() - seq_len - 1, (count,), generator=gen)
     return windows(stream, starts, seq_len + 1)
@@ -177,7 +190,9 @@ def val_windows(stream: torch.Tensor, count: int, seq_len: int) -> torch.Tensor:
 
 def build_lm(kind: str, size: str, seq_len: int, seed: int) -> nn.Module:
     """A randomly initialised causal LM from a ``transformers`` config (nothing downloaded).
-    ``kind``: ``"llama"`` (untied head) or ``"gpt2"`` (tied head); ``size``: a key of :data:`SIZES`."""
+
+    ``kind``: ``"llama"`` (untied head) or ``"gpt2"`` (tied head); ``size``: a key of :data:`SIZES`.
+    """
     s = SIZES[size]
     torch.manual_seed(seed)
     if kind == "llama":
@@ -208,8 +223,11 @@ def lm_loss(model: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def curvature_coverage(opt: Any, model: nn.Module) -> dict[str, Any]:
-    """Share of the trainable parameters inside a curvature block of SP-NGD ``opt``, and the
-    layers it updates first order."""
+    """Share of the trainable parameters inside a curvature block of SP-NGD ``opt``.
+
+    Share of the trainable parameters inside a curvature block of SP-NGD ``opt``, and the layers it
+    updates first order.
+    """
     total = common.param_count(model)
     covered = sum(p.numel() for b in opt.blocks.values() if b.stats for p in b.params)
     return {"fraction": covered / total, "covered_params": covered, "total_params": total,
@@ -238,10 +256,13 @@ class Setting:
 
 @dataclass
 class Run:
-    """One (optimizer, lr, batch) run: validation loss at ``eval_steps``, per-step training loss
-    (rank 0's micro-batches, mean), cumulative training seconds and CPU seconds of forward,
-    backward and step (slowest rank), and the whole run's wall and CPU seconds (engine set-up and
-    validation included; CPU: the busiest rank's process time, about the wall time on idle cores)."""
+    """Run one (optimizer, lr, batch) configuration.
+
+    One (optimizer, lr, batch) run: validation loss at ``eval_steps``, per-step training loss (rank
+    0's micro-batches, mean), cumulative training seconds and CPU seconds of forward, backward and
+    step (slowest rank), and the whole run's wall and CPU seconds (engine set-up and validation
+    included; CPU: the busiest rank's process time, about the wall time on idle cores).
+    """
 
     lr: float
     eval_steps: list[int] = field(default_factory=list)

@@ -1,6 +1,8 @@
-"""The selection and the report of ``bench/lm.py``: the target validation loss, each optimizer's lr
-by the steps to it, the verdict per batch size, the table, the plot and the JSON. Losses are
-validation cross-entropy in nats per byte; times are training seconds of the slowest rank.
+"""The selection and the report of ``bench/lm.py``.
+
+The target validation loss, each optimizer's lr by the steps to it, the verdict per batch size, the
+table, the plot and the JSON. Losses are validation cross-entropy in nats per byte; times are
+training seconds of the slowest rank.
 """
 
 from __future__ import annotations
@@ -101,8 +103,11 @@ def print_report(res: dict[str, Any]) -> None:
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    """Validation loss against steps and against training seconds, per batch size, at each
-    optimizer's chosen lr; the dashed line is the target."""
+    """Plot validation loss against steps and against training seconds.
+
+    Validation loss against steps and against training seconds, per batch size, at each optimizer's
+    chosen lr; the dashed line is the target.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,6 @@
-"""Curvature memory and inversion cost per rank for torchvision ResNet-50 under the real block
+"""Curvature memory and inversion cost per rank for torchvision ResNet-50.
+
+Curvature memory and inversion cost per rank for torchvision ResNet-50 under the real block
 construction (``spngd_ds.blocks.build_blocks``) and the real ownership (``spngd_ds.assignment``).
 
 No ranks are needed: the assignment is a pure function of the blocks and the world size. For
@@ -47,8 +49,11 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class Job:
-    """A unit of ownership: the cost ``assign_owners`` sees, the bytes it keeps on its owner and
-    its inversion cost (Σ d³ of the factors it holds)."""
+    """A unit of ownership.
+
+    The cost ``assign_owners`` sees, the bytes it keeps on its owner and its inversion cost (Σ d³ of
+    the factors it holds).
+    """
 
     cost: BlockCost
     nbytes: int
@@ -81,8 +86,11 @@ def layer_jobs(blocks: list[Block]) -> list[Job]:
 
 
 def memory_first_jobs(blocks: list[Block]) -> list[Job]:
-    """Whole-layer ownership with the two criteria of ``assign_owners`` swapped: longest job first on
-    memory d_A² + d_G², ties broken by inversion cost (what the one-line change would do)."""
+    """Assign whole layers with the two criteria of ``assign_owners`` swapped.
+
+    Whole-layer ownership with the two criteria of ``assign_owners`` swapped: longest job first on
+    memory d_A² + d_G², ties broken by inversion cost (what the one-line change would do).
+    """
     return [Job(BlockCost(b.name, b.memory_cost(), b.inversion_cost()), block_nbytes(b), b.inversion_cost())
             for b in blocks]
 
@@ -131,8 +139,11 @@ def table_for(jobs: list[Job], worlds: tuple[int, ...]) -> list[dict[str, Any]]:
 
 
 def cross_check(batch: int = 2, size: int = 64) -> dict[str, Any]:
-    """One real standalone SP-NGD step on ResNet-50 (CPU): every block's ``curvature_nbytes()``
-    against :func:`block_nbytes`."""
+    """Check the memory model against one real standalone SP-NGD step on ResNet-50.
+
+    One real standalone SP-NGD step on ResNet-50 (CPU): every block's ``curvature_nbytes()`` against
+    :func:`block_nbytes`.
+    """
     import torchvision
 
     import spngd_ds

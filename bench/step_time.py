@@ -1,4 +1,6 @@
-"""Step time of SP-NGD against momentum SGD under the same DeepSpeed config (ZeRO 0, fp32): the
+"""Step time of SP-NGD against momentum SGD under the same DeepSpeed config.
+
+Step time of SP-NGD against momentum SGD under the same DeepSpeed config (ZeRO 0, fp32): the
 entry point of the step-time regimes, each a module of its own over the shared ``driver.py``:
 
 - ``small`` (default, ``step_time_small.py``): one micro-batch a step, SGD and SP-NGD with

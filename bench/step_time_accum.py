@@ -1,8 +1,8 @@
-"""Regime ``accum`` of ``bench/step_time.py``: thousands of samples a step through ranks x gradient
-accumulation. SGD and SP-NGD engines (default settings, plus the ``--smb`` and ``--overlap_variant``
-variants) each run a whole ``--accum_steps`` run from step 0 on the same global batches, in turns
-(the order rotates every step); the figure is the amortized ratio, total SP-NGD time / total SGD
-time, of the median of ``--repeats`` runs::
+"""Regime ``accum`` of ``bench/step_time.py``: thousands of samples a step through ranks x gradient accumulation.
+
+SGD and SP-NGD engines (default settings, plus the ``--smb`` and ``--overlap_variant`` variants) each run a whole
+``--accum_steps`` run from step 0 on the same global batches, in turns (the order rotates every step); the figure is the
+amortized ratio, total SP-NGD time / total SGD time, of the median of ``--repeats`` runs::
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/step_time.py --regime accum --smb --repeats 5
 
@@ -61,8 +61,11 @@ def owned_refresh_counts(opt: Any) -> dict[tuple[str, str], int]:
 
 def run_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device,
               counter: common.CollectiveCounter | None = None) -> dict[str, Any]:
-    """A whole run from step 0 for every engine in turn on the same global batches (the order
-    alternates every step); amortized ratio = total SP-NGD time / total SGD time."""
+    """Run every engine in turn from step 0 on the same global batches.
+
+    A whole run from step 0 for every engine in turn on the same global batches (the order
+    alternates every step); amortized ratio = total SP-NGD time / total SGD time.
+    """
     engines = driver.build_engines(a.model, accum_blocks(a), a.micro_batch, gas=a.gas)
     x, y = common.digits_rgb(a.image_size)
     glob = a.micro_batch * world * a.gas
@@ -122,10 +125,13 @@ def run_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device
 
 
 def collective_summary(steps: list[list[tuple[float, bool]]], world: int) -> dict[str, Any]:
-    """Per rank, the mean over steps of the seconds of the step's first blocking collective (where a
+    """Mean seconds per rank of the step's first blocking collective.
+
+    Per rank, the mean over steps of the seconds of the step's first blocking collective (where a
     rank waits for the slower one: the skew of the step's compute; an asynchronous one issued
-    earlier, SP-NGD's A factors behind the backward, does not block there) and of the sum of all
-    the others; calls per step."""
+    earlier, SP-NGD's A factors behind the backward, does not block there) and of the sum of all the
+    others; calls per step.
+    """
     firsts, rests = [], []
     for calls in steps:
         blocking = next((i for i, (_, is_async) in enumerate(calls) if not is_async), None)

@@ -1,8 +1,9 @@
-"""Regime ``capture`` of ``bench/step_time.py``: milliseconds to capture every statistic once for
-one micro-batch (A and G of each Linear/Conv2d, F of each BatchNorm), measured alone in one
-process by calling the blocks' own capture code on recorded layer inputs and output gradients,
-next to the plain forward + backward of the same micro-batch. The small regime prints the same
-table for its model and device.
+"""Regime ``capture`` of ``bench/step_time.py``.
+
+Milliseconds to capture every statistic once for one micro-batch (A and G of each Linear/Conv2d, F
+of each BatchNorm), measured alone in one process by calling the blocks' own capture code on
+recorded layer inputs and output gradients, next to the plain forward + backward of the same
+micro-batch. The small regime prints the same table for its model and device.
 
     python bench/step_time.py --regime capture
 
@@ -40,9 +41,12 @@ def capture_one(block: Any, inputs: torch.Tensor, grad: torch.Tensor, kind: str)
 
 def capture_cost(model_kind: str, xb: torch.Tensor, yb: torch.Tensor, device: torch.device, reps: int,
                  reduce: Callable[[list[float]], float]) -> dict[str, float]:
-    """Milliseconds, per kind summed over the layers, to capture every statistic once for the
+    """Time capturing every statistic once for the micro-batch.
+
+    Milliseconds, per kind summed over the layers, to capture every statistic once for the
     micro-batch ``xb`` (N, 3, H, W), ``yb`` (N,), and of one plain forward + backward of it;
-    ``reduce`` turns the ``reps`` timings of each call into one (``min``: best of; ``driver.mean``)."""
+    ``reduce`` turns the ``reps`` timings of each call into one (``min``: best of; ``driver.mean``).
+    """
     import spngd_ds
     from spngd_ds.blocks import KronBlock
 
@@ -78,8 +82,11 @@ def capture_cost(model_kind: str, xb: torch.Tensor, yb: torch.Tensor, device: to
 
 
 def micro_batch(model_kind: str, image_size: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``batch_size`` digits images for ResNet-20; seeded random ImageNet-shaped ones
-    (1000 classes) for ResNet-50."""
+    """Build the input batches of the two models.
+
+    The first ``batch_size`` digits images for ResNet-20; seeded random ImageNet-shaped ones (1000
+    classes) for ResNet-50.
+    """
     if model_kind == "resnet20":
         x, y = common.digits_rgb(image_size)
         return x[:batch_size], y[:batch_size]
@@ -89,8 +96,11 @@ def micro_batch(model_kind: str, image_size: int, batch_size: int) -> tuple[torc
 
 
 def main_capture(a: argparse.Namespace) -> None:
-    """ResNet-20 at 32x32 (``--micro_batch``) and ResNet-50 at 224x224 (``--r50_batch``), one
-    thread, best of ``--reps``; prints and writes the table."""
+    """Time the capture for ResNet-20 and ResNet-50.
+
+    ResNet-20 at 32x32 (``--micro_batch``) and ResNet-50 at 224x224 (``--r50_batch``), one thread,
+    best of ``--reps``; prints and writes the table.
+    """
     torch.set_num_threads(1)
     wall, load_before = time.perf_counter(), list(os.getloadavg())
     res: dict[str, Any] = {"setup": {"threads": 1, "reps": a.reps, "dtype": "fp32"}}

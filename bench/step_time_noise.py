@@ -1,4 +1,6 @@
-"""Regime ``noise`` of ``bench/step_time.py``: the relative change r = ||X1 - X2||_F / ||X1||_F of
+"""Regime ``noise`` of ``bench/step_time.py``.
+
+The relative change r = ||X1 - X2||_F / ||X1||_F of
 every statistic between two disjoint batches of n samples at fixed (initial) weights, against n,
 next to the floor ν = sqrt(ρ (1/n + 1/n)) the staleness rule predicts for it (docs/design.md,
 section 2, rule 6). One process, the CPU, one thread::
@@ -32,10 +34,13 @@ def paired_statistics(
     model: torch.nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, n: int, micro: int,
     device: torch.device,
 ) -> list[dict[tuple[str, str], tuple[torch.Tensor, float]]]:
-    """Every statistic of ``opt`` (an SPNGD without staleness on ``model``) from each of two
-    disjoint batches of n samples (``order[:n]``, ``order[n:2n]``) at the same weights, captured in
-    micro-batches of ``micro`` as n/micro ranks would: (block, statistic) -> (value, ρ of the value,
-    spngd_ds.staleness.wishart_rho). The one capture loop of both noise tables."""
+    """Compute every statistic of ``opt`` from each of two disjoint batches.
+
+    Every statistic of ``opt`` (an SPNGD without staleness on ``model``) from each of two disjoint batches of n samples
+    (``order[:n]``, ``order[n:2n]``) at the same weights, captured in micro-batches of ``micro`` as n/micro ranks would:
+    (block, statistic) -> (value, ρ of the value, spngd_ds.staleness.wishart_rho). The one capture loop of both noise
+    tables.
+    """
     from spngd_ds.staleness import wishart_rho
 
     values: list[dict[tuple[str, str], tuple[torch.Tensor, float]]] = []
@@ -67,8 +72,12 @@ def fresh_model(model_kind: str, device: torch.device) -> tuple[torch.nn.Module,
 
 def statistic_noise(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
                     device: torch.device, sizes: tuple[int, ...] = (32, 128, 512)) -> dict[str, Any]:
-    """Per global batch n of ``sizes`` and statistic kind: the median r and the share of r below the
-    threshold, each batch captured in micro-batches of ``a.micro_batch`` as n/micro_batch ranks would."""
+    """Summarise the relative change r per global batch and statistic kind.
+
+    Per global batch n of ``sizes`` and statistic kind: the median r and the share of r below the
+    threshold, each batch captured in micro-batches of ``a.micro_batch`` as n/micro_batch ranks
+    would.
+    """
     from spngd_ds.staleness import relative_change
 
     model, opt = fresh_model(a.model, device)
@@ -84,9 +93,12 @@ def statistic_noise(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, ord
 
 
 def noise_vs_samples(model_kind: str, image_size: int, sizes: list[int], micro: int) -> dict[str, Any]:
-    """For each n: A, G, F of every layer from two disjoint batches of n samples of digits (train
-    and validation images, 1,797 in all) at the initial weights; r and the floor ν of each, and
-    per kind their medians, the share of r below the threshold and the share the rule would grow."""
+    """Measure r for each batch size n.
+
+    For each n: A, G, F of every layer from two disjoint batches of n samples of digits (train and
+    validation images, 1,797 in all) at the initial weights; r and the floor ν of each, and per kind
+    their medians, the share of r below the threshold and the share the rule would grow.
+    """
     from spngd_ds.recipes.data import load_digits_split
     from spngd_ds.staleness import relative_change
 

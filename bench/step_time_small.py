@@ -1,10 +1,10 @@
-"""Regime ``small`` of ``bench/step_time.py`` (the default): one micro-batch a step. Three engines
-live in one process, on three identical copies of one model: momentum SGD (``"type": "SGD"``, built
-by DeepSpeed), SP-NGD with stale statistics off, and SP-NGD with the default staleness. They take
-turns on the same batches (the order rotates every step), so machine noise hits all three. Warm-up
-steps are excluded; the ratio is mean SP-NGD step / mean SGD step, where one step is forward +
-``engine.backward`` + ``engine.step`` and its time is the slowest rank's. SP-NGD's own split
-(capture, communication, inversion, preconditioning) comes from ``opt.metrics()``.
+"""Regime ``small`` of ``bench/step_time.py`` (the default): one micro-batch a step.
+
+Three engines live in one process, on three identical copies of one model: momentum SGD (``"type": "SGD"``, built by
+DeepSpeed), SP-NGD with stale statistics off, and SP-NGD with the default staleness. They take turns on the same batches
+(the order rotates every step), so machine noise hits all three. Warm-up steps are excluded; the ratio is mean SP-NGD
+step / mean SGD step, where one step is forward + ``engine.backward`` + ``engine.step`` and its time is the slowest
+rank's. SP-NGD's own split (capture, communication, inversion, preconditioning) comes from ``opt.metrics()``.
 
 Writes ``bench/results/step_time_<device>.json`` and ``docs/step_time_split_<device>.png``.
 """
@@ -84,9 +84,12 @@ def record(trace: Trace, seconds: float, opt: Any, due: dict[str, float]) -> Non
 def run(
     a: argparse.Namespace, rank: int, world: int, device: torch.device
 ) -> tuple[dict[str, Trace], list[dict[str, Any]], dict[str, float]]:
-    """Alternate the engines for warm-up + measured steps, rotating the order every step; then
-    profile SP-NGD without staleness. Returns the traces, the profile and the final refresh
-    intervals per statistic kind of SP-NGD with staleness."""
+    """Time the engines alternately, then profile SP-NGD's split.
+
+    Alternate the engines for warm-up + measured steps, rotating the order every step; then profile
+    SP-NGD without staleness. Returns the traces, the profile and the final refresh intervals per
+    statistic kind of SP-NGD with staleness.
+    """
     extra = driver.a_samples_params(a.a_samples)
     blocks = {"sgd": common.sgd_block(), "spngd_stale_off": common.spngd_block(staleness=False, **extra),
               "spngd_stale_on": common.spngd_block(staleness=True, **extra)}
@@ -262,8 +265,11 @@ def plot_split(res: dict[str, Any], path: Path) -> None:
 
 
 def main_small(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
-    """Measure on every rank, summarise, and on rank 0 add the capture table (and with
-    ``--noise_in_small`` the noise table), print, write the JSON and the plot."""
+    """Measure on every rank and summarise on rank 0.
+
+    Measure on every rank, summarise, and on rank 0 add the capture table (and with
+    ``--noise_in_small`` the noise table), print, write the JSON and the plot.
+    """
     wall, load_before = time.perf_counter(), list(os.getloadavg())
     traces, prof, intervals = run(a, rank, world, device)
     res = summarise(traces, world)

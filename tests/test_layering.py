@@ -1,10 +1,13 @@
-"""Dependencies point one way (DESIGN.md §6): the core never imports the DeepSpeed coupling
-(spngd_ds/deepspeed/), the curvature blocks never import the optimizer, torch.distributed or
-DeepSpeed, and the library never imports the training job (spngd_ds/recipes/).
+"""Dependencies point one way (DESIGN.md §6).
+
+The core never imports the DeepSpeed coupling (spngd_ds/deepspeed/), the curvature blocks never
+import the optimizer, torch.distributed or DeepSpeed, and the library never imports the training job
+(spngd_ds/recipes/).
 
 Every library module is parsed with ``ast``; every import counts, wherever it sits: module level,
 inside a function, under ``if TYPE_CHECKING:``; relative imports are resolved against the
-module's package."""
+module's package.
+"""
 
 from __future__ import annotations
 
@@ -26,9 +29,11 @@ def module_name(path: Path, root: Path) -> str:
 
 
 def imports_of(path: Path, root: Path) -> list[tuple[int, str, bool]]:
-    """``(line, imported module, at module level)`` for every import in ``path``. ``from a import b``
-    yields ``a`` and ``a.b`` (``b`` may be a submodule). Module level means not inside a function
-    or class body (imports under ``if`` / ``try`` at module level count as module level)."""
+    """``(line, imported module, at module level)`` for every import in ``path``.
+
+    ``from a import b`` yields ``a`` and ``a.b`` (``b`` may be a submodule). Module level means not inside a
+    function or class body (imports under ``if`` / ``try`` at module level count as module level).
+    """
     name = module_name(path, root)
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     tree = ast.parse(path.read_text(), filename=str(path))

@@ -1,5 +1,7 @@
-"""The communicator: the collectives that move curvature statistics, gradients and updates between
-data-parallel ranks (DESIGN.md §3), over the arithmetic of :mod:`spngd_ds.comm.layout`.
+"""The communicator: the collectives that move SP-NGD's tensors between ranks.
+
+Curvature statistics, gradients and updates move between data-parallel ranks (DESIGN.md §3) over
+the arithmetic of :mod:`spngd_ds.comm.layout`.
 
 "To owners" is a reduce-scatter of the equal shards followed by an all-to-all with variable splits
 that moves the parts of each shard owned by another rank to their owner; "from owners" is the same
@@ -37,20 +39,25 @@ ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all
 class Work(Protocol):
     """What an asynchronous collective returns (``torch.distributed.Work``)."""
 
-    def wait(self) -> object: ...
+    def wait(self) -> object:
+        """Block until the collective has finished."""
+        ...
 
 
 class _Done:
     """A collective that already finished (world size 1)."""
 
     def wait(self) -> bool:
+        """Return at once: there is nothing to wait for."""
         return True
 
 
 class PendingToOwners:
-    """A :meth:`Communicator.to_owners` whose reduce-scatters are in flight. :meth:`wait` finishes
-    them, runs the all-to-all(s) and returns what ``to_owners`` returns. Call it exactly once, at the
-    same point on every rank (it issues collectives)."""
+    """A :meth:`Communicator.to_owners` whose reduce-scatters are in flight.
+
+    :meth:`wait` finishes them, runs the all-to-all(s) and returns what ``to_owners`` returns. Call it exactly once,
+    at the same point on every rank (it issues collectives).
+    """
 
     def __init__(
         self,
@@ -63,6 +70,11 @@ class PendingToOwners:
         shapes: list[tuple[int, ...]],
         sends: list[torch.Tensor],
     ) -> None:
+        """Hold what :meth:`wait` needs: the buckets, their in-flight ``works`` and 1-D ``shards`` (S_k,) outputs.
+
+        ``dtypes`` and ``shapes`` are the items' own (restored on the result); ``sends`` are the reduce-scatters'
+        1-D (N·S_k,) inputs.
+        """
         self._comm, self._layout, self._buckets = comm, layout, buckets
         self._works, self._shards, self._dtypes, self._shapes = works, shards, dtypes, shapes
         self._sends = sends  # the reduce-scatters' inputs stay alive until they are waited on
@@ -100,13 +112,17 @@ class Communicator:
     bucket_numel: int | None = None
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
+        """A size-1 communicator whose tensors live on ``device``; :attr:`bytes_sent` starts at 0."""
         self.bytes_sent = 0
         self.device = torch.device(device)
 
     # -- primitives: every collective of the exchange layout goes through one of these ---------------
     def check_device(self, op: str, *tensors: torch.Tensor) -> None:
-        """Raise RuntimeError unless every tensor lives on this communicator's device (NCCL takes
-        no CPU tensor; a gloo group takes no CUDA tensor)."""
+        """Raise RuntimeError unless every tensor lives on this communicator's device.
+
+        NCCL takes no CPU tensor; a gloo group takes no CUDA tensor. ``op`` names the collective in
+        the message.
+        """
         want = self.device
         for t in tensors:
             dev = t.device
@@ -117,8 +133,10 @@ class Communicator:
                 )
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False) -> Work:
-        """``output`` (S,) <- shard ``rank`` of the sum over ranks of ``input`` (N·S,). Counts
-        (N-1)·S·itemsize bytes (ring)."""
+        """``output`` (S,) <- shard ``rank`` of the sum over ranks of ``input`` (N·S,).
+
+        Counts (N-1)·S·itemsize bytes (ring).
+        """
         self.check_device("reduce_scatter", output, input)
         output.copy_(input)
         return _Done()
@@ -131,9 +149,12 @@ class Communicator:
     def all_to_all(
         self, output: torch.Tensor, input: torch.Tensor, input_splits: Sequence[int], output_splits: Sequence[int]
     ) -> None:
-        """Rank r sends ``input``'s q-th piece (``input_splits[q]`` elements) to rank q and
+        """Send ``input``'s pieces to every rank and receive ``output``'s pieces from every rank (all-to-all).
+
+        Rank r sends ``input``'s q-th piece (``input_splits[q]`` elements) to rank q and
         receives ``output``'s p-th piece (``output_splits[p]`` elements) from rank p. Counts the
-        bytes of the pieces sent to other ranks."""
+        bytes of the pieces sent to other ranks.
+        """
         self.check_device("all_to_all", output, input)
         output.copy_(input)
 
@@ -141,19 +162,32 @@ class Communicator:
     def to_owners(
         self, layout: OwnerLayout, tensors: Sequence[torch.Tensor], dtype: torch.dtype
     ) -> list[torch.Tensor]:
-        """Every rank gives ALL items of ``layout`` (its local contribution, any shape with the
-        item's numel, any dtype, any device); returns the items this rank owns, summed over ranks,
-        in item order, in each input's shape and dtype, on :attr:`device`. ``dtype`` is the wire
-        dtype. One reduce-scatter + one all-to-all per bucket."""
+        """Reduce every item of ``layout`` onto its owner ("to owners").
+
+        One reduce-scatter + one all-to-all per bucket; every rank calls it with the same layout.
+
+        Args:
+            layout: Where the items go.
+            tensors: ALL items of ``layout``, this rank's local contribution (any shape with the
+                item's numel, any dtype, any device).
+            dtype: The wire dtype.
+
+        Returns:
+            The items this rank owns, summed over ranks, in item order, in each input's shape and
+            dtype, on :attr:`device`.
+        """
         return self.to_owners_async(layout, tensors, dtype).wait()
 
     @torch.no_grad()
     def to_owners_async(
         self, layout: OwnerLayout, tensors: Sequence[torch.Tensor], dtype: torch.dtype
     ) -> PendingToOwners:
-        """:meth:`to_owners` with the reduce-scatter(s) issued now (``async_op=True``): the
-        inputs are copied into the wire buffer before this returns, so they may change afterwards.
-        ``.wait()`` runs the all-to-all(s) and returns the result."""
+        """Start :meth:`to_owners` asynchronously.
+
+        The reduce-scatter(s) are issued now (``async_op=True``): the inputs are copied into the
+        wire buffer before this returns, so they may change afterwards. ``.wait()`` runs the
+        all-to-all(s) and returns what :meth:`to_owners` returns.
+        """
         self._check_layout(layout, [t.numel() for t in tensors])
         buckets = layout.buckets(self.bucket_numel)
         order = [i for items in layout.owned_items for i in items]
@@ -180,10 +214,20 @@ class Communicator:
     def from_owners(
         self, layout: OwnerLayout, mine: Sequence[torch.Tensor], dtype: torch.dtype
     ) -> list[torch.Tensor]:
-        """Each rank gives the items it owns (``layout.owned_items[rank]`` order, any shape with
-        the item's numel); every rank receives ALL items, in item order, shaped ``layout.shapes``,
-        of the wire ``dtype``, on :attr:`device` (views of one buffer). One all-to-all + one
-        all-gather per bucket."""
+        """Send every owned item to all ranks ("from owners").
+
+        One all-to-all + one all-gather per bucket; every rank calls it with the same layout.
+
+        Args:
+            layout: Where the items come from.
+            mine: The items this rank owns, in ``layout.owned_items[rank]`` order (any shape with
+                the item's numel).
+            dtype: The wire dtype.
+
+        Returns:
+            ALL items, in item order, shaped ``layout.shapes``, of ``dtype``, on :attr:`device`
+            (views of one buffer).
+        """
         owned = layout.owned_items[self.rank]
         if len(mine) != len(owned):
             raise ValueError(f"from_owners: rank {self.rank} owns {len(owned)} items, got {len(mine)} tensors")
@@ -218,10 +262,21 @@ class Communicator:
 
     @torch.no_grad()
     def fragment_plan(self, layout: OwnerLayout, fragments: Sequence[tuple[int, int, int]]) -> FragmentPlan:
-        """Every rank gives its ``(item, start, length)`` fragments; returns the validated
-        :class:`FragmentPlan` (the same on every rank). A collective (one all-gather of counts, one
-        of the triples, int64 on :attr:`device`, counted in :attr:`bytes_sent`); build it once and
-        cache it. Raises ValueError on every rank when the fragments overlap or leave a gap."""
+        """Gather every rank's fragments into a validated :class:`FragmentPlan`.
+
+        A collective (one all-gather of counts, one of the triples, int64 on :attr:`device`, counted in
+        :attr:`bytes_sent`); build it once and cache it.
+
+        Args:
+            layout: The items the fragments belong to.
+            fragments: This rank's ``(item, start, length)`` fragments, in elements.
+
+        Returns:
+            The plan, the same on every rank.
+
+        Raises:
+            ValueError: On every rank, when the fragments overlap or leave a gap.
+        """
         n = self.world_size
         mine = torch.tensor([list(map(int, f)) for f in fragments], dtype=torch.int64).reshape(-1, 3)
         counts = torch.empty(n, dtype=torch.int64, device=self.device)
@@ -241,10 +296,19 @@ class Communicator:
     def fragments_to_owners(
         self, plan: FragmentPlan, fragments: Sequence[torch.Tensor], dtype: torch.dtype
     ) -> list[torch.Tensor]:
-        """Every rank gives its fragment tensors (1-D, in ``plan.fragments[rank]`` order); each
-        owner receives its items whole, assembled from every rank's fragments without reduction,
-        in ``layout.owned_items[rank]`` order, shaped ``layout.shapes``, of the wire ``dtype``, on
-        :attr:`device`. One all-to-all."""
+        """Send every rank's fragments to the owners of their items.
+
+        One all-to-all; no reduction: each element lives in exactly one rank's fragment.
+
+        Args:
+            plan: The fragments of every rank.
+            fragments: This rank's fragment tensors (1-D, in ``plan.fragments[rank]`` order).
+            dtype: The wire dtype.
+
+        Returns:
+            The items this rank owns, whole, in ``layout.owned_items[rank]`` order, shaped
+            ``layout.shapes``, of ``dtype``, on :attr:`device`.
+        """
         lay, rank = plan.layout, self.rank
         mine = plan.fragments[rank]
         if len(fragments) != len(mine):
@@ -275,9 +339,20 @@ class Communicator:
     def fragments_from_owners(
         self, plan: FragmentPlan, owned: Sequence[torch.Tensor], dtype: torch.dtype
     ) -> list[torch.Tensor]:
-        """Each owner gives its items (``layout.owned_items[rank]`` order, any shape with the
-        item's numel); every rank receives exactly its fragments of them (1-D, in
-        ``plan.fragments[rank]`` order, wire ``dtype``, on :attr:`device`). One all-to-all."""
+        """Send each owner's items back to the ranks that hold their fragments.
+
+        One all-to-all.
+
+        Args:
+            plan: The fragments of every rank.
+            owned: The items this rank owns (``layout.owned_items[rank]`` order, any shape with the
+                item's numel).
+            dtype: The wire dtype.
+
+        Returns:
+            This rank's fragments of them (1-D, in ``plan.fragments[rank]`` order, of ``dtype``, on
+            :attr:`device`).
+        """
         lay, rank = plan.layout, self.rank
         items = lay.owned_items[rank]
         if len(owned) != len(items):
@@ -311,6 +386,7 @@ class Communicator:
         return _concat(pieces, bucket.geometry.padded, flat.dtype, flat.device)
 
     def reset_bytes(self) -> None:
+        """Set :attr:`bytes_sent` (bytes this rank has sent so far) back to 0."""
         self.bytes_sent = 0
 
 
@@ -325,6 +401,13 @@ class DistributedCommunicator(Communicator):
         bucket_numel: int = 64 * 2**20,
         device: torch.device | str = "cpu",
     ) -> None:
+        """Wrap ``group`` (None: the default group).
+
+        Args:
+            group: The process group the collectives run on.
+            bucket_numel: Most elements of one bucket's padded buffer (N·S_k) in an exchange.
+            device: Where the collectives' tensors must live (CUDA for NCCL, CPU for gloo).
+        """
         super().__init__(device)
         self.group = group
         self.rank = dist.get_rank(group)
@@ -333,12 +416,14 @@ class DistributedCommunicator(Communicator):
 
     # -- primitives ----------------------------------------------------------------------------------
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False) -> Work:
+        """See :meth:`Communicator.reduce_scatter`; with ``async_op`` the returned work is still in flight."""
         self.check_device("reduce_scatter", output, input)
         work = getattr(dist, REDUCE_SCATTER)(output, input, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
         self.bytes_sent += (self.world_size - 1) * output.numel() * output.element_size()
         return work if async_op and work is not None else _Done()
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        """See :meth:`Communicator.all_gather`."""
         self.check_device("all_gather", output, input)
         getattr(dist, ALL_GATHER)(output, input, group=self.group)
         self.bytes_sent += (self.world_size - 1) * input.numel() * input.element_size()
@@ -346,6 +431,7 @@ class DistributedCommunicator(Communicator):
     def all_to_all(
         self, output: torch.Tensor, input: torch.Tensor, input_splits: Sequence[int], output_splits: Sequence[int]
     ) -> None:
+        """See :meth:`Communicator.all_to_all`."""
         self.check_device("all_to_all", output, input)
         dist.all_to_all_single(
             output, input, output_split_sizes=list(output_splits), input_split_sizes=list(input_splits),

@@ -1,5 +1,6 @@
-"""The exchange layout (DESIGN.md §3, "One exchange layout"): where every item travels between
-data-parallel ranks, as pure arithmetic (no process group, no tensors).
+"""The exchange layout: where every item travels between data-parallel ranks.
+
+DESIGN.md §3, "One exchange layout", as pure arithmetic (no process group, no tensors).
 
 Items (gradients, packed statistics, parameters) each have one owner rank. They are laid in one
 flat buffer in owner order and cut into N equal shards (:class:`ShardGeometry`); "to owners" moves
@@ -30,9 +31,11 @@ def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:
 
 @dataclass(frozen=True)
 class ShardGeometry:
-    """One owner-ordered buffer: ``counts[q]`` elements of owner q, owners one after the other
-    (q = 0..N-1), P = sum(counts) elements, cut into N equal shards of S = ceil(P/N) elements
-    (the buffer is padded with zeros to N·S). Rank p holds shard p = [p·S, (p+1)·S).
+    """One owner-ordered buffer cut into N equal shards.
+
+    The buffer holds ``counts[q]`` elements of owner q, owners one after the other
+    (q = 0..N-1), P = sum(counts) elements, cut into N equal shards of S = ceil(P/N) elements (the
+    buffer is padded with zeros to N·S). Rank p holds shard p = [p·S, (p+1)·S).
 
     All sizes are in elements. "To owners": rank p sends owner q the part of shard p inside q's
     range, ``overlap(p, q)`` elements; "from owners" is the reverse.
@@ -41,6 +44,7 @@ class ShardGeometry:
     counts: tuple[int, ...]
 
     def __post_init__(self) -> None:
+        """Reject an empty or negative ``counts``."""
         if not self.counts:
             raise ValueError("ShardGeometry: world size must be >= 1 (no owner counts given)")
         if any(c < 0 for c in self.counts):
@@ -48,6 +52,7 @@ class ShardGeometry:
 
     @property
     def world_size(self) -> int:
+        """N: the number of owners (ranks)."""
         return len(self.counts)
 
     @property
@@ -84,22 +89,31 @@ class ShardGeometry:
         return _overlap(holder * s, (holder + 1) * s, *self.owner_range(owner))
 
     def to_owner_splits(self, rank: int) -> tuple[list[int], list[int]]:
-        """(input, output) split sizes of ``rank``'s all-to-all that moves shard parts to owners:
-        it sends owner q ``overlap(rank, q)`` and receives ``overlap(p, rank)`` from holder p.
-        Received pieces, in holder order, are ``rank``'s range in order (length ``counts[rank]``)."""
+        """Split sizes of ``rank``'s all-to-all that moves shard parts to owners.
+
+        Returns ``(input, output)``: ``rank`` sends owner q ``overlap(rank, q)`` elements and receives
+        ``overlap(p, rank)`` from holder p. Received pieces, in holder order, are ``rank``'s range in
+        order (length ``counts[rank]``).
+        """
         n = self.world_size
         return [self.overlap(rank, q) for q in range(n)], [self.overlap(p, rank) for p in range(n)]
 
     def from_owner_splits(self, rank: int) -> tuple[list[int], list[int]]:
-        """(input, output) split sizes of the reverse all-to-all: ``rank`` sends holder p the part
-        of its range inside shard p and receives, in owner order, its own shard (length S minus
-        the padding inside it)."""
+        """Split sizes of the reverse all-to-all, from owners to holders.
+
+        (input, output) split sizes of the reverse all-to-all: ``rank`` sends holder p the part of
+        its range inside shard p and receives, in owner order, its own shard (length S minus the
+        padding inside it).
+        """
         send, recv = self.to_owner_splits(rank)
         return recv, send
 
     def sent_elements(self, rank: int, direction: Literal["to", "from"]) -> int:
-        """Elements ``rank`` sends in one exchange of this buffer: the ring reduce-scatter or
-        all-gather ((N-1)·S) plus the all-to-all parts that go to other ranks."""
+        """Elements ``rank`` sends in one exchange of this buffer.
+
+        The ring reduce-scatter or all-gather ((N-1)·S) plus the all-to-all parts that go to other
+        ranks.
+        """
         n = self.world_size
         if n == 1:
             return 0
@@ -113,9 +127,11 @@ class ShardGeometry:
 
 @dataclass(frozen=True)
 class Bucket:
-    """One bucket of an :class:`OwnerLayout`: owner q contributes the elements
-    ``[offsets[q], offsets[q] + geometry.counts[q])`` of its own range (offsets are relative to the
-    start of q's range in the layout's flat buffer)."""
+    """One bucket of an :class:`OwnerLayout`.
+
+    Owner q contributes the elements ``[offsets[q], offsets[q] + geometry.counts[q])`` of its own
+    range (offsets are relative to the start of q's range in the layout's flat buffer).
+    """
 
     geometry: ShardGeometry
     offsets: tuple[int, ...]
@@ -136,6 +152,7 @@ class OwnerLayout:
     world_size: int
 
     def __post_init__(self) -> None:
+        """Reject a world size below 1, mismatched lengths, an owner out of range or a negative dimension."""
         if self.world_size < 1:
             raise ValueError(f"OwnerLayout: world_size must be >= 1, got {self.world_size}")
         if len(self.shapes) != len(self.owners):
@@ -148,13 +165,16 @@ class OwnerLayout:
 
     @classmethod
     def build(cls, items: Sequence[tuple[int | Sequence[int], int]], world_size: int) -> OwnerLayout:
-        """From ``(numel or shape, owner)`` pairs in the global item order. A bare numel means a
-        1-D item of that length."""
+        """From ``(numel or shape, owner)`` pairs in the global item order.
+
+        A bare numel means a 1-D item of that length.
+        """
         shapes = tuple((int(s),) if isinstance(s, int) else tuple(int(d) for d in s) for s, _ in items)
         return cls(shapes, tuple(int(o) for _, o in items), int(world_size))
 
     @cached_property
     def numels(self) -> tuple[int, ...]:
+        """Elements of each item, in the global item order."""
         return tuple(math.prod(s) for s in self.shapes)
 
     @cached_property
@@ -211,15 +231,20 @@ class OwnerLayout:
         return self.geometry.from_owner_splits(rank)
 
     def segments(self, bucket: Bucket) -> list[tuple[int, int, int]]:
-        """Per owner q, ``(start in the layout's flat buffer, start in the bucket's buffer, length)``
-        of q's elements in ``bucket`` (the bucket's buffer holds them in owner order)."""
+        """Where each owner's elements of this bucket lie.
+
+        Per owner q, ``(start in the layout's flat buffer, start in the bucket's buffer, length)``
+        of q's elements in ``bucket`` (the bucket's buffer holds them in owner order).
+        """
         geo = bucket.geometry
         return [(self.geometry.starts[q] + bucket.offsets[q], geo.starts[q], geo.counts[q])
                 for q in range(self.world_size)]
 
     def buckets(self, bucket_numel: int | None = None) -> list[Bucket]:
-        """Cut the exchange into K buckets whose padded buffers (N·S_k) hold <= ``bucket_numel``
-        elements each; one bucket when ``bucket_numel`` is None or large enough.
+        """Cut the exchange into K buckets of at most ``bucket_numel`` elements.
+
+        Each bucket's padded buffer (N·S_k) holds <= ``bucket_numel`` elements; one bucket when
+        ``bucket_numel`` is None or large enough.
 
         Every owner's range is cut into K near-equal consecutive chunks and bucket k takes chunk k
         of every owner, so each bucket is balanced across owners like the whole layout and the
@@ -250,9 +275,21 @@ def layout_bytes(
     direction: Literal["to", "from", "both"] = "both",
     bucket_numel: int | None = None,
 ) -> list[int]:
-    """Bytes each rank sends to exchange ``layout`` with ``itemsize``-byte wire elements:
-    :meth:`Communicator.to_owners` ("to"), :meth:`Communicator.from_owners` ("from") or one of each
-    ("both"), ring count for the reduce-scatter / all-gather, exactly what the primitives count."""
+    """Bytes each rank sends to exchange ``layout``.
+
+    Exactly what the communicator's primitives count (ring count for the reduce-scatter and the
+    all-gather).
+
+    Args:
+        layout: The exchange layout.
+        itemsize: Bytes of one wire element.
+        direction: :meth:`Communicator.to_owners` ("to"), :meth:`Communicator.from_owners` ("from")
+            or one of each ("both").
+        bucket_numel: The communicator's bucket size in elements (None: one bucket).
+
+    Returns:
+        Bytes sent by each rank, indexed by rank.
+    """
     dirs: tuple[Literal["to", "from"], ...] = ("to", "from") if direction == "both" else (direction,)
     return [
         itemsize * sum(b.geometry.sent_elements(r, d) for b in layout.buckets(bucket_numel) for d in dirs)
@@ -275,6 +312,7 @@ class FragmentPlan:
     fragments: tuple[tuple[tuple[int, int, int], ...], ...]
 
     def __post_init__(self) -> None:
+        """Reject fragments that do not cover every item exactly once."""
         lay = self.layout
         if len(self.fragments) != lay.world_size:
             raise ValueError(f"FragmentPlan: {len(self.fragments)} ranks' fragments for world size {lay.world_size}")
@@ -306,8 +344,10 @@ class FragmentPlan:
                 )
 
     def send_order(self, rank: int) -> list[int]:
-        """Indices into ``fragments[rank]`` in wire order: by owner of the item, then item, start
-        (zero-length fragments left out)."""
+        """Indices into ``fragments[rank]`` in wire order.
+
+        By owner of the item, then item, start (zero-length fragments left out).
+        """
         frags = self.fragments[rank]
         keep = [j for j, f in enumerate(frags) if f[2] > 0]
         return sorted(keep, key=lambda j: (self.layout.owners[frags[j][0]], frags[j][0], frags[j][1]))
@@ -327,8 +367,10 @@ class FragmentPlan:
         return recv, send
 
     def placements(self, owner: int) -> list[tuple[int, int, int]]:
-        """Where ``owner``'s received buffer goes: ``(item, start, length)`` in receive order
-        (holder by holder, each in its send order)."""
+        """Where ``owner``'s received buffer goes.
+
+        ``(item, start, length)`` in receive order (holder by holder, each in its send order).
+        """
         out: list[tuple[int, int, int]] = []
         for p in range(self.layout.world_size):
             frags = self.fragments[p]

@@ -1,6 +1,8 @@
-"""Packing tensors for the wire: symmetric matrices as their upper triangle (:func:`pack_sym`,
-:func:`unpack_sym`), items as one flat buffer and back (:func:`_concat`, :func:`_split`), and a
-parameter's piece of a flat buffer (:class:`Fragment`).
+"""Packing tensors for the wire.
+
+Symmetric matrices as their upper triangle (:func:`pack_sym`, :func:`unpack_sym`), items as one flat
+buffer and back (:func:`_concat`, :func:`_split`), and a parameter's piece of a flat buffer
+(:class:`Fragment`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ _TRIU_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, to
 
 
 def _triu_flat(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a (d, d) matrix flattened row-major: the flat positions of its upper triangle in
-    row-major order (d(d+1)/2,), the positions of their mirror images, and the upper-triangle mask
-    (d, d); built once per (d, device) (``torch.triu_indices`` costs more than the packing)."""
+    """Flat positions of the upper triangle of a (d, d) matrix.
+
+    For the row-major flattened matrix: the flat positions of its upper triangle in row-major order
+    (d(d+1)/2,), the positions of their mirror images (d(d+1)/2,), and the upper-triangle mask
+    (d, d); built once per (d, device) (``torch.triu_indices`` costs more than the packing).
+    """
     key = (d, torch.device(device))
     hit = _TRIU_CACHE.get(key)
     if hit is None:
@@ -41,8 +46,11 @@ def pack_sym(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_sym(packed: torch.Tensor, d: int) -> torch.Tensor:
-    """Inverse of :func:`pack_sym`: a symmetric (..., d, d) matrix (each entry a copy of its packed
-    value: the lower triangle is the transpose of the upper one, bit for bit)."""
+    """Unpack a symmetric matrix from its upper triangle (inverse of :func:`pack_sym`).
+
+    ``packed`` (..., d(d+1)/2) becomes a symmetric (..., d, d) matrix whose every entry is a copy of
+    its packed value (the lower triangle is the transpose of the upper one, bit for bit).
+    """
     flat, _, mask = _triu_flat(d, packed.device)
     upper = packed.new_zeros(*packed.shape[:-1], d * d).index_copy_(-1, flat, packed).view(*packed.shape[:-1], d, d)
     return torch.where(mask, upper, upper.transpose(-1, -2))
@@ -51,8 +59,11 @@ def unpack_sym(packed: torch.Tensor, d: int) -> torch.Tensor:
 def _concat(
     pieces: Sequence[torch.Tensor], size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """A zero-padded 1-D buffer of ``size`` elements of ``dtype`` on ``device`` holding the
-    flattened ``pieces`` one after the other (one copy each, cast on the way)."""
+    """Pack tensors into one zero-padded 1-D buffer.
+
+    The buffer, (size,) of ``dtype`` on ``device``, holds the flattened ``pieces`` one after the
+    other (one copy each, cast on the way).
+    """
     out = torch.zeros(size, dtype=dtype, device=device)
     at = 0
     for t in pieces:

@@ -1,5 +1,7 @@
-"""A cheap check that every data-parallel rank holds the same parameters and the same refresh
-schedules after a step (issue: ranks must never silently diverge).
+"""A cheap check that every data-parallel rank holds the same parameters and schedules.
+
+Ranks must never silently diverge: after a step, every rank must hold the same parameters and the
+same refresh schedules.
 
 Each rank reduces its state to a short float64 fingerprint (per parameter: sum and sum of squares;
 per statistic: interval and next step); fingerprints are all-gathered and must be bit-identical.

@@ -17,13 +17,14 @@ import os
 import pickle
 import re
 import zipfile
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
 from spngd_ds.batchnorm import average_batchnorm_buffers
 from spngd_ds.blocks.shapes import full_shape
+from spngd_ds.deepspeed.engine_api import CheckpointingEngine, DeepSpeedEngineAPI, FlatPartitionOptimizer
 from spngd_ds.deepspeed.partitions import gather_full, local_fragment, write_fragment
 from spngd_ds.optimizer import SPNGD
 
@@ -32,11 +33,12 @@ _FILE = re.compile(r"spngd_rank(\d+)-of-(\d+)\.pt$")
 
 
 def _barrier() -> None:
+    """Wait for every rank (nothing to wait for without a process group)."""
     if dist.is_initialized():
         dist.barrier()
 
 
-def atomic_save(obj: Any, path: str) -> None:
+def atomic_save(obj: object, path: str) -> None:
     """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
@@ -122,15 +124,15 @@ def read_states(tag_dir: str) -> tuple[list[dict[str, Any]], int]:
     return states, world
 
 
-def wrap_checkpointing(engine: Any, opt: SPNGD) -> None:
+def wrap_checkpointing(engine: CheckpointingEngine, opt: SPNGD) -> None:
     """Wrap ``engine.save_checkpoint`` / ``engine.load_checkpoint`` as the module docstring says."""
     save_original = engine.save_checkpoint
     load_original = engine.load_checkpoint
 
     def save_checkpoint(
-        save_dir: str, tag: Any = None, client_state: dict[str, Any] | None = None, save_latest: bool = True,
+        save_dir: str, tag: object = None, client_state: dict[str, Any] | None = None, save_latest: bool = True,
         **kwargs: Any,
-    ) -> Any:
+    ) -> object:
         tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
         # BatchNorm running statistics differ per rank (each normalised its own batches) and
         # DeepSpeed saves rank 0's: save, and go on with, their average over ranks
@@ -148,7 +150,7 @@ def wrap_checkpointing(engine: Any, opt: SPNGD) -> None:
         _barrier()
         return result
 
-    def load_checkpoint(load_dir: str, tag: Any = None, **kwargs: Any) -> Any:
+    def load_checkpoint(load_dir: str, tag: str | None = None, **kwargs: Any) -> object:
         tag = resolve_tag(load_dir, tag)
         tag_dir = os.path.join(load_dir, tag)
         if not os.path.isdir(tag_dir):
@@ -169,8 +171,10 @@ def wrap_checkpointing(engine: Any, opt: SPNGD) -> None:
             kwargs.update(load_module_only=True, load_lr_scheduler_states=False)
         result = load_original(load_dir, tag=tag, **kwargs)
         if resharded and flat:
-            engine.optimizer.refresh_fp32_params()
-            result = _restore_engine_counters(engine, result, want_scheduler)
+            # flat partitions exist only under a real DeepSpeed engine with a ZeRO/BF16 optimizer
+            full_engine = cast(DeepSpeedEngineAPI, engine)
+            cast(FlatPartitionOptimizer, full_engine.optimizer).refresh_fp32_params()
+            result = _restore_engine_counters(full_engine, result, want_scheduler)
         merged = merge_states(states)
         # flat ZeRO partitions: DeepSpeed restored its own at the same world size; momentum comes
         # from the full-shape copy below in every case
@@ -180,18 +184,30 @@ def wrap_checkpointing(engine: Any, opt: SPNGD) -> None:
             _set_full_momentum(opt, merged["momentum"])
         return result
 
-    engine.save_checkpoint = save_checkpoint
-    engine.load_checkpoint = load_checkpoint
+    engine.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+    engine.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
 
 
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
-def _restore_engine_counters(engine: Any, result: Any, want_scheduler: bool) -> Any:
-    """After a module-only load (ZeRO at another world size), restore what a full load restores:
-    the learning-rate scheduler and the engine's step, sample and skipped-step counters (else the
-    schedule and the W&B axis would start again). They are in the client state DeepSpeed returns;
-    they are taken out of it, as a full load does."""
+def _restore_engine_counters(engine: DeepSpeedEngineAPI, result: object, want_scheduler: bool) -> object:
+    """Restore after a module-only load what a full load restores.
+
+    A module-only load (ZeRO at another world size) leaves the learning-rate scheduler and the
+    engine's step, sample and skipped-step counters behind (the schedule and the W&B axis would
+    start again). They are in the client state DeepSpeed returns; they are taken out of it, as a
+    full load does.
+
+    Args:
+        engine: The engine that loaded.
+        result: What ``load_checkpoint`` returned: ``(load_path, client_state)``.
+        want_scheduler: Whether the caller asked for the scheduler's state.
+
+    Returns:
+        ``(load_path, client_state)`` with those entries taken out (``result`` itself when there
+        is no client state).
+    """
     load_path, client_state = result if isinstance(result, tuple) else (result, None)
     if not isinstance(client_state, dict):
         return result
@@ -207,8 +223,14 @@ def _restore_engine_counters(engine: Any, result: Any, want_scheduler: bool) -> 
 
 
 def check_model_states(tag_dir: str) -> None:
-    """A clear error naming the file when DeepSpeed's model-states file of ``tag_dir`` is missing or
-    truncated (DeepSpeed's own error does not say which file)."""
+    """Raise a clear error when DeepSpeed's model-states file is missing or truncated.
+
+    The error names the file in ``tag_dir`` (DeepSpeed's own error does not say which file).
+
+    Raises:
+        FileNotFoundError: No model-states file.
+        RuntimeError: A DeepSpeed ``.pt`` file that is not a ``torch.save`` archive.
+    """
     files = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
     if not files:
         raise FileNotFoundError(

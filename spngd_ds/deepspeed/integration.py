@@ -23,12 +23,15 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from spngd_ds.config import SPNGDConfig, validate_spngd_params
 from spngd_ds.distenv import ensure_single_process_env
+
+if TYPE_CHECKING:
+    from spngd_ds.optimizer import SPNGD
 
 logger = logging.getLogger("spngd_ds")
 
@@ -37,10 +40,16 @@ SCHEDULER_TYPE = "spngdpolydecay"
 
 
 def load_ds_config(
-    config: str | os.PathLike[str] | Mapping[str, Any] | None, args: Any = None
+    config: str | os.PathLike[str] | Mapping[str, Any] | None, args: object = None
 ) -> dict[str, Any]:
-    """A deep copy of a DeepSpeed config given as a JSON file path, a mapping, or
-    ``args.deepspeed_config``.
+    """Deep-copy a DeepSpeed config given as a JSON file path, a mapping, or ``args.deepspeed_config``.
+
+    Args:
+        config: The config, or None to read it from ``args``.
+        args: Command-line arguments (``argparse.Namespace``) with ``deepspeed_config``, or None.
+
+    Returns:
+        The config as a new dict (JSON values).
 
     Raises:
         ValueError: no config, a missing file, invalid JSON or not a JSON object (naming the path).
@@ -192,7 +201,7 @@ def initialize(
     sched_block = cfg.get("scheduler")
     wants_poly = isinstance(sched_block, dict) and str(sched_block.get("type", "")).lower() == SCHEDULER_TYPE
     if params is None and not wants_poly:
-        return deepspeed.initialize(  # type: ignore[no-any-return]
+        return deepspeed.initialize(
             args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
             training_data=training_data, lr_scheduler=lr_scheduler, config=cfg, **kwargs,
         )
@@ -207,7 +216,7 @@ def initialize(
     # -- from here on, collectives: every rank has passed the same validation above ----------------
     ensure_single_process_env()  # a plain `python train.py` is a world of one rank
     deepspeed.init_distributed(dist_backend=kwargs.pop("dist_backend", None))
-    spngd = None
+    spngd: SPNGD | None = None
     if params is not None:
         spngd = _build_spngd(model, params, cfg)
         optimizer = spngd
@@ -254,7 +263,8 @@ def _poly_params(block: dict[str, Any]) -> dict[str, Any]:
     return validate_poly_params(params, where="scheduler.params (SPNGDPolyDecay)")
 
 
-def _build_spngd(model: nn.Module, params: SPNGDConfig, cfg: dict[str, Any]) -> Any:
+def _build_spngd(model: nn.Module, params: SPNGDConfig, cfg: dict[str, Any]) -> SPNGD:
+    """Build SP-NGD on ``model`` with a communicator over every data-parallel rank (size 1 without one)."""
     import deepspeed.comm as ds_dist
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator

@@ -34,8 +34,14 @@ def local_fragment(param: torch.nn.Parameter, param_groups: list[dict[str, Any]]
 
 
 def write_fragment(frag: Fragment, target: torch.Tensor, full: torch.Tensor, scale: float = 1.0) -> None:
-    """Copy this rank's part of the full-shape ``full`` into ``target`` (``frag.flat`` or its grad
-    or a state tensor of the same layout), divided by ``scale``."""
+    """Copy this rank's part of the full-shape ``full`` into ``target``.
+
+    Args:
+        frag: Where this rank's part lies.
+        target: 1-D, ``frag.flat`` or its grad or a state tensor of the same layout.
+        full: The parameter-shaped tensor.
+        scale: ``full`` is divided by it on the way.
+    """
     if frag.numel == 0:
         return
     src = full.flatten().narrow(0, frag.full_start, frag.numel)
@@ -45,9 +51,19 @@ def write_fragment(frag: Fragment, target: torch.Tensor, full: torch.Tensor, sca
 def gather_full(
     comm: Communicator, frag: Fragment | None, source: torch.Tensor | None, shape: torch.Size
 ) -> torch.Tensor:
-    """Assemble the full-shape fp32 tensor whose fragments ranks hold in ``source`` (same layout as
-    ``frag.flat``; possibly on the CPU under offload). A collective over ``comm``: every rank calls
-    it for the same parameter in the same order. The buffer lives on ``comm.device``."""
+    """Assemble the full-shape fp32 tensor from the fragments ranks hold.
+
+    A collective over ``comm``: every rank calls it for the same parameter in the same order.
+
+    Args:
+        comm: The data-parallel communicator.
+        frag: This rank's fragment of the parameter, or None.
+        source: 1-D, the same layout as ``frag.flat`` (possibly on the CPU under offload), or None.
+        shape: The parameter's full shape.
+
+    Returns:
+        The fp32 tensor of ``shape`` on ``comm.device``, the same on every rank.
+    """
     out = torch.zeros(int(torch.Size(shape).numel()), dtype=torch.float32, device=comm.device)
     if frag is not None and source is not None and frag.numel > 0:
         out.narrow(0, frag.full_start, frag.numel).copy_(source.narrow(0, frag.flat_start, frag.numel))

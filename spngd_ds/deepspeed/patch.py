@@ -71,9 +71,12 @@ def check_deepspeed_version(version: str | None = None) -> str:
     return version
 
 
-def wants_spngd(config: Any) -> bool:
-    """True when a DeepSpeed config (a dict) names ``SPNGD`` as optimizer or ``SPNGDPolyDecay`` as
-    scheduler (case-insensitive, as ``spngd_ds.initialize`` reads it)."""
+def wants_spngd(config: object) -> bool:
+    """True when a DeepSpeed config names SP-NGD's optimizer or schedule.
+
+    ``config`` (a dict; anything else is False) names ``SPNGD`` as optimizer or ``SPNGDPolyDecay``
+    as scheduler, case-insensitive, as ``spngd_ds.initialize`` reads it.
+    """
     from spngd_ds.deepspeed.integration import SCHEDULER_TYPE, SPNGD_TYPE
 
     if not isinstance(config, dict):
@@ -86,8 +89,11 @@ def wants_spngd(config: Any) -> bool:
 
 
 def _config_of(call: dict[str, Any]) -> Any:
-    """The config of a ``deepspeed.initialize`` call as DeepSpeed resolves it: ``config``, else
-    ``config_params``, else ``args.deepspeed_config`` (a dict, a path, or ``None``)."""
+    """The config of a ``deepspeed.initialize`` call as DeepSpeed resolves it.
+
+    ``config``, else ``config_params``, else ``args.deepspeed_config`` (a dict, a path, or
+    ``None``). ``call`` maps the call's parameter names to its arguments.
+    """
     for key in ("config", "config_params"):
         if call.get(key) is not None:
             return call[key]
@@ -129,8 +135,10 @@ def _make_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _rebind(old: Callable[..., Any], new: Callable[..., Any]) -> None:
-    """Point every already-imported module's global that *is* ``old`` at ``new`` (modules that did
-    ``from deepspeed import initialize`` before the patch)."""
+    """Point every already-imported module's global that *is* ``old`` at ``new``.
+
+    This reaches modules that did ``from deepspeed import initialize`` before the patch.
+    """
     for module_name, module in list(sys.modules.items()):
         if module_name == __name__:  # our own _original/_wrapper globals keep what they hold
             continue

@@ -1,8 +1,11 @@
-"""spngd_ds.comm.layout alone: the exchange layout's arithmetic checked with plain Python lists (no
+"""Tests of spngd_ds.comm.layout alone, with plain Python lists.
+
+spngd_ds.comm.layout alone: the exchange layout's arithmetic checked with plain Python lists (no
 tensors, no process group). A hand-worked three-rank example, then properties over seeded random
-layouts: equal shards, offsets that tile the buffer, balanced buckets, a rank that owns nothing,
-and a simulated exchange (reduce-scatter, all-to-all, all-gather on lists of integers) whose pack
-into bucket buffers and unpack out of them gives back every owner's sums."""
+layouts: equal shards, offsets that tile the buffer, balanced buckets, a rank that owns nothing, and
+a simulated exchange (reduce-scatter, all-to-all, all-gather on lists of integers) whose pack into
+bucket buffers and unpack out of them gives back every owner's sums.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +21,11 @@ from spngd_ds.comm.layout import Bucket, OwnerLayout, ShardGeometry, layout_byte
 
 
 def random_layout(seed: int, world: int) -> OwnerLayout:
-    """Seeded random items (shapes of 0-3 dimensions, some empty), owners drawn from a random
-    subset of the ranks, so that some ranks own nothing."""
+    """Seeded random items and owners for the layout tests.
+
+    Seeded random items (shapes of 0-3 dimensions, some empty), owners drawn from a random subset of
+    the ranks, so that some ranks own nothing.
+    """
     rng = random.Random(1000 * world + seed)
     owners = rng.sample(range(world), k=rng.randint(1, world))
     items = []
@@ -41,7 +47,7 @@ def test_layout_imports_only_the_standard_library() -> None:
     """The layout is arithmetic: no torch, no torch.distributed, no other spngd_ds module."""
     allowed = {"__future__", "math", "collections.abc", "dataclasses", "functools", "itertools", "typing"}
     tree = ast.parse(Path(layout_module.__file__).read_text())
-    imported = set()
+    imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(a.name for a in node.names)
@@ -172,7 +178,7 @@ def test_buckets_are_balanced_and_cover_each_owner_range_once(
         assert sum(sizes) == lay.geometry.counts[q]
         chunk = -(-lay.geometry.counts[q] // k) if k else 0
         assert all(s <= chunk for s in sizes)  # no bucket takes more than its share of an owner
-        covered = []
+        covered: list[int] = []
         for b in buckets:
             (at, b_at, n) = lay.segments(b)[q]
             assert b_at == b.geometry.starts[q] and n == b.geometry.counts[q]
@@ -182,9 +188,12 @@ def test_buckets_are_balanced_and_cover_each_owner_range_once(
 
 
 def simulate_round_trip(lay: OwnerLayout, buckets: list[Bucket], contributions: list[list[int]]) -> list[list[int]]:
-    """Run "to owners" then "from owners" on lists: rank r contributes ``contributions[r]`` (one
-    integer per element of the flat owner-ordered buffer). Returns what every rank holds at the end
-    (the flat buffer, padding dropped), built only from the layout's splits and segments."""
+    """Run "to owners" then "from owners" on lists.
+
+    Rank r contributes ``contributions[r]`` (one integer per element of the flat owner-ordered
+    buffer). Returns what every rank holds at the end (the flat buffer, padding dropped), built only
+    from the layout's splits and segments.
+    """
     world = lay.world_size
     owned_sums: list[list[int]] = [[0] * lay.geometry.counts[q] for q in range(world)]
     result: list[list[int]] = [[0] * lay.total for _ in range(world)]
