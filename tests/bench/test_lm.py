@@ -99,6 +99,7 @@ def _finite(x: object) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
+@pytest.mark.dist
 def test_short_run_on_two_ranks(tmp_path: Path) -> None:
     proc = _run_short(tmp_path, 2)
     res = json.loads((tmp_path / "lm.json").read_text())

@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.dist
+
 SCRIPT = r"""
 import json, logging, resource, sys
 import torch

@@ -124,6 +124,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_three_ranks_a_from_each_ranks_first_k_samples(tmp_path: Path) -> None:
     results = fork_ranks(_rank, WORLD, tmp_path)
     assert sorted(len(r[K][1]) > 0 for r in results) == [False, True, True]  # one rank owns nothing

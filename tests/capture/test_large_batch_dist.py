@@ -36,6 +36,9 @@ WORLD, GAS, PER, STEPS, CHANNELS = 3, 2, 4, 5, 8
 STALENESS = {"threshold": 1e9, "max_interval": 2}  # refreshed at steps 0, 1, 3: steps 2 and 4 are stale
 
 
+pytestmark = pytest.mark.dist
+
+
 def _model() -> nn.Module:
     torch.manual_seed(7)  # 8 channels and 4x4 maps: the conv takes the shift Gram
     return nn.Sequential(

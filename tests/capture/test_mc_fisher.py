@@ -222,6 +222,7 @@ def mc_run(setup: McSetup) -> McRun:
     return McRun({k: torch.stack(v) for k, v in draws.items()})
 
 
+@pytest.mark.slow
 def test_mc_average_approaches_exact_fisher(setup: McSetup, mc_run: McRun) -> None:
     """Average of K MC statistics within 5 exact standard errors of E[G] (E[F]) in every entry.
 
@@ -237,6 +238,7 @@ def test_mc_average_approaches_exact_fisher(setup: McSetup, mc_run: McRun) -> No
         )
 
 
+@pytest.mark.slow
 def test_mc_each_step_is_one_joint_label_draw(setup: McSetup, mc_run: McRun) -> None:
     """Each step's statistics (all layers together) equal those of one label vector ŷ, so one
     label per input is shared by all layers; and each ŷ_i is distributed as p(·|x_i):

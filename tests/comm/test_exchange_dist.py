@@ -18,6 +18,9 @@ from tests.support.exchange_worker import forked_rank
 TIMEOUT_S = 60.0
 
 
+pytestmark = pytest.mark.dist
+
+
 def launch(world: int, out: Path) -> dict[str, object]:
     codes = start_ranks(lambda rank, port: forked_rank(rank, world, port, str(out)), world, TIMEOUT_S)
     assert codes == [0] * world, f"rank exit codes {codes} (tracebacks above, in the captured stderr)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +18,9 @@ from torch import nn
 from tests.support.distributed import fork_ranks
 
 SPLIT = (6, 26)
+
+
+pytestmark = pytest.mark.dist
 
 
 def _model() -> nn.Module:

@@ -21,6 +21,9 @@ from tests.support.rank_records import read_records
 TOL = 2e-5
 
 
+pytestmark = pytest.mark.dist
+
+
 def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
     """Each of 2 ranks holds <= 60% of the 1-rank curvature bytes (8 blocks), and the bytes a
     fast-path step sends (every statistic due: staleness off) are exactly those of the exchange

@@ -17,6 +17,9 @@ from tests.support.ds_reference import reference_params
 TOL = 2e-5
 
 
+pytestmark = pytest.mark.dist
+
+
 @pytest.mark.parametrize("staleness", ["on", "off"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_ranks_equal_one_process(tmp_path: Path, stage: int, staleness: str) -> None:

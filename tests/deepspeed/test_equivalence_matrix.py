@@ -139,6 +139,7 @@ def _run_group(name: str, cache: dict[str, tuple[Path, int]], base: Path) -> tup
 CASES = [(g, c) for g, (_, cells) in GROUPS.items() for c in cells]
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize(("group", "cell"), CASES, ids=[f"{g}:{c.name}" for g, c in CASES])
 def test_cell_equals_standalone(
     group: str, cell: Cell, results: dict[str, tuple[Path, int]], tmp_path_factory: pytest.TempPathFactory

@@ -117,6 +117,7 @@ def _copy_ck(straight: dict[str, Any], dest: Path) -> Path:
 # -- (e) determinism --------------------------------------------------------------------------------
 
 
+@pytest.mark.dist
 def test_two_identical_runs_are_bit_identical(straight: dict[str, Any], tmp_path: Path) -> None:
     """Same seed, same world size, 20 steps (stale statistics on, so refresh decisions count too):
     parameters and every rank's SP-NGD state (curvature, inverses, momentum, schedules) are equal
@@ -137,6 +138,7 @@ def test_two_identical_runs_are_bit_identical(straight: dict[str, Any], tmp_path
 # -- (f) rank agreement -------------------------------------------------------------------------------
 
 
+@pytest.mark.dist
 def test_a_rank_that_diverges_stops_the_job(tmp_path: Path) -> None:
     """Rank 1 adds 1e-3 to one parameter after SP-NGD's update of step 3 (a silent divergence: the
     run would finish normally without the check, measured). The check after that step stops the
@@ -153,6 +155,7 @@ def test_a_rank_that_diverges_stops_the_job(tmp_path: Path) -> None:
 # -- (b) truncated and missing files -------------------------------------------------------------------
 
 
+@pytest.mark.dist
 def test_truncated_rank_file_fails_naming_the_file(straight: dict[str, Any], tmp_path: Path) -> None:
     ck = _copy_ck(straight, tmp_path / "ck")
     bad = ck / TAG / RANK1_FILE
@@ -207,6 +210,7 @@ def _last_line(exc: BaseException) -> str:
     return traceback.format_exception(exc)[-1].strip()
 
 
+@pytest.mark.dist
 def test_intact_checkpoint_loads_through_the_stub(straight: dict[str, Any], tmp_path: Path) -> None:
     """Control for the tests below: the untouched 2-rank checkpoint loads (here at world size 1)."""
     engine, opt = _stub()
@@ -216,6 +220,7 @@ def test_intact_checkpoint_loads_through_the_stub(straight: dict[str, Any], tmp_
         assert torch.equal(p.detach(), straight["out"]["params"][name]), name
 
 
+@pytest.mark.dist
 def test_missing_rank_file_and_missing_latest_fail_clearly(straight: dict[str, Any], tmp_path: Path) -> None:
     ck = _copy_ck(straight, tmp_path / "ck")
     (ck / TAG / RANK1_FILE).unlink()
@@ -234,6 +239,7 @@ def test_missing_rank_file_and_missing_latest_fail_clearly(straight: dict[str, A
         engine.load_checkpoint(str(ck))
 
 
+@pytest.mark.dist
 def test_missing_rank_file_is_named(straight: dict[str, Any], tmp_path: Path) -> None:
     ck = _copy_ck(straight, tmp_path / "ck")
     (ck / TAG / RANK1_FILE).unlink()
@@ -243,6 +249,7 @@ def test_missing_rank_file_is_named(straight: dict[str, Any], tmp_path: Path) ->
     assert RANK1_FILE in _last_line(info.value)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_broken_deepspeed_file_is_named(straight: dict[str, Any], tmp_path: Path, damage: str) -> None:
     ck = _copy_ck(straight, tmp_path / "ck")
@@ -260,6 +267,7 @@ def test_broken_deepspeed_file_is_named(straight: dict[str, Any], tmp_path: Path
 # -- (c) a crash while saving ---------------------------------------------------------------------------
 
 
+@pytest.mark.dist
 def test_crash_while_saving_leaves_latest_on_the_previous_checkpoint(straight: dict[str, Any], tmp_path: Path) -> None:
     """Resume at step 20, run 2 steps, save: rank 1 dies (os._exit) half-way through writing its
     SP-NGD file, after DeepSpeed wrote its own. ``latest`` must still name global_step20, which
@@ -285,6 +293,7 @@ def test_crash_while_saving_leaves_latest_on_the_previous_checkpoint(straight: d
 # -- (d) resume with other settings ------------------------------------------------------------------------
 
 
+@pytest.mark.dist
 def test_resume_with_other_stat_micro_batches_and_staleness_logs_the_change(
     straight: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -454,6 +463,7 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
             "logs": {k: (d / f"{k}.log").read_text() for k in ("ref", "first", "second")}}
 
 
+@pytest.mark.dist
 def test_killed_rank_resumes_to_the_same_parameters(killed_and_resumed: dict[str, Any]) -> None:
     """Measured tolerance: 0 (bit-identical model, SP-NGD curvature, inverses, momentum, schedules).
     Fails if a checkpoint misses any state that the run depends on (momentum, curvature, refresh
@@ -473,6 +483,7 @@ def test_killed_rank_resumes_to_the_same_parameters(killed_and_resumed: dict[str
     _same(_spngd_files(d / "ref" / final), _spngd_files(d / "ck" / final), "spngd")
 
 
+@pytest.mark.dist
 def test_killed_rank_resumes_to_the_same_validation(killed_and_resumed: dict[str, Any]) -> None:
     def final_eval(log: str) -> str:
         return [line for line in log.splitlines() if "val_loss=" in line][-1]

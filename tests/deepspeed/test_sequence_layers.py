@@ -35,6 +35,9 @@ CELLS = [
 _PARAMS = C.spngd_params
 
 
+pytestmark = pytest.mark.dist
+
+
 def sequences_as_samples(cell: C.Cell) -> dict[str, object]:
     return {**_PARAMS(cell), "positions_as_samples": False}
 

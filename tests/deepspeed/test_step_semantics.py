@@ -17,6 +17,9 @@ from tests.support.rank_records import read_records
 TOL = 2e-5
 
 
+pytestmark = pytest.mark.dist
+
+
 @pytest.mark.parametrize(("stage", "save_ranks", "load_ranks"), [(2, 2, 1), (1, 1, 2)])
 def test_resume_at_another_world_size_keeps_schedule_and_counters(
     tmp_path: Path, stage: int, save_ranks: int, load_ranks: int

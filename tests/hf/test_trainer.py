@@ -34,6 +34,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 
+pytestmark = pytest.mark.dist
+
+
 # ----------------------------------------------------------------------------------------- worker
 def ds_config(stage: int, poly: bool = False, fp16: bool = False) -> dict[str, Any]:
     """A DeepSpeed config with the SP-NGD optimizer block a Trainer user writes (``"lr": "auto"``

@@ -298,6 +298,7 @@ def _ds(tmp_path: Path, stage: int, name: str, extra: list[str], params: dict[st
     return [torch.load(str(out).replace("{rank}", str(r)), weights_only=False) for r in range(2)]
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2])
 @pytest.mark.parametrize("case", ["repeat", "lr10x", "damping1e-8"])
@@ -315,6 +316,7 @@ def test_deepspeed_repeated_batch_never_blows_up(tmp_path: Path, stage: int, cas
         assert got["info"]["skipped_steps"] == 0
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2])
 def test_deepspeed_nan_forward_ends_in_the_clear_stop_on_every_rank(tmp_path: Path, stage: int) -> None:

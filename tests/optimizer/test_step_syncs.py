@@ -106,6 +106,7 @@ def test_capture_hooks_do_not_synchronise() -> None:
             assert counts.syncs == 0, counts.sync_names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["resnet18", "resnet50"])
 def test_syncs_and_ops_do_not_grow_with_the_model(kind: str) -> None:
     counts = spngd_counts(kind)
@@ -117,6 +118,7 @@ def test_syncs_and_ops_do_not_grow_with_the_model(kind: str) -> None:
     assert quiet["step_ops"] <= sgd_counts(kind, foreach=False)["step_ops"]
 
 
+@pytest.mark.slow
 def test_syncs_with_clipping_and_rescaling() -> None:
     counts = spngd_counts("resnet18", clip_norm=1.0, weight_rescale=True, weight_decay=5e-5)
     assert counts["refresh_none"]["step_syncs"] <= QUIET_SYNCS, counts["refresh_none"]["step_sync_names"]

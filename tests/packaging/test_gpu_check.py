@@ -98,6 +98,7 @@ def _dry_run(out: Path, **env_extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.dist
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
 def test_dry_run(tmp_path: Path) -> None:
     proc = _dry_run(tmp_path)
@@ -144,6 +145,7 @@ def test_dry_run(tmp_path: Path) -> None:
     assert "spngd_refresh step" in summary and "amortized at refresh fraction" in summary, summary
 
 
+@pytest.mark.dist
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
 def test_a_failed_step_does_not_stop_the_later_ones(tmp_path: Path) -> None:
     proc = _dry_run(tmp_path, STEPS="cuda-tests syncs", PYTEST_ADDOPTS="--no-such-option")

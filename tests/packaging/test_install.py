@@ -112,6 +112,7 @@ STANDALONE = textwrap.dedent(
 )
 
 
+@pytest.mark.dist
 def test_library_works_without_the_training_job_packages(tmp_path: Path) -> None:
     script = tmp_path / "standalone.py"
     script.write_text(STANDALONE.format(blocked=set(JOB_PACKAGES)))

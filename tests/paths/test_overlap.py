@@ -69,6 +69,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_early_factors_give_the_same_steps(tmp_path: Path) -> None:
     results = fork_ranks(_rank, WORLD, tmp_path)
     assert sorted(res["early"][2] for res in results) == [0, 1, 1]

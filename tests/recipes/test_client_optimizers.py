@@ -79,6 +79,7 @@ def test_lamb_configs_build_the_client_optimizer(name: str) -> None:
     assert isinstance(pop_client_optimizer(cfg, nn.Linear(3, 2)), pytorch_optimizer.Lamb)
 
 
+@pytest.mark.dist
 def test_digits_lamb_config_trains_through_launch_train(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_DIR=str(tmp_path))

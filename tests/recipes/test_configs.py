@@ -231,6 +231,7 @@ _DS_INIT = textwrap.dedent(
 )
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(450)
 def test_deepspeed_accepts_digits_variant_keys() -> None:
     """Each digits variant's batch/ZeRO/precision keys initialise DeepSpeed and take one step."""

@@ -19,6 +19,9 @@ from tests.support.train_job import ROOT, SUMMARY, TRAIN, checkpoint_weights, jo
 SGD_CONFIG = str(ROOT / "ds_configs" / "digits_cpu_sgd.json")
 
 
+pytestmark = pytest.mark.dist
+
+
 def _train(ckpt: Path, *extra: str) -> list[str]:
     return [
         TRAIN, "--deepspeed_config", SGD_CONFIG, "--checkpoint_dir", str(ckpt), "--no_progress",

@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "ds_configs" / "digits_cpu.json")
 
 
+pytestmark = pytest.mark.dist
+
+
 def _cmd(ckpt: Path, *extra: str) -> list[str]:
     return [sys.executable, TRAIN, "--deepspeed_config", CONFIG, "--checkpoint_dir", str(ckpt), "--no_progress",
             "--eval_interval", "100", *extra]  # fmt: skip
