@@ -4,7 +4,7 @@ SP-NGD against momentum SGD, LARS and LAMB.
 
 Data: ``spngd_ds.recipes.data.load_digits_split(image_size=8)`` (the recipes' stratified 80/20 split,
 seed 0, normalised with the training pixels' mean and std), flattened to 64 features. Model: the
-MLP 64-128-BatchNorm1d-ReLU-10 of tests/test_convergence_digits.py. Batch: the whole training set
+MLP 64-128-BatchNorm1d-ReLU-10 of tests/optimizer/test_convergence.py. Batch: the whole training set
 (1,437) or a quarter of it (359, reshuffled every epoch), one optimizer step per batch; validation
 accuracy (eval mode) after every step.
 
@@ -58,7 +58,7 @@ def load_data() -> Data:
 
 
 def build_mlp(seed: int) -> nn.Module:
-    """MLP 64-128-BatchNorm1d-ReLU-10 (tests/test_convergence_digits.py), seeded."""
+    """MLP 64-128-BatchNorm1d-ReLU-10 (tests/optimizer/test_convergence.py), seeded."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 10))
 

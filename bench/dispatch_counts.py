@@ -16,7 +16,7 @@ that sees every aten op below autograd, plus wrappers for what dispatches nothin
   CPU is counted too when ``cpu_uploads`` is true (the default), so that a CPU run catches the
   uploads a GPU run would pay for.
 
-Imported by ``bench/step_counts.py`` and ``tests/test_step_syncs.py``.
+Imported by ``bench/step_counts.py`` and ``tests/optimizer/test_step_syncs.py``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 # one still runs:
 #   wheels      install .whl/*.whl (gpu_check/fetch_wheels.sh) with --no-deps into $SITE
 #   env         gpu_check/check_env.py: requirements inside their ranges, a GPU visible
-#   cuda-tests  python -m pytest -m cuda tests/test_cuda.py
+#   cuda-tests  python -m pytest -m cuda tests/deepspeed/test_cuda.py
 #   syncs       gpu_check/measure.py syncs: host synchronisations of SP-NGD and SGD steps
 #   timing      gpu_check/measure.py timing: ResNet-50 bf16 step times, SP-NGD against SGD
 # STEPS="syncs timing" runs only the steps named. Logs and results go to $OUT if set, else
@@ -80,7 +80,7 @@ else
     run_step env 40 "$OUTDIR/env.log" "$PY" gpu_check/check_env.py
 fi
 run_step cuda-tests 150 "$OUTDIR/cuda_tests.log" \
-    "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda.py
+    "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/deepspeed/test_cuda.py
 if [[ "$DRY" == 0 ]] && grep -qs "^SKIPPED" "$OUTDIR/cuda_tests.log"; then
     echo "cuda tests were skipped on the GPU machine" | tee -a "$OUTDIR/cuda_tests.log"
     failed+=("cuda-tests-skipped")

@@ -17,7 +17,7 @@ is least (ties: smaller sum of the normalised loads, less ``memory``, lower rank
 than one load is balanced, a local search moves or swaps blocks off the most-loaded rank while that
 strictly lowers its load. Balancing
 only two loads (inversion, elements) leaves one rank of ResNet-50 at N=8 with 1.46x its share of
-the gradients (see tests/test_assignment_bytes.py), hence the third.
+the gradients (see tests/comm/test_assignment_bytes.py), hence the third.
 
 For the ZeRO-compatible path, :func:`assign_to_holders` answers a different question: DeepSpeed has
 already placed every gradient element on some rank's partition, and each element whose owner is

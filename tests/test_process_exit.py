@@ -12,7 +12,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+pytestmark = pytest.mark.dist
 
 
 def test_exit_process_keeps_status_and_flushes_output() -> None:
