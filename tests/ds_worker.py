@@ -251,7 +251,7 @@ def full_fp32_params(engine) -> dict[str, torch.Tensor]:  # type: ignore[no-unty
 def stage0_masters(engine, opt) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
     """ZeRO stage 0 under bf16/fp16: the fp32 copies SP-NGD updates (DeepSpeed's wrapper puts them
     in the optimizer's groups, in the model's parameter order), not their half-precision casts."""
-    live = opt._aligned()
+    live = opt.live_parameters()
     return {name: live[id(prm)].detach().float().cpu().clone() for name, prm in engine.module.named_parameters()}
 
 

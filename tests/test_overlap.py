@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import spngd_ds
-from spngd_ds.overlap import can_send_early
+from spngd_ds.paths.overlap import can_send_early
 from tests.distributed import fork_ranks
 
 WORLD, FORWARDS, CAPTURED, STEPS, NAN_STEP = 3, 3, 2, 5, 2
