@@ -36,6 +36,7 @@ from spngd_ds.capture import CurvatureCapture
 from spngd_ds.comm import Communicator
 from spngd_ds.config import DEFAULT_STALENESS, SPNGDConfig, validate_spngd_params
 from spngd_ds.metrics import StepMetrics
+from spngd_ds.optimizer_state import load_state, save_state
 from spngd_ds.paths import default_path
 from spngd_ds.paths.base import Due, StepPath
 from spngd_ds.paths.overlap import can_send_early, send_factors_early, worth_sending_early
@@ -43,6 +44,7 @@ from spngd_ds.refresh import invert_refreshed, take_refreshes
 from spngd_ds.safety import EXPLOSION_RATIO, MAX_REJECTIONS, OutlierGuard, SkipGuard, step_bound
 from spngd_ds.staleness import RefreshSchedule
 from spngd_ds.stat_exchange import EarlyFactors, statistics_to_owners
+from spngd_ds.step_figures import step_figures
 
 logger = logging.getLogger("spngd_ds")
 
@@ -260,9 +262,6 @@ class SPNGD(Optimizer):
                 "use spngd_ds.initialize, which switches SP-NGD to its ZeRO-compatible path"
             )
         return {id(m): p for m, p in zip(self._params, live, strict=True)}
-
-    def _group_of(self) -> dict[int, int]:
-        return {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
 
     @property
     def damping(self) -> float:
@@ -497,145 +496,21 @@ class SPNGD(Optimizer):
         return sum(b.curvature_nbytes() for b in self.owned())
 
     def metrics(self) -> dict[str, float]:
-        """The figures to log (W&B keys), all plain floats."""
-        schedules = [s.schedule for b in self.blocks.values() for s in b.stats.values()]
-        pis = [b.pi for b in self.owned() if isinstance(b, KronBlock) and b.stats["A"].value is not None]
-        m = self.stats_log
-        out = {
-            "spngd/damping": self.damping,
-            "spngd/lr": float(self.param_groups[0]["lr"]),
-            "spngd/pi_mean": float(sum(pis) / len(pis)) if pis else 1.0,
-            "spngd/refresh_fraction": self._last_refreshed / len(schedules) if schedules else 0.0,
-            "spngd/mean_interval": float(sum(s.interval for s in schedules) / len(schedules)) if schedules else 0.0,
-            "spngd/inversion_failures": float(m.inversion_failures),
-            "spngd/bn_channel_failures": float(m.bn_channel_failures),
-            "spngd/nonfinite_stats": float(m.nonfinite_stats),
-            "spngd/rejected_stats": float(m.rejected_stats),
-            "spngd/skipped_steps": float(m.skipped_steps),
-            "spngd/comm_bytes": float(self.comm_nbytes),
-            "spngd/curvature_bytes": float(self.curvature_nbytes()),
-            "spngd/time_capture": float(self.capture.last_seconds),
-            "spngd/first_order_layers": float(len(self.first_order_layers) + self._never_captured()),
-            "spngd/clip_factor": float(self.last_clip_factor),
-            "spngd/step_bound_factor": float(self.last_bound_factor),
-            "spngd/accepted_after_rejections": float(self.outliers.accepted_after_rejections),
-            "spngd/accepted_after_collapse": float(self.outliers.recovered),
-            "spngd/consecutive_skips": float(self.skips.consecutive),
-            "spngd/factors_sent_early": float(m.factors_sent_early),
-            "spngd/diagonal_factors": float(len(self.diagonal_factors)),
-        }
-        for key in ("comm", "inversion", "precondition"):
-            out[f"spngd/time_{key}"] = float(m.timers.get(key, 0.0))
-        return out
-
-    def _never_captured(self) -> int:
-        """Blocks with statistics of which this rank has never captured one (after a first step)."""
-        if self.step_count == 0:
-            return 0
-        return sum(1 for b in self.blocks.values() if b.stats and all(s.captures == 0 for s in b.stats.values()))
+        """The figures to log (W&B keys), all plain floats (:func:`spngd_ds.step_figures.step_figures`)."""
+        return step_figures(self, self._last_refreshed)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters, momentum keyed by parameter name, and curvature keyed by layer name
         (owned blocks only; refresh schedules of all blocks), so a checkpoint written at world size N
-        can be loaded at world size M once every rank's part is merged."""
-        names = {id(p): n for b in self.blocks.values() for p, n in zip(b.params, b.param_names, strict=True)}
-        momentum: dict[str, torch.Tensor] = {}
-        if not self.path.holds_flat_partitions:
-            live = self.live_parameters()
-            for b in self.owned():
-                for p in b.params:
-                    buf = self.state.get(live[id(p)], {}).get("momentum_buffer")
-                    if buf is not None:
-                        momentum[names[id(p)]] = buf.detach().clone()
-        curvature = {
-            b.name: {
-                # the sample count behind the value: the owner's noise floor for the next refresh
-                s.name: {"value": s.value, "inverse": _own_storage(s.inverse), "samples": s.schedule.last_samples}
-                for s in b.stats.values()
-                if s.value is not None
-            }
-            | ({"pi": b.pi} if isinstance(b, KronBlock) else {})
-            for b in self.owned()
-            if b.stats
-        }
-        return {
-            "format": "spngd_ds/1",
-            "step": self.step_count,
-            "prev_lr": list(self._prev_lr),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            "momentum": momentum,
-            "curvature": curvature,
-            "schedules": {
-                f"{b.name}:{s.name}": s.schedule.state() for b in self.blocks.values() for s in b.stats.values()
-            },
-            "elementwise_state": self._elementwise_state() if self.path.holds_flat_partitions else None,
-            "config": self.config.model_dump(),
-        }
-
-    def _elementwise_state(self) -> dict[int, Any]:
-        return {i: dict(self.state[p]) for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        can be loaded at world size M once every rank's part is merged (:mod:`spngd_ds.optimizer_state`)."""
+        live = None if self.path.holds_flat_partitions else self.live_parameters
+        return save_state(self.blocks, self.owned(), self.state, self.param_groups, live, self.step_count,
+                          self._prev_lr, self.config.model_dump())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore :meth:`state_dict` output (possibly merged from several ranks' files)."""
-        if state_dict.get("format") != "spngd_ds/1":
-            raise ValueError(
-                "SPNGD.load_state_dict: not an SP-NGD state dict (missing format 'spngd_ds/1'); "
-                f"keys found: {sorted(state_dict)[:8]}"
-            )
-        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=False):
-            group.update(saved)
-        keep_schedules = self._log_config_changes(state_dict.get("config") or {})
-        self.step_count = int(state_dict["step"])
-        self._prev_lr = list(state_dict["prev_lr"])
-        for key, sched in state_dict["schedules"].items():
-            bname, sname = key.rsplit(":", 1)
-            if keep_schedules and bname in self.blocks and sname in self.blocks[bname].stats:
-                self.blocks[bname].stats[sname].schedule.load(sched)
-        if not keep_schedules:  # every statistic is refreshed at the next step under the new rule
-            for b in self.blocks.values():
-                for st in b.stats.values():
-                    st.schedule.load((1, self.step_count))
-        holds_flat = self.path.holds_flat_partitions
-        if holds_flat and state_dict.get("elementwise_state") is not None:
-            flat = [p for g in self.param_groups for p in g["params"]]
-            for i, st in state_dict["elementwise_state"].items():
-                self.state[flat[int(i)]] = dict(st)
-        elif not holds_flat:
-            live = self.live_parameters()
-            momentum = state_dict["momentum"]
-            for b in self.owned():
-                for p, n in zip(b.params, b.param_names, strict=True):
-                    if n in momentum:
-                        target = live[id(p)]
-                        self.state[target]["momentum_buffer"] = momentum[n].to(target.device, target.dtype).clone()
-        for b in self.owned():
-            saved = state_dict["curvature"].get(b.name, {})
-            for s in b.stats.values():
-                if s.name in saved:
-                    s.value = saved[s.name]["value"]
-                    s.inverse = saved[s.name]["inverse"]
-                    s.schedule.last_samples = saved[s.name].get("samples")
-            if isinstance(b, KronBlock) and "pi" in saved:
-                b.pi = float(saved["pi"])
+        live = None if self.path.holds_flat_partitions else self.live_parameters
+        self.step_count, self._prev_lr = load_state(state_dict, self.blocks, self.owned(), self.state,
+                                                    self.param_groups, live, self.config.model_dump(), self.defaults)
         self.capture.start_step(self._due(self.step_count))
-
-    def _log_config_changes(self, saved: dict[str, Any]) -> bool:
-        """Log every hyperparameter that differs from the checkpoint's; the saved refresh schedules
-        are kept only when the staleness rule is unchanged (returns whether they are)."""
-        now = self.config.model_dump()
-        changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
-        for key, (old, new) in changed.items():
-            if key in self.defaults:  # a parameter-group value: the checkpoint's (and its schedule's) wins
-                logger.warning("SPNGD: config has %s = %r; the checkpoint's %s = %r is kept", key, new, key, old)
-            else:
-                logger.warning("SPNGD: resuming with %s = %r (checkpoint had %r)", key, new, old)
-        return "staleness" not in changed
-
-
-def _own_storage(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t``, or a copy of it when it is a view of a larger tensor (a slot of a stack of inverses),
-    so that a checkpoint holds only its own elements."""
-    if t is None or t._base is None:
-        return t
-    return t.clone()
