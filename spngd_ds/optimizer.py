@@ -79,7 +79,7 @@ class SPNGD(Optimizer):
         clip_norm: scale the preconditioned gradient of all layers (before weight decay) by
             min(1, clip_norm / its global L2 norm over all ranks); ``None``: no clipping.
         overlap_statistics: start sending due A factors to their owners as soon as the forwards
-            that capture them have run, behind the backward (:mod:`spngd_ds.overlap`); ``"auto"``:
+            that capture them have run, behind the backward (:mod:`spngd_ds.paths.overlap`); ``"auto"``:
             always on an accelerator; on the CPU only when forwards of the step follow the one that
             completes A (there the exchange competes with the backward for the same cores).
         a_samples: A (the input covariance of a Linear/Conv2d) from at most the first this-many
@@ -200,7 +200,7 @@ class SPNGD(Optimizer):
         self._prev_lr: list[float | None] = [None for _ in self.param_groups]
         self._last_refreshed = 0
         self._never_captured_warned: set[str] = set()
-        #: due A factors whose exchange started behind the backward (spngd_ds.overlap)
+        #: due A factors whose exchange started behind the backward (spngd_ds.paths.overlap)
         self._early: EarlyFactors | None = None
         if can_send_early(self):
             self.capture.on_factors_complete = self._factors_complete

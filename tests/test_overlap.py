@@ -1,4 +1,4 @@
-"""A factors sent behind the backward (spngd_ds/overlap.py) give the same step as sending them in
+"""A factors sent behind the backward (spngd_ds/paths/overlap.py) give the same step as sending them in
 the step: 3 forked gloo ranks (one owns nothing), float64, a BatchNorm CNN, three forwards a step
 of which the first two capture statistics, a learning rate that changes every step, and a step
 skipped for a non-finite gradient while the exchange is in flight."""
