@@ -12,12 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from spngd_ds.blocks import Block
-from spngd_ds.blocks.base import Statistic
 from spngd_ds.comm import Communicator, OwnerLayout
-
-#: a due statistic of a block, in the order every rank agrees on
-Due = tuple[Block, Statistic]
+from spngd_ds.stat_exchange import Due
 
 
 def decision_states(comm: Communicator, owners: dict[str, int], due: list[Due], dtype: torch.dtype

@@ -38,12 +38,12 @@ from spngd_ds.config import DEFAULT_STALENESS, SPNGDConfig, validate_spngd_param
 from spngd_ds.metrics import StepMetrics
 from spngd_ds.optimizer_state import load_state, save_state
 from spngd_ds.paths import default_path
-from spngd_ds.paths.base import Due, StepPath
+from spngd_ds.paths.base import StepPath
 from spngd_ds.paths.overlap import can_send_early, send_factors_early, worth_sending_early
 from spngd_ds.refresh import invert_refreshed, take_refreshes
 from spngd_ds.safety import EXPLOSION_RATIO, MAX_REJECTIONS, OutlierGuard, SkipGuard, step_bound
 from spngd_ds.staleness import RefreshSchedule
-from spngd_ds.stat_exchange import EarlyFactors, statistics_to_owners
+from spngd_ds.stat_exchange import Due, EarlyFactors, statistics_to_owners
 from spngd_ds.step_figures import step_figures
 
 logger = logging.getLogger("spngd_ds")

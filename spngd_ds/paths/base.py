@@ -32,15 +32,12 @@ import torch
 from torch import nn
 
 from spngd_ds.blocks import Block
-from spngd_ds.blocks.base import Statistic
 from spngd_ds.capture import CurvatureCapture
 from spngd_ds.comm import Communicator
 from spngd_ds.config import SPNGDConfig
 from spngd_ds.metrics import StepMetrics
 from spngd_ds.reductions import any_rank_each, any_rank_each_and_sum
-
-#: a due statistic of a block, in the order every rank agrees on
-Due = tuple[Block, Statistic]
+from spngd_ds.stat_exchange import Due
 
 
 class StepOptimizer(Protocol):

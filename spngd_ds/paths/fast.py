@@ -29,7 +29,8 @@ from torch import nn
 from spngd_ds.blocks.base import all_finite_device, all_finite_many
 from spngd_ds.comm import OwnerLayout
 from spngd_ds.decisions import decision_states, load_decisions
-from spngd_ds.paths.base import Due, StepOptimizer, StepPath
+from spngd_ds.paths.base import StepOptimizer, StepPath
+from spngd_ds.stat_exchange import Due
 
 
 class FastPath(StepPath):
