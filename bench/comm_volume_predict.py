@@ -64,7 +64,7 @@ def layouts(blocks: Sequence[Any], owners: dict[str, int], world: int) -> dict[s
         )
 
     # with more than one rank the A factors travel in a layout of their own, started behind the
-    # backward (spngd_ds/overlap.py); G and BatchNorm's F follow in the step
+    # backward (spngd_ds/paths/overlap.py); G and BatchNorm's F follow in the step
     early = [(b, s) for b, s in due if s.name == "A"] if world > 1 else []
     params = [(tuple(full_shape(p)), owners[b.name]) for b in blocks for p in b.params]
     return {

@@ -1,4 +1,4 @@
-"""What sending the A factors behind the backward hides (spngd_ds/overlap.py, docs/design.md section 3).
+"""What sending the A factors behind the backward hides (spngd_ds/paths/overlap.py, docs/design.md section 3).
 
 Two SP-NGD engines on copies of one ResNet-20, ZeRO 0, fp32, staleness off (every step refreshes
 every statistic, so every step has A factors to send): ``overlap_statistics: true`` ("early") and

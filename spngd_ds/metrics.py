@@ -18,7 +18,7 @@ class StepMetrics:
     ``nonfinite_stats`` (statistics whose refresh was rejected for NaN/Inf), ``skipped_steps``
     (steps skipped for non-finite gradients or an fp16 overflow), ``bn_channel_failures``,
     ``rejected_stats`` (finite refreshes rejected as outliers: relative change above 1e6),
-    ``factors_sent_early`` (A factors whose exchange ran behind the backward, spngd_ds.overlap).
+    ``factors_sent_early`` (A factors whose exchange ran behind the backward, spngd_ds.paths.overlap).
 
     Timers: on the CPU, the wall time of each part. On an accelerator (``device``) the host only
     queues kernels, so its wall time is launch time; with ``sync_timing`` true each timed part is

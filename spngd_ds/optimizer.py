@@ -4,8 +4,12 @@
 step: refreshing and inverting due statistics, preconditioning owned gradients, clipping the
 preconditioned update by its global norm, momentum SGD with momentum correction, and weight
 rescaling. *How* gradients reach owners and updates come back is the job of a path object
-(:mod:`spngd_ds.paths`): the fast path (standalone and ZeRO stage 0) or the ZeRO-compatible
-path, chosen once by :func:`spngd_ds.initialize`. ``step()`` hands over to the path.
+(:mod:`spngd_ds.paths`), given to the constructor or set by :func:`spngd_ds.initialize`: the fast
+path (standalone and ZeRO stage 0, the default) or the ZeRO-compatible path. ``step()`` hands
+over to the path, which uses only the public methods listed by
+:class:`spngd_ds.paths.base.StepOptimizer`. The pieces of a refresh live in their own modules:
+the exchange of statistics (:mod:`spngd_ds.stat_exchange`), their acceptance and inversion
+(:mod:`spngd_ds.refresh`), the owners' decisions (:mod:`spngd_ds.decisions`).
 
 With the default :class:`~spngd_ds.comm.Communicator` the world has one rank and the optimizer is
 an ordinary ``torch.optim.Optimizer``.
@@ -16,26 +20,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from spngd_ds import decisions
 from spngd_ds.assignment import assign_owners, block_cost
-from spngd_ds.blocks import Block, BlockOptions, KronBlock, UnitwiseBlock, build_blocks
-from spngd_ds.blocks.base import InversionJob, InversionReport, all_finite, run_inversions
+from spngd_ds.blocks import Block, BlockOptions, KronBlock, build_blocks
 from spngd_ds.blocks.batched import BatchedPreconditioner
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.capture import CurvatureCapture
-from spngd_ds.comm import DTYPES, Communicator, OwnerLayout, pack_sym, unpack_sym
+from spngd_ds.comm import Communicator
 from spngd_ds.config import DEFAULT_STALENESS, SPNGDConfig, validate_spngd_params
 from spngd_ds.metrics import StepMetrics
-from spngd_ds.overlap import EarlyFactors, can_send_early, send_factors_early, worth_sending_early
-from spngd_ds.reductions import all_reduce_sum
+from spngd_ds.optimizer_state import load_state, save_state
+from spngd_ds.paths import default_path
+from spngd_ds.paths.base import StepPath
+from spngd_ds.paths.overlap import can_send_early, send_factors_early, worth_sending_early
+from spngd_ds.refresh import invert_refreshed, take_refreshes
 from spngd_ds.safety import EXPLOSION_RATIO, MAX_REJECTIONS, OutlierGuard, SkipGuard, step_bound
-from spngd_ds.staleness import RefreshSchedule, change_figures, ratio_from
+from spngd_ds.staleness import RefreshSchedule
+from spngd_ds.stat_exchange import Due, EarlyFactors, statistics_to_owners
+from spngd_ds.step_figures import step_figures
 
 logger = logging.getLogger("spngd_ds")
 
@@ -43,16 +52,6 @@ _DEFAULT: Any = object()
 
 # the outlier rule's constants (spngd_ds.safety), importable from here
 __all__ = ["EXPLOSION_RATIO", "MAX_REJECTIONS", "SPNGD"]
-
-
-class StepPath(Protocol):
-    """How one optimizer step moves gradients to owners and updates back (see :mod:`spngd_ds.paths`)."""
-
-    #: whether ``param_groups`` hold DeepSpeed's flat fp32 partitions instead of the model's tensors
-    holds_flat_partitions: bool
-
-    def step(self, opt: SPNGD) -> None:
-        """Called by :meth:`SPNGD.step`."""
 
 
 class SPNGD(Optimizer):
@@ -80,7 +79,7 @@ class SPNGD(Optimizer):
         clip_norm: scale the preconditioned gradient of all layers (before weight decay) by
             min(1, clip_norm / its global L2 norm over all ranks); ``None``: no clipping.
         overlap_statistics: start sending due A factors to their owners as soon as the forwards
-            that capture them have run, behind the backward (:mod:`spngd_ds.overlap`); ``"auto"``:
+            that capture them have run, behind the backward (:mod:`spngd_ds.paths.overlap`); ``"auto"``:
             always on an accelerator; on the CPU only when forwards of the step follow the one that
             completes A (there the exchange competes with the backward for the same cores).
         a_samples: A (the input covariance of a Linear/Conv2d) from at most the first this-many
@@ -104,6 +103,9 @@ class SPNGD(Optimizer):
         max_factor_dim: a Kronecker factor of a larger dimension is kept diagonal (d instead of d²
             elements; a Conv2d with one goes first order); ``None``: no limit.
         communicator: how ranks talk (default: one rank). Set by :func:`spngd_ds.initialize`.
+        path: how a step moves gradients to owners and updates back (:mod:`spngd_ds.paths`;
+            default :func:`spngd_ds.paths.default_path`, the fast path). :func:`spngd_ds.initialize`
+            replaces it by the path its engine needs.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class SPNGD(Optimizer):
         max_factor_dim: int | None = 16384,
         *,
         communicator: Communicator | None = None,
+        path: StepPath | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -185,9 +188,7 @@ class SPNGD(Optimizer):
         self.stats_log = StepMetrics(device=params[0].device)
         self._batched = BatchedPreconditioner()
         self.step_count = 0
-        from spngd_ds.paths.fast import FastPath
-
-        self.path: StepPath = FastPath()
+        self.path: StepPath = path if path is not None else default_path()
         #: read by DeepSpeed's engine after ``step()``: True when the step was skipped
         self.overflow = False
         self.last_clip_factor = 1.0
@@ -199,7 +200,7 @@ class SPNGD(Optimizer):
         self._prev_lr: list[float | None] = [None for _ in self.param_groups]
         self._last_refreshed = 0
         self._never_captured_warned: set[str] = set()
-        #: due A factors whose exchange started behind the backward (spngd_ds.overlap)
+        #: due A factors whose exchange started behind the backward (spngd_ds.paths.overlap)
         self._early: EarlyFactors | None = None
         if can_send_early(self):
             self.capture.on_factors_complete = self._factors_complete
@@ -239,7 +240,16 @@ class SPNGD(Optimizer):
         """The blocks this rank owns, in model order."""
         return [b for b in self.blocks.values() if self.assignment[b.name] == self.comm.rank]
 
-    def _aligned(self) -> dict[int, nn.Parameter]:
+    @property
+    def model_parameters(self) -> list[nn.Parameter]:
+        """The model's trainable parameters, in model order (what the blocks' ``params`` hold)."""
+        return self._params
+
+    def stop_capturing(self, stat: str) -> None:
+        """Later forwards of this step capture no statistic named ``stat`` (e.g. "A", once sent)."""
+        self.capture.due = {name: names - {stat} for name, names in self.capture.due.items()}
+
+    def live_parameters(self) -> dict[int, nn.Parameter]:
         """Map id(model parameter) -> the tensor the optimizer updates for it.
 
         DeepSpeed at stage 0 with bf16/fp16 replaces the groups' parameters by fp32 copies, in the
@@ -252,9 +262,6 @@ class SPNGD(Optimizer):
                 "use spngd_ds.initialize, which switches SP-NGD to its ZeRO-compatible path"
             )
         return {id(m): p for m, p in zip(self._params, live, strict=True)}
-
-    def _group_of(self) -> dict[int, int]:
-        return {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
 
     @property
     def damping(self) -> float:
@@ -329,12 +336,12 @@ class SPNGD(Optimizer):
         return [id(p) in got or p.grad is not None for p in params]
 
     # -- statistics -----------------------------------------------------------------------------------
-    def due_now(self) -> list[tuple[Block, Any]]:
+    def due_now(self) -> list[Due]:
         """The (block, statistic) pairs due at this step, in block order (the same on every rank)."""
         step = self.step_count
         return [(b, s) for b in self.blocks.values() for s in b.stats.values() if s.schedule.is_due(step)]
 
-    def local_sample_counts(self, due: list[tuple[Block, Any]]) -> torch.Tensor:
+    def local_sample_counts(self, due: list[Due]) -> torch.Tensor:
         """This rank's sample count of each statistic of ``due`` (:meth:`due_now`), (len(due),)
         float64 on the communicator's device: what :meth:`refresh_curvature` sums over the ranks.
         An A factor already sent behind the backward counts what it was sent with."""
@@ -344,179 +351,32 @@ class SPNGD(Optimizer):
                             dtype=torch.float64, device=self.comm.device)
 
     def refresh_curvature(self, share_decisions: bool = True, sample_totals: torch.Tensor | None = None
-                          ) -> list[tuple[Block, Any]]:
+                          ) -> list[Due]:
         """Reduce due statistics to owners, refresh and re-invert them, share refresh decisions;
         returns the (block, statistic) pairs that were due, in the order every rank agrees on.
 
         With ``share_decisions=False`` the owners' decisions are left for the caller to send with
-        its gathered update (DESIGN.md rule 6; the fast path: :meth:`decision_states`,
-        :meth:`load_decisions`), which must happen before the next step.
+        its gathered update (DESIGN.md rule 6; the fast path: :mod:`spngd_ds.decisions`), which
+        must happen before the next step.
 
         Sample counts are summed over all ranks first (one small all-reduce, unless the caller
         summed :meth:`local_sample_counts` already and gives ``sample_totals``), so that fp16
         statistics can be pre-scaled by the global count: exact whatever each rank's share of the
         samples.
         """
-        step = self.step_count
-        due = self.due_now()
+        step, due = self.step_count, self.due_now()
         self._last_refreshed = len(due)
-        rank = self.comm.rank
-        if self.comm.world_size == 1:  # nothing to exchange: the local sums are the global ones
-            if not due:
-                return due
-            local = [s.take_local() for _, s in due]
-            counts = [float(c) for _, c in local] if sample_totals is None else [float(c) for c in sample_totals]
-            mine = [(b, s, count) for (b, s), count in zip(due, counts, strict=True)]
-            sums: list[torch.Tensor | None] = [total for total, _ in local]
-            prescale = False
-        else:
-            if due and sample_totals is None:
-                with self.stats_log.timer("comm"):
-                    sample_totals = all_reduce_sum(self.comm, self.local_sample_counts(due))
-            early = self._take_early()
-            if not due:
-                if early is not None:  # cannot happen (A is sent only when due); keep the ranks in step anyway
-                    early.pending.wait()
-                return due
-            assert sample_totals is not None
-            if early is not None:  # sent before the step began counting its bytes
-                self.comm.bytes_sent += early.nbytes
-            sent = early.ids() if early is not None else set()
-            late = [(b, s) for b, s in due if id(s) not in sent]
-            local = [s.take_local() for _, s in late]
-            totals = dict(zip((id(s) for _, s in due), sample_totals.tolist(), strict=True))
-            prescale = self.config.comm_dtype == "fp16"
-            # the global mean cannot overflow fp16; the owner multiplies back
-            divisors = [totals[id(s)] for _, s in late] if prescale else None
-            packed_all, layout, wire = self.pack_statistics(late, [total for total, _ in local], divisors)
-            with self.stats_log.timer("comm"):
-                got: dict[int, torch.Tensor] = {}
-                if late:
-                    got.update(zip((id(s) for b, s in late if self.assignment[b.name] == rank),
-                                   self.comm.to_owners(layout, packed_all, wire), strict=True))
-                if early is not None:
-                    got.update(zip((id(s) for b, s in early.stats if self.assignment[b.name] == rank),
-                                   early.pending.wait(), strict=True))
-            mine = [(b, s, totals[id(s)]) for b, s in due if self.assignment[b.name] == rank]
-            sums = [unpack_sym(got[id(s)], s.shape[-1]) for _, s, _ in mine]
+        arrived = statistics_to_owners(self.comm, self.assignment, self.config.comm_dtype, self.stats_log, due,
+                                       sample_totals, self.local_sample_counts, self._take_early)
+        if arrived is None:
+            return due
         with self.stats_log.timer("inversion"):
-            refreshed = self._take_refreshes(step, mine, sums, prescale)
-            self._invert(step, refreshed)
+            refreshed = take_refreshes(step, *arrived, self.outliers, self.stats_log, self._warn_never_captured)
+            invert_refreshed(step, self.blocks, refreshed, self.damping, self.stats_log)
         if share_decisions:
             with self.stats_log.timer("comm"):
-                self._share_schedules(due)
+                self.share_decisions(due)
         return due
-
-    def _take_refreshes(self, step: int, mine: list[tuple[Block, Any, float]], sums: list[torch.Tensor | None],
-                        prescale: bool) -> dict[str, set[str]]:
-        """Normalise the owned due statistics ``mine`` ((block, statistic, global count)) from their
-        global ``sums`` and take each one that is finite and no outlier (rule 6 decides its next
-        refresh); returns block name -> the statistics refreshed. Finiteness, relative changes
-        and noise figures of all of them are read back in one host synchronisation."""
-        values: list[tuple[Block, Any, float, torch.Tensor]] = []
-        for (b, s, count), total in zip(mine, sums, strict=True):
-            if count <= 0 or total is None:
-                self._warn_never_captured(b)
-                s.schedule.postpone(step)
-                continue
-            total = total.to(b.dtype) * (count if prescale else 1.0)
-            values.append((b, s, count, b.normalise(s.name, total, count)))
-        if not values:
-            return {}
-        figures = []
-        for _, s, _, value in values:
-            pending = s.schedule.rho_pending
-            rho = pending[0] if pending is not None else value.new_zeros(2, dtype=torch.float64)
-            # ||X|| of the value taken (the finiteness test below): the noted figures' own when they are of it
-            norm = rho[:1] if pending is not None and pending[1] is value else \
-                torch.linalg.vector_norm(value).to(torch.float64).reshape(1)
-            figures.append(torch.cat([norm, rho, change_figures(s.value, value).to(rho.device)]))
-        read = torch.stack(figures).tolist()  # (K, 5): ||X||, ρ's ||X|| and (Σ tr)², ||X_old||, ||X - X_old||
-        refreshed: dict[str, set[str]] = {}
-        for (b, s, count, value), (fro, rho_fro, trace2, old_norm, diff_norm) in zip(values, read, strict=True):
-            if s.schedule.rho_pending is not None:
-                s.schedule.settle_rho([rho_fro, trace2])
-            if not math.isfinite(fro) and not all_finite(value):  # an infinite norm may be an overflow
-                self.stats_log.nonfinite_stats += 1
-                logger.warning("SPNGD: non-finite %s of %s at step %d ignored", s.name, b.name, step)
-                s.schedule.postpone(step)
-                continue
-            ratio = ratio_from([old_norm, diff_norm], s.value, value)
-            verdict = self.outliers.judge(id(s), ratio, fro, old_norm, s.rejections) \
-                if s.value is not None else "accept"
-            if verdict == "reject":
-                s.rejections += 1
-                self.stats_log.rejected_stats += 1
-                logger.warning(
-                    "SPNGD: %s of %s changed by a factor %.3g at step %d: rejected as an outlier",
-                    s.name, b.name, ratio, step,
-                )
-                s.schedule.postpone(step)
-                continue
-            if verdict != "accept":
-                logger.warning(
-                    "SPNGD: %s of %s changed by a factor %.3g at step %d: accepted (%s)", s.name, b.name,
-                    ratio, step, "back to a scale it had before" if verdict == "recover"
-                    else f"after {s.rejections} rejections in a row",
-                )
-            self.outliers.accepted(id(s), fro)
-            s.value = value
-            s.rejections = 0
-            s.refreshes += 1
-            s.schedule.observe(step, ratio, samples=count)
-            refreshed.setdefault(b.name, set()).add(s.name)
-        return refreshed
-
-    def _invert(self, step: int, refreshed: dict[str, set[str]]) -> None:
-        """Re-invert the damped statistics ``refreshed`` (block name -> names): every block's
-        matrices in batches by size and their outcome read back at once (:func:`run_inversions`);
-        a block kind that overrides ``invert`` inverts itself."""
-        jobs: list[tuple[str, InversionJob]] = []
-        reports: list[tuple[str, InversionReport]] = []
-        for name, names in refreshed.items():
-            block = self.blocks[name]
-            if type(block).invert is not Block.invert:
-                reports.append((name, block.invert(self.damping, names)))
-                continue
-            job = block.inversion_job(self.damping, names)
-            if job is not None:
-                jobs.append((name, job))
-        reports += zip((n for n, _ in jobs), run_inversions([j for _, j in jobs]), strict=True)
-        for name, report in reports:
-            block = self.blocks[name]
-            if isinstance(block, UnitwiseBlock):
-                self.stats_log.bn_channel_failures += block.failed_channels
-            for failed in report.failed:
-                if isinstance(block, KronBlock):
-                    self.stats_log.inversion_failures += 1
-                    logger.warning("SPNGD: inversion of %s.%s failed; plain gradient this step", name, failed)
-                block.stats[failed].schedule.postpone(step)
-
-    def pack_statistics(
-        self,
-        stats: list[tuple[Block, Any]],
-        sums: list[torch.Tensor | None],
-        divisors: list[float] | None = None,
-    ) -> tuple[list[torch.Tensor], OwnerLayout, torch.dtype]:
-        """What goes to the owners for ``stats`` ((block, statistic) pairs, every rank the same
-        list): the packed upper triangles of this rank's ``sums`` (zeros where ``None``: the rank
-        takes part anyway), each divided by its divisor when one is given and > 0; their exchange
-        layout (each owned by its block's owner); the wire dtype (``comm_dtype``, float64 for a
-        float64 model, whose references are exact)."""
-        packed = []
-        for i, ((b, s), total) in enumerate(zip(stats, sums, strict=True)):
-            if total is None:
-                total = torch.zeros(s.shape, dtype=b.dtype, device=self.comm.device)
-            p = pack_sym(total)
-            if divisors is not None and divisors[i] > 0:
-                p = p / divisors[i]
-            packed.append(p)
-        layout = OwnerLayout.build(
-            [(p.numel(), self.assignment[b.name]) for p, (b, _) in zip(packed, stats, strict=True)],
-            self.comm.world_size,
-        )
-        wire = torch.float64 if any(p.dtype == torch.float64 for p in packed) else DTYPES[self.config.comm_dtype]
-        return packed, layout, wire
 
     def _warn_never_captured(self, block: Block) -> None:
         """Once per layer: it has curvature statistics but none was ever captured."""
@@ -528,39 +388,16 @@ class SPNGD(Optimizer):
             "with autograd): it takes the first-order update until they are", block.name, self.step_count,
         )
 
-    def _share_schedules(self, due: list[tuple[Block, Any]]) -> None:
-        """Owners' refresh decisions (interval, next step) reach every rank (rule 6: all agree), in
-        an exchange of their own (float64 pairs, owners to all)."""
-        if self.comm.world_size == 1 or not due:
-            return
-        items, mine = self.decision_states(due, torch.float64)
-        layout = OwnerLayout.build(items, self.comm.world_size)
-        self.load_decisions(due, self.comm.from_owners(layout, mine, torch.float64))
-
-    def decision_states(self, due: list[tuple[Block, Any]], dtype: torch.dtype
-                        ) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
-        """The refresh decisions of ``due`` as exchange items: one (2 elements, owner) item per
-        statistic, and this rank's own decisions, (interval, next step) as (2,) tensors of
-        ``dtype`` in ``due`` order."""
-        items = [(2, self.assignment[b.name]) for b, _ in due]
-        mine = [torch.tensor(s.schedule.state(), dtype=dtype, device=self.comm.device)
-                for b, s in due if self.assignment[b.name] == self.comm.rank]
-        return items, mine
-
-    @staticmethod
-    def load_decisions(due: list[tuple[Block, Any]], states: Sequence[torch.Tensor]) -> None:
-        """Every rank takes the owners' decisions: ``states`` (2,) per statistic of ``due``."""
-        for (_, s), state in zip(due, states, strict=True):
-            s.schedule.load((int(state[0]), int(state[1])))
+    def share_decisions(self, due: list[Due]) -> None:
+        """Owners' refresh decisions (interval, next step) of ``due`` reach every rank (rule 6: all
+        agree), in an exchange of their own (:func:`spngd_ds.decisions.share_decisions`)."""
+        decisions.share_decisions(self.comm, self.assignment, due)
 
     def decisions_exact_in(self, dtype: torch.dtype) -> bool:
         """Whether every decision of this step, intervals and next steps, is an integer ``dtype``
-        holds exactly (float32: up to 2**24), so that it can travel with values of that dtype. The
-        largest is a next step, at most this step + ``max_interval``."""
-        mantissa = {torch.float64: 53, torch.float32: 24}.get(dtype)
+        holds exactly (float32: up to 2**24), so that it can travel with values of that dtype."""
         cfg = self.config.staleness
-        longest = cfg.max_interval if cfg is not None else 1
-        return mantissa is not None and self.step_count + longest <= 2**mantissa
+        return decisions.exact_in(dtype, self.step_count, cfg.max_interval if cfg is not None else 1)
 
     # -- preconditioning, clipping, update -----------------------------------------------------------
     def precondition_owned(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
@@ -659,145 +496,21 @@ class SPNGD(Optimizer):
         return sum(b.curvature_nbytes() for b in self.owned())
 
     def metrics(self) -> dict[str, float]:
-        """The figures to log (W&B keys), all plain floats."""
-        schedules = [s.schedule for b in self.blocks.values() for s in b.stats.values()]
-        pis = [b.pi for b in self.owned() if isinstance(b, KronBlock) and b.stats["A"].value is not None]
-        m = self.stats_log
-        out = {
-            "spngd/damping": self.damping,
-            "spngd/lr": float(self.param_groups[0]["lr"]),
-            "spngd/pi_mean": float(sum(pis) / len(pis)) if pis else 1.0,
-            "spngd/refresh_fraction": self._last_refreshed / len(schedules) if schedules else 0.0,
-            "spngd/mean_interval": float(sum(s.interval for s in schedules) / len(schedules)) if schedules else 0.0,
-            "spngd/inversion_failures": float(m.inversion_failures),
-            "spngd/bn_channel_failures": float(m.bn_channel_failures),
-            "spngd/nonfinite_stats": float(m.nonfinite_stats),
-            "spngd/rejected_stats": float(m.rejected_stats),
-            "spngd/skipped_steps": float(m.skipped_steps),
-            "spngd/comm_bytes": float(self.comm_nbytes),
-            "spngd/curvature_bytes": float(self.curvature_nbytes()),
-            "spngd/time_capture": float(self.capture.last_seconds),
-            "spngd/first_order_layers": float(len(self.first_order_layers) + self._never_captured()),
-            "spngd/clip_factor": float(self.last_clip_factor),
-            "spngd/step_bound_factor": float(self.last_bound_factor),
-            "spngd/accepted_after_rejections": float(self.outliers.accepted_after_rejections),
-            "spngd/accepted_after_collapse": float(self.outliers.recovered),
-            "spngd/consecutive_skips": float(self.skips.consecutive),
-            "spngd/factors_sent_early": float(m.factors_sent_early),
-            "spngd/diagonal_factors": float(len(self.diagonal_factors)),
-        }
-        for key in ("comm", "inversion", "precondition"):
-            out[f"spngd/time_{key}"] = float(m.timers.get(key, 0.0))
-        return out
-
-    def _never_captured(self) -> int:
-        """Blocks with statistics of which this rank has never captured one (after a first step)."""
-        if self.step_count == 0:
-            return 0
-        return sum(1 for b in self.blocks.values() if b.stats and all(s.captures == 0 for s in b.stats.values()))
+        """The figures to log (W&B keys), all plain floats (:func:`spngd_ds.step_figures.step_figures`)."""
+        return step_figures(self, self._last_refreshed)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters, momentum keyed by parameter name, and curvature keyed by layer name
         (owned blocks only; refresh schedules of all blocks), so a checkpoint written at world size N
-        can be loaded at world size M once every rank's part is merged."""
-        names = {id(p): n for b in self.blocks.values() for p, n in zip(b.params, b.param_names, strict=True)}
-        momentum: dict[str, torch.Tensor] = {}
-        if not self.path.holds_flat_partitions:
-            live = self._aligned()
-            for b in self.owned():
-                for p in b.params:
-                    buf = self.state.get(live[id(p)], {}).get("momentum_buffer")
-                    if buf is not None:
-                        momentum[names[id(p)]] = buf.detach().clone()
-        curvature = {
-            b.name: {
-                # the sample count behind the value: the owner's noise floor for the next refresh
-                s.name: {"value": s.value, "inverse": _own_storage(s.inverse), "samples": s.schedule.last_samples}
-                for s in b.stats.values()
-                if s.value is not None
-            }
-            | ({"pi": b.pi} if isinstance(b, KronBlock) else {})
-            for b in self.owned()
-            if b.stats
-        }
-        return {
-            "format": "spngd_ds/1",
-            "step": self.step_count,
-            "prev_lr": list(self._prev_lr),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            "momentum": momentum,
-            "curvature": curvature,
-            "schedules": {
-                f"{b.name}:{s.name}": s.schedule.state() for b in self.blocks.values() for s in b.stats.values()
-            },
-            "elementwise_state": self._elementwise_state() if self.path.holds_flat_partitions else None,
-            "config": self.config.model_dump(),
-        }
-
-    def _elementwise_state(self) -> dict[int, Any]:
-        return {i: dict(self.state[p]) for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        can be loaded at world size M once every rank's part is merged (:mod:`spngd_ds.optimizer_state`)."""
+        live = None if self.path.holds_flat_partitions else self.live_parameters
+        return save_state(self.blocks, self.owned(), self.state, self.param_groups, live, self.step_count,
+                          self._prev_lr, self.config.model_dump())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore :meth:`state_dict` output (possibly merged from several ranks' files)."""
-        if state_dict.get("format") != "spngd_ds/1":
-            raise ValueError(
-                "SPNGD.load_state_dict: not an SP-NGD state dict (missing format 'spngd_ds/1'); "
-                f"keys found: {sorted(state_dict)[:8]}"
-            )
-        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=False):
-            group.update(saved)
-        keep_schedules = self._log_config_changes(state_dict.get("config") or {})
-        self.step_count = int(state_dict["step"])
-        self._prev_lr = list(state_dict["prev_lr"])
-        for key, sched in state_dict["schedules"].items():
-            bname, sname = key.rsplit(":", 1)
-            if keep_schedules and bname in self.blocks and sname in self.blocks[bname].stats:
-                self.blocks[bname].stats[sname].schedule.load(sched)
-        if not keep_schedules:  # every statistic is refreshed at the next step under the new rule
-            for b in self.blocks.values():
-                for st in b.stats.values():
-                    st.schedule.load((1, self.step_count))
-        holds_flat = self.path.holds_flat_partitions
-        if holds_flat and state_dict.get("elementwise_state") is not None:
-            flat = [p for g in self.param_groups for p in g["params"]]
-            for i, st in state_dict["elementwise_state"].items():
-                self.state[flat[int(i)]] = dict(st)
-        elif not holds_flat:
-            live = self._aligned()
-            momentum = state_dict["momentum"]
-            for b in self.owned():
-                for p, n in zip(b.params, b.param_names, strict=True):
-                    if n in momentum:
-                        target = live[id(p)]
-                        self.state[target]["momentum_buffer"] = momentum[n].to(target.device, target.dtype).clone()
-        for b in self.owned():
-            saved = state_dict["curvature"].get(b.name, {})
-            for s in b.stats.values():
-                if s.name in saved:
-                    s.value = saved[s.name]["value"]
-                    s.inverse = saved[s.name]["inverse"]
-                    s.schedule.last_samples = saved[s.name].get("samples")
-            if isinstance(b, KronBlock) and "pi" in saved:
-                b.pi = float(saved["pi"])
+        live = None if self.path.holds_flat_partitions else self.live_parameters
+        self.step_count, self._prev_lr = load_state(state_dict, self.blocks, self.owned(), self.state,
+                                                    self.param_groups, live, self.config.model_dump(), self.defaults)
         self.capture.start_step(self._due(self.step_count))
-
-    def _log_config_changes(self, saved: dict[str, Any]) -> bool:
-        """Log every hyperparameter that differs from the checkpoint's; the saved refresh schedules
-        are kept only when the staleness rule is unchanged (returns whether they are)."""
-        now = self.config.model_dump()
-        changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
-        for key, (old, new) in changed.items():
-            if key in self.defaults:  # a parameter-group value: the checkpoint's (and its schedule's) wins
-                logger.warning("SPNGD: config has %s = %r; the checkpoint's %s = %r is kept", key, new, key, old)
-            else:
-                logger.warning("SPNGD: resuming with %s = %r (checkpoint had %r)", key, new, old)
-        return "staleness" not in changed
-
-
-def _own_storage(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t``, or a copy of it when it is a view of a larger tensor (a slot of a stack of inverses),
-    so that a checkpoint holds only its own elements."""
-    if t is None or t._base is None:
-        return t
-    return t.clone()

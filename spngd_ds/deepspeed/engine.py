@@ -74,10 +74,9 @@ def _fast_step(engine: Any, opt: SPNGD) -> Any:
     def step(*args: Any, **kwargs: Any) -> Any:
         if not engine.is_gradient_accumulation_boundary():
             return original(*args, **kwargs)
-        count_before, skipped_before = opt.step_count, opt.stats_log.skipped_steps
+        opt.path.before_engine_step(opt)
         result = original(*args, **kwargs)
-        if opt.step_count == count_before and opt.stats_log.skipped_steps == skipped_before:
-            opt.skip_step("DeepSpeed skipped the step (overflow)")
+        opt.path.after_engine_step(opt)  # a step DeepSpeed skipped (overflow) is skipped there
         return result
 
     return step

@@ -29,7 +29,7 @@ step's statistics.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -38,22 +38,20 @@ from spngd_ds.blocks.base import all_finite_many
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.comm import FragmentPlan, OwnerLayout
 from spngd_ds.comm.packing import Fragment
-from spngd_ds.reductions import all_reduce_sum, any_rank_each
-
-if TYPE_CHECKING:
-    from spngd_ds.optimizer import SPNGD
+from spngd_ds.paths.base import StepOptimizer, StepPath
+from spngd_ds.reductions import all_reduce_sum
 
 #: ``(param, param_groups, rank) -> Fragment | None``: where ``param``'s elements live in the flat
 #: partitions this rank steps (``None``: this rank holds none of them)
 FragmentLocator = Callable[[torch.nn.Parameter, list[dict[str, Any]], int], "Fragment | None"]
 
 
-class CompatiblePath:
+class CompatiblePath(StepPath):
     """DeepSpeed's ZeRO optimizer steps the flat partitions; SP-NGD preconditions inside that step."""
 
     holds_flat_partitions = True
 
-    def __init__(self, engine: Any, opt: SPNGD, locate: FragmentLocator) -> None:
+    def __init__(self, engine: Any, opt: StepOptimizer, locate: FragmentLocator) -> None:
         self.engine = engine
         self.locate = locate
         # DeepSpeed's ZeRO 1/2 step swaps ``param_groups`` for a one-group list while it calls us;
@@ -77,26 +75,19 @@ class CompatiblePath:
         self.skipped = False
         self.lrs: list[float] | None = None
 
-    def step(self, opt: SPNGD) -> None:
+    def step(self, opt: StepOptimizer) -> None:
         """Steps 1-5 of the module docstring, on the flat partition DeepSpeed hands over now."""
         self.calls += 1
         if self.calls > 1:
             raise RuntimeError("SPNGD: DeepSpeed stepped the optimizer twice in one step (several groups?)")
-        opt.stats_log.reset_timers()
-        opt.comm.reset_bytes()
         self.skipped, self.lrs = False, opt.current_lrs()
         comm = opt.comm
-        with opt.stats_log.timer("comm"):
-            plan = self.plan
-            pieces = [f.flat.grad.narrow(0, f.flat_start, f.numel) for f in self.frags]  # type: ignore[union-attr]
-            bad = not all_finite_many(pieces)
-            flags = any_rank_each(comm, [bad, *opt.received_gradient(self.params)])
-        if flags[0]:
-            opt.skip_step("non-finite gradient")
-            self.skipped = True
-            self.engine.optimizer.overflow = True
+        plan = self.plan
+        pieces = [f.flat.grad.narrow(0, f.flat_start, f.numel) for f in self.frags]  # type: ignore[union-attr]
+        opened = self.open_step(opt, not all_finite_many(pieces), self.params)
+        if opened is None:
             return
-        has_grad = {id(p): f for p, f in zip(self.params, flags[1:], strict=True)}
+        has_grad = opened[0]
         with opt.stats_log.timer("comm"):
             owned = iter(comm.fragments_to_owners(plan, pieces, torch.float32))
         grads = {b.name: [next(owned) for _ in b.params] for b in opt.owned()}
@@ -117,7 +108,14 @@ class CompatiblePath:
                 opt.state[frag.flat]["momentum_buffer"].narrow(0, frag.flat_start, frag.numel).copy_(buf)
         self._rescale(opt)
 
-    def after_engine_step(self, opt: SPNGD) -> bool:
+    def report_skipped(self, opt: StepOptimizer) -> None:
+        self.skipped = True
+        self.engine.optimizer.overflow = True
+
+    def before_engine_step(self, opt: StepOptimizer) -> None:
+        """Nothing to note: :meth:`step` counts its own calls."""
+
+    def after_engine_step(self, opt: StepOptimizer) -> bool:
         """Called after DeepSpeed's step: whether SP-NGD's step was applied (then it is finished)."""
         calls, self.calls = self.calls, 0
         if calls == 0:
@@ -128,17 +126,17 @@ class CompatiblePath:
         opt.finish_step(self.lrs)
         return True
 
-    def _fragment(self, opt: SPNGD, p: torch.nn.Parameter) -> Fragment | None:
+    def _fragment(self, opt: StepOptimizer, p: torch.nn.Parameter) -> Fragment | None:
         return self.locate(p, self.groups, opt.comm.rank)
 
-    def _layout(self, opt: SPNGD) -> OwnerLayout:
+    def _layout(self, opt: StepOptimizer) -> OwnerLayout:
         """Every block parameter's full shape, in block order, with its block's owner."""
         return OwnerLayout.build(
             [(tuple(full_shape(p)), opt.assignment[b.name]) for b in opt.blocks.values() for p in b.params],
             opt.comm.world_size,
         )
 
-    def _fragment_plan(self, opt: SPNGD) -> FragmentPlan:
+    def _fragment_plan(self, opt: StepOptimizer) -> FragmentPlan:
         """Which element ranges of which parameter each rank holds (DeepSpeed's partitions are
         fixed for the run): one exchange of (item, start, length) at initialize, on every rank."""
         triples = []
@@ -149,7 +147,7 @@ class CompatiblePath:
                 self.frags.append(frag)
         return opt.comm.fragment_plan(self.layout, triples)
 
-    def _own_what_is_held(self, opt: SPNGD) -> None:
+    def _own_what_is_held(self, opt: StepOptimizer) -> None:
         """ZeRO 1/2: re-choose owners so that each block lives on the rank whose DeepSpeed
         partition holds most of its gradient (:func:`~spngd_ds.assignment.assign_to_holders`):
         only the elements of blocks that straddle a partition boundary, or that the inversion
@@ -167,7 +165,7 @@ class CompatiblePath:
         self.plan = FragmentPlan(self.layout, self.plan.fragments)
 
     def _frozen_fragments(
-        self, opt: SPNGD, has_grad: dict[int, bool]
+        self, opt: StepOptimizer, has_grad: dict[int, bool]
     ) -> list[tuple[Fragment, torch.Tensor, torch.Tensor]]:
         """Fragments (with copies of their weights and momentum) of parameters that received no
         gradient on any rank: the update must leave them as they are."""
@@ -183,7 +181,7 @@ class CompatiblePath:
                         buf.narrow(0, frag.flat_start, frag.numel).clone()))
         return out
 
-    def _rescale(self, opt: SPNGD) -> None:
+    def _rescale(self, opt: StepOptimizer) -> None:
         """Rule 8 on the fp32 master fragments: one all-reduce of the squared norms of the weights
         (every rank names the same ones), then each rank scales its fragments."""
         weights = [(b.params[0], self._fragment(opt, b.params[0])) for b in opt.rescaled_blocks()]

@@ -21,20 +21,19 @@ engine counts the step as skipped and does not advance its learning-rate schedul
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from spngd_ds.blocks.base import all_finite_device, all_finite_many
 from spngd_ds.comm import OwnerLayout
-from spngd_ds.reductions import any_rank_each_and_sum
+from spngd_ds.decisions import decision_states, load_decisions
+from spngd_ds.paths.base import StepOptimizer, StepPath
+from spngd_ds.stat_exchange import Due
 
-if TYPE_CHECKING:
-    from spngd_ds.optimizer import SPNGD
 
-
-class FastPath:
+class FastPath(StepPath):
     """SP-NGD moves gradients and parameters itself (``param_groups`` hold the model's tensors, or
     DeepSpeed's per-parameter fp32 copies of them under bf16)."""
 
@@ -44,30 +43,35 @@ class FastPath:
         self.overflow_target = overflow_target
         self._layout: OwnerLayout | None = None
         self._items: list[tuple[tuple[int, ...], int]] | None = None
+        self._before: tuple[int, int] | None = None
 
-    def step(self, opt: SPNGD) -> None:
+    def report_skipped(self, opt: StepOptimizer) -> None:
         target = self.overflow_target if self.overflow_target is not None else opt
-        opt.overflow = False
-        opt.stats_log.reset_timers()
-        opt.comm.reset_bytes()
-        live = opt._aligned()
+        target.overflow = True
+
+    def before_engine_step(self, opt: StepOptimizer) -> None:
+        """Note the step count and skip count, which a step the engine ran through SP-NGD changes."""
+        self._before = (opt.step_count, opt.stats_log.skipped_steps)
+
+    def after_engine_step(self, opt: StepOptimizer) -> bool:
+        """Whether SP-NGD's step was applied; when the engine called it neither to apply nor to
+        skip it (DeepSpeed skipped it: an overflow), the step is skipped here."""
+        before, self._before = self._before, None
+        if before is not None and (opt.step_count, opt.stats_log.skipped_steps) == before:
+            opt.skip_step("DeepSpeed skipped the step (overflow)")
+            return False
+        return before is not None and opt.step_count != before[0]
+
+    def step(self, opt: StepOptimizer) -> None:
+        live = opt.live_parameters()
         # the step's one host synchronisation when nothing is refreshed: must it be skipped?
-        present = [g for g in (live[id(q)].grad for q in opt._params) if g is not None]
+        present = [g for g in (live[id(q)].grad for q in opt.model_parameters) if g is not None]
         present = [g for g in present if g.numel() > 0]
         local_bad = bool(present) and not bool(all_finite_device(present)) and not all_finite_many(present)
-        totals: torch.Tensor | None = None
-        if opt.comm.world_size == 1:
-            flags = [local_bad, *opt.received_gradient(opt._params)]
-        else:
-            with opt.stats_log.timer("comm"):  # the due statistics' sample counts in the same all-reduce
-                flags, totals = any_rank_each_and_sum(
-                    opt.comm, [local_bad, *opt.received_gradient(opt._params)], opt.local_sample_counts(opt.due_now())
-                )
-        if flags[0]:
-            opt.skip_step("non-finite gradient")
-            target.overflow = True
+        opened = self.open_step(opt, local_bad, opt.model_parameters, with_sample_totals=True)
+        if opened is None:
             return
-        has_grad = {id(p): f for p, f in zip(opt._params, flags[1:], strict=True)}
+        has_grad, totals = opened
         grads = {
             b.name: [_grad_or_zeros(live[id(p)]) for p in b.params] for b in opt.blocks.values()
         }
@@ -93,19 +97,20 @@ class FastPath:
             self._gather_parameters(opt, live, due)
         opt.finish_step(opt.current_lrs())
 
-    def _param_items(self, opt: SPNGD) -> list[tuple[tuple[int, ...], int]]:
+    def _param_items(self, opt: StepOptimizer) -> list[tuple[tuple[int, ...], int]]:
         """(shape, owner) of every parameter of every block, in block order (built once)."""
         if self._items is None:
             self._items = [(tuple(p.shape), opt.assignment[b.name]) for b in opt.blocks.values() for p in b.params]
         return self._items
 
-    def _param_layout(self, opt: SPNGD) -> OwnerLayout:
+    def _param_layout(self, opt: StepOptimizer) -> OwnerLayout:
         """Every parameter of every block, in block order, owned by its block's owner (built once)."""
         if self._layout is None:
             self._layout = OwnerLayout.build(self._param_items(opt), opt.comm.world_size)
         return self._layout
 
-    def _reduce_gradients(self, opt: SPNGD, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    def _reduce_gradients(self, opt: StepOptimizer, grads: dict[str, list[torch.Tensor]]
+                          ) -> dict[str, list[torch.Tensor]]:
         """Average gradients over ranks, delivered to each block's owner only (the exchange layout:
         reduce-scatter of equal shards + all-to-all to owners)."""
         if opt.comm.world_size == 1:
@@ -116,24 +121,24 @@ class FastPath:
         it = iter(mine)
         return {b.name: [next(it).div_(opt.comm.world_size) for _ in b.params] for b in opt.owned()}
 
-    def _gather_parameters(self, opt: SPNGD, live: dict[int, nn.Parameter], due: list[tuple[Any, Any]]) -> None:
+    def _gather_parameters(self, opt: StepOptimizer, live: dict[int, nn.Parameter], due: list[Due]) -> None:
         """Every rank receives the owners' updated parameters (all-to-all back + all-gather of equal
         shards), in the dtype of the tensors the optimizer updates (the same on every rank), and the
         owners' refresh decisions of ``due`` after them in the same layout: no exchange of their own,
         unless that dtype cannot hold them exactly (then they go alone, in float64)."""
         if opt.comm.world_size == 1:
             return
-        dtype = live[id(opt._params[0])].dtype
+        dtype = live[id(opt.model_parameters[0])].dtype
         mine = [live[id(p)].detach() for b in opt.owned() for p in b.params]
         with_decisions = bool(due) and opt.decisions_exact_in(dtype)
         if with_decisions:
-            items, states = opt.decision_states(due, dtype)
+            items, states = decision_states(opt.comm, opt.assignment, due, dtype)
             layout = OwnerLayout.build([*self._param_items(opt), *items], opt.comm.world_size)
             mine += states  # owned items in item order: this rank's parameters, then its decisions
         else:
             layout = self._param_layout(opt)
             if due:
-                opt._share_schedules(due)
+                opt.share_decisions(due)
         every = opt.comm.from_owners(layout, mine, dtype)
         params = [p for b in opt.blocks.values() for p in b.params]
         n = len(params)
@@ -141,7 +146,7 @@ class FastPath:
             if owner != opt.comm.rank:
                 live[id(p)].copy_(value)
         if with_decisions:
-            opt.load_decisions(due, every[n:])
+            load_decisions(due, every[n:])
 
 
 def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
             [(triu_numel(s.shape[-1]) * math.prod(s.shape[:-2]), owners[b.name]) for b, s in pairs], world
         )
 
-    # the A factors travel in a layout of their own, started behind the backward (spngd_ds/overlap.py)
+    # the A factors travel in a layout of their own, started behind the backward (spngd_ds/paths/overlap.py)
     early, late = [(b, s) for b, s in due if s.name == "A"], [(b, s) for b, s in due if s.name != "A"]
     param_items = [(tuple(p.shape), owners[b.name]) for b in blocks for p in b.params]
     back = OwnerLayout.build(param_items + [(2, owners[b.name]) for b, _ in due], world)

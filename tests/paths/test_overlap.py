@@ -1,4 +1,4 @@
-"""A factors sent behind the backward (spngd_ds/overlap.py) give the same step as sending them in the step.
+"""A factors sent behind the backward (spngd_ds/paths/overlap.py) give the same step as sending them in the step.
 
 3 forked gloo ranks (one owns nothing), float64, a BatchNorm CNN, three forwards a step of which the
 first two capture statistics, a learning rate that changes every step, and a step skipped for a
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import spngd_ds
-from spngd_ds.overlap import can_send_early
+from spngd_ds.paths.overlap import can_send_early
 from tests.support.distributed import fork_ranks
 
 WORLD, FORWARDS, CAPTURED, STEPS, NAN_STEP = 3, 3, 2, 5, 2

@@ -265,7 +265,7 @@ def stage0_masters(engine, opt) -> dict[str, torch.Tensor]:  # type: ignore[no-u
     The fp32 copies SP-NGD updates (DeepSpeed's wrapper puts them in the optimizer's groups, in the
     model's parameter order), not their half-precision casts.
     """
-    live = opt._aligned()
+    live = opt.live_parameters()
     return {name: live[id(prm)].detach().float().cpu().clone() for name, prm in engine.module.named_parameters()}
 
 

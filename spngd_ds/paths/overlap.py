@@ -17,39 +17,13 @@ known (``stat_micro_batches: null`` without an engine that says how many forward
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
-from spngd_ds.comm import PendingToOwners
-
-if TYPE_CHECKING:
-    from spngd_ds.blocks import Block
-    from spngd_ds.blocks.base import Statistic
-    from spngd_ds.optimizer import SPNGD
+from spngd_ds.paths.base import StepOptimizer
+from spngd_ds.stat_exchange import EarlyFactors, pack_statistics
 
 
-@dataclass
-class EarlyFactors:
-    """Due A factors whose exchange to owners is in flight.
-
-    ``stats``: (block, statistic) pairs in block order; ``counts``: this rank's sample count of each;
-    ``pending``: the exchange (its ``wait()`` returns the owned ones' global sums, packed);
-    ``nbytes``: what starting it sent (counted into the step's ``comm_nbytes``).
-    """
-
-    stats: list[tuple[Block, Statistic]]
-    counts: list[float]
-    pending: PendingToOwners
-    nbytes: int
-
-    def ids(self) -> set[int]:
-        """``id`` of every statistic in flight."""
-        return {id(s) for _, s in self.stats}
-
-
-def can_send_early(opt: SPNGD) -> bool:
+def can_send_early(opt: StepOptimizer) -> bool:
     """Whether this run may send A factors behind the backward at all (see the module docstring):
     ``overlap_statistics`` true or "auto", more than one rank, and statistics not on an fp16 wire.
     Whether a given step does is :func:`worth_sending_early`."""
@@ -57,7 +31,7 @@ def can_send_early(opt: SPNGD) -> bool:
     return mode in (True, "auto") and opt.comm.world_size > 1 and opt.config.comm_dtype != "fp16"
 
 
-def worth_sending_early(opt: SPNGD) -> bool:
+def worth_sending_early(opt: StepOptimizer) -> bool:
     """Whether this step starts its A exchange when A is complete. ``True``: always. "auto": on an
     accelerator always (its communicator has a stream of its own), and on the CPU only when
     forwards of this step follow the one that completed A (gradient accumulation with
@@ -74,7 +48,7 @@ def worth_sending_early(opt: SPNGD) -> bool:
 
 
 @torch.no_grad()
-def send_factors_early(opt: SPNGD) -> EarlyFactors | None:
+def send_factors_early(opt: StepOptimizer) -> EarlyFactors | None:
     """Take every due A's local sum and start its exchange to the owners; later forwards of this
     step capture no A. A collective (an asynchronous reduce-scatter per bucket): every rank calls
     it after the same forward. ``None`` when no A is due this step."""
@@ -83,9 +57,10 @@ def send_factors_early(opt: SPNGD) -> EarlyFactors | None:
     if not stats:
         return None
     local = [s.take_local() for _, s in stats]
-    packed, layout, wire = opt.pack_statistics(stats, [total for total, _ in local])
+    packed, layout, wire = pack_statistics(opt.comm, opt.assignment, opt.config.comm_dtype, stats,
+                                           [total for total, _ in local])
     before = opt.comm.bytes_sent
     pending = opt.comm.to_owners_async(layout, packed, wire)
-    opt.capture.due = {name: names - {"A"} for name, names in opt.capture.due.items()}
+    opt.stop_capturing("A")
     opt.stats_log.factors_sent_early += len(stats)
     return EarlyFactors(stats, [count for _, count in local], pending, opt.comm.bytes_sent - before)
