@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from spngd_ds.blocks import Block, KronBlock
+from spngd_ds.blocks.embedding import EmbeddingBlock
 
 logger = logging.getLogger("spngd_ds")
 
@@ -54,7 +55,7 @@ def save_state(
             for s in b.stats.values()
             if s.value is not None
         }
-        | ({"pi": b.pi} if isinstance(b, KronBlock) else {})
+        | ({"pi": b.pi} if isinstance(b, KronBlock | EmbeddingBlock) else {})
         for b in owned
         if b.stats
     }
@@ -122,7 +123,7 @@ def load_state(
                 s.value = saved[s.name]["value"]
                 s.inverse = saved[s.name]["inverse"]
                 s.schedule.last_samples = saved[s.name].get("samples")
-        if isinstance(b, KronBlock) and "pi" in saved:
+        if isinstance(b, KronBlock | EmbeddingBlock) and "pi" in saved:
             b.pi = float(saved["pi"])
     return step, list(state_dict["prev_lr"])
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from spngd_ds.blocks import Block, KronBlock, UnitwiseBlock
+from spngd_ds.blocks import Block, UnitwiseBlock
 from spngd_ds.blocks.base import InversionJob, InversionReport, Statistic, all_finite, run_inversions
 from spngd_ds.metrics import StepMetrics
 from spngd_ds.safety import OutlierGuard
@@ -124,7 +124,7 @@ def invert_refreshed(
         if isinstance(block, UnitwiseBlock):
             log.bn_channel_failures += block.failed_channels
         for failed in report.failed:
-            if isinstance(block, KronBlock):
+            if not isinstance(block, UnitwiseBlock):  # a unit-wise block counts its channels above
                 log.inversion_failures += 1
                 logger.warning("SPNGD: inversion of %s.%s failed; plain gradient this step", name, failed)
             block.stats[failed].schedule.postpone(step)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PACKAGE = Path(__file__).resolve().parent.parent / "spngd_ds"
+PACKAGE = Path(__file__).resolve().parents[2] / "spngd_ds"
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -182,6 +182,7 @@ def test_fast_and_compatible_paths_agree_at_one_rank() -> None:
     path (the model's tensors) and the compatible path (a ZeRO-1 flat partition) end at the same
     parameters, and each applied its three steps."""
     from spngd_ds.optimizer import SPNGD
+    from spngd_ds.deepspeed.partitions import local_fragment
     from spngd_ds.paths import CompatiblePath, FastPath
 
     torch.manual_seed(1)
@@ -196,7 +197,7 @@ def test_fast_and_compatible_paths_agree_at_one_rank() -> None:
         engine = None
         if kind == "compatible":
             engine = _ZeroOne(model, opt)
-            opt.path = CompatiblePath(engine, opt)
+            opt.path = CompatiblePath(engine, opt, local_fragment)
         for lr in lrs:
             opt.param_groups[0]["lr"] = lr
             nn.functional.cross_entropy(model(x), y).backward()
