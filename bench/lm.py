@@ -404,6 +404,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_files", type=int, default=None,
                    help="first files of the sorted list only (default all; 200 with --short)")
     p.add_argument("--target_slack", type=float, default=0.02, help="nats/byte above the best first-order loss")
+    p.add_argument("--target_from", type=Path, default=None,
+                   help="take each batch size's target from this results file (runs of SP-NGD variants alone)")
     p.add_argument("--clip", type=float, default=1.0, help="DeepSpeed gradient_clipping for every optimizer")
     p.add_argument("--spngd_params", type=json.loads, default={},
                    help="JSON dict of extra SP-NGD keyword arguments, e.g. '{\"positions_as_samples\": true}'")
@@ -473,7 +475,9 @@ def main(argv: list[str] | None = None) -> None:
                           f"({r.cpu_seconds[-1] / max(len(r.cpu_seconds), 1) * 1e3:.0f} CPU), run {r.run_wall_s:.0f} s "
                           f"({r.run_cpu_s:.0f} CPU), {time.perf_counter() - wall:.0f} s", flush=True)
         res["runs"][batch_name] = {n: {str(lr): asdict(r) for lr, r in g.items()} for n, g in runs.items()}
-        res["summary"][batch_name] = summarise(runs, a.target_slack, tuple(a.lrs))
+        given = json.loads(a.target_from.read_text())["summary"][batch_name] if a.target_from else None
+        fixed = given["target_val_loss"] if given is not None else None
+        res["summary"][batch_name] = summarise(runs, a.target_slack, tuple(a.lrs), fixed)
         cov = next((r.coverage for r in runs.get("SP-NGD", {}).values() if r.coverage), None)
         if cov is not None:
             res["spngd_coverage"] = cov

@@ -45,9 +45,13 @@ def choose_lr(grid: dict[float, Run], target: float) -> float:
     return min(grid, key=key)
 
 
-def summarise(runs: dict[str, dict[float, Run]], slack: float, grid: tuple[float, ...]) -> dict[str, Any]:
-    """Per batch size: the target, each optimizer's chosen lr and its figures, the verdict."""
-    target = target_loss(runs, slack)
+def summarise(runs: dict[str, dict[float, Run]], slack: float, grid: tuple[float, ...],
+              target: float | None = None) -> dict[str, Any]:
+    """Per batch size: the target, each optimizer's chosen lr and its figures, the verdict.
+
+    ``target``: the target validation loss to use (default: the best first-order loss plus ``slack``).
+    """
+    target = target_loss(runs, slack) if target is None else target
     out: dict[str, Any] = {"target_val_loss": target, "optimizers": {}}
     for name, per_lr in runs.items():
         lr = choose_lr(per_lr, target)

@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
-FIGURE_DOCS = [ROOT / "README.md", ROOT / "docs" / "performance.md"]
+FIGURE_DOCS = [ROOT / "README.md", ROOT / "docs" / "performance.md", ROOT / "docs" / "transformers.md"]
 
 SCALES = {"MiB": 1 / 2**20, "GiB": 1 / 2**30, "KiB": 1 / 2**10, "ms": 1000.0, "percent": 100.0}
 
