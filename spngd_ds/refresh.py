@@ -39,13 +39,16 @@ def take_refreshes(
     log: StepMetrics,
     never_captured: Callable[[Block], None],
 ) -> dict[str, set[str]]:
-    """Normalise the owned due statistics ``mine`` ((block, statistic, global count)) from their
+    """Normalise and accept or reject the owned due statistics.
+
+    Normalise the owned due statistics ``mine`` ((block, statistic, global count)) from their
     global ``sums`` (packed upper triangles already unpacked; ``None``: no rank captured it) and
     take each one that is finite and no outlier (rule 6 decides its next refresh); returns block
     name -> the statistics refreshed. ``prescale``: the sums arrived divided by their count (fp16
     wire) and are multiplied back. Finiteness, relative changes and noise figures of all of them
     are read back in one host synchronisation. ``never_captured(block)`` is told of a block none
-    of whose ranks captured the statistic; ``log`` counts non-finite and rejected ones."""
+    of whose ranks captured the statistic; ``log`` counts non-finite and rejected ones.
+    """
     values: list[tuple[Block, Statistic, float, torch.Tensor]] = []
     for (b, s, count), total in zip(mine, sums, strict=True):
         if count <= 0 or total is None:
@@ -103,11 +106,14 @@ def take_refreshes(
 def invert_refreshed(
     step: int, blocks: dict[str, Block], refreshed: dict[str, set[str]], damping: float, log: StepMetrics
 ) -> None:
-    """Re-invert the statistics ``refreshed`` (block name -> names) of ``blocks`` damped by λ =
+    """Re-invert the refreshed statistics of ``blocks``.
+
+    Re-invert the statistics ``refreshed`` (block name -> names) of ``blocks`` damped by λ =
     ``damping``: every block's matrices in batches by size and their outcome read back at once
     (:func:`~spngd_ds.blocks.base.run_inversions`); a block kind that overrides ``invert`` inverts
     itself. A failed inversion keeps the previous inverse (the plain gradient when there is none)
-    and is retried at the next step; ``log`` counts the failures."""
+    and is retried at the next step; ``log`` counts the failures.
+    """
     jobs: list[tuple[str, InversionJob]] = []
     reports: list[tuple[str, InversionReport]] = []
     for name, names in refreshed.items():

@@ -1,4 +1,6 @@
-"""Wiring SP-NGD into a DeepSpeed engine (DESIGN.md §3): the path object, the factors the capture
+"""Wiring SP-NGD into a DeepSpeed engine.
+
+Wiring SP-NGD into a DeepSpeed engine (DESIGN.md §3): the path object, the factors the capture
 hooks need, and the engine's ``step`` at the gradient-accumulation boundary.
 
 - ZeRO stage 0: :class:`~spngd_ds.paths.fast.FastPath`. The engine's gradient all-reduce is
@@ -57,8 +59,11 @@ def attach(engine: Any, opt: SPNGD) -> None:
 
 
 def _observe_losses(engine: Any, opt: SPNGD) -> None:
-    """``engine.backward(loss)`` hands the loss to :meth:`SPNGD.observe_loss` (kept as a tensor, read
-    only by the error that stops a run whose steps are all skipped)."""
+    """Make ``engine.backward`` report the loss to SP-NGD.
+
+    ``engine.backward(loss)`` hands the loss to :meth:`SPNGD.observe_loss` (kept as a tensor, read
+    only by the error that stops a run whose steps are all skipped).
+    """
     backward = engine.backward
 
     def observed_backward(loss: Any, *args: Any, **kwargs: Any) -> Any:
