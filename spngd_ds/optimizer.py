@@ -193,8 +193,8 @@ class SPNGD(Optimizer):
         self.path: StepPath = path if path is not None else default_path()
         #: read by DeepSpeed's engine after ``step()``: True when the step was skipped
         self.overflow = False
-        self.last_clip_factor = 1.0
-        self.last_bound_factor = 1.0
+        self._last_clip_factor: float | torch.Tensor = 1.0
+        self._last_bound_factor: float | torch.Tensor = 1.0
         #: rule 13: the outlier rule's memory and the consecutive-skip stop (spngd_ds.safety)
         self.outliers = OutlierGuard()
         self.skips = SkipGuard(limit=cfg.max_consecutive_skips or None)
@@ -271,7 +271,7 @@ class SPNGD(Optimizer):
 
     # -- the step -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SP-NGD step on the gradients of this step (the path decides where they come from)."""
         loss = None
         if closure is not None:
@@ -370,22 +370,12 @@ class SPNGD(Optimizer):
         if arrived is None:
             return due
         with self.stats_log.timer("inversion"):
-            refreshed = take_refreshes(step, *arrived, self.outliers, self.stats_log, self._warn_never_captured)
+            refreshed = take_refreshes(step, *arrived, self.outliers, self.stats_log, self._never_captured_warned)
             invert_refreshed(step, self.blocks, refreshed, self.damping, self.stats_log)
         if share_decisions:
             with self.stats_log.timer("comm"):
                 self.share_decisions(due)
         return due
-
-    def _warn_never_captured(self, block: Block) -> None:
-        """Once per layer: it has curvature statistics but none was ever captured."""
-        if block.name in self._never_captured_warned or any(s.refreshes for s in block.stats.values()):
-            return
-        self._never_captured_warned.add(block.name)
-        logger.warning(
-            "SPNGD: no statistics of %s were captured at step %d (its forward did not run in training mode "
-            "with autograd): it takes the first-order update until they are", block.name, self.step_count,
-        )
 
     def share_decisions(self, due: list[Due]) -> None:
         """Send the owners' refresh decisions of ``due`` to every rank, in an exchange of their own."""
@@ -410,8 +400,8 @@ class SPNGD(Optimizer):
         bound = self.config.step_bound or None
         lr = float(self.param_groups[0]["lr"])
         nu, norm = step_bound(self.comm, out, grads, lr, bound, self.skips.pending_loss, self.config.clip_norm)
-        self.last_bound_factor = nu if nu is not None else 1.0
-        self.last_clip_factor = norm if norm is not None else 1.0
+        self._last_bound_factor = nu if nu is not None else 1.0
+        self._last_clip_factor = norm if norm is not None else 1.0
         factor = nu * norm if nu is not None and norm is not None else nu if nu is not None else norm
         flat = [d for ds in out.values() for d in ds]
         if factor is None or not flat:
@@ -431,19 +421,11 @@ class SPNGD(Optimizer):
         f = self._last_clip_factor
         return float(f) if isinstance(f, torch.Tensor) else f
 
-    @last_clip_factor.setter
-    def last_clip_factor(self, value: float | torch.Tensor) -> None:
-        self._last_clip_factor = value
-
     @property
     def last_bound_factor(self) -> float:
         """Rule 13's factor ν of the last step (1.0 when the bound is off or did not act); read from the device here."""
         f = self._last_bound_factor
         return float(f) if isinstance(f, torch.Tensor) else f
-
-    @last_bound_factor.setter
-    def last_bound_factor(self, value: float | torch.Tensor) -> None:
-        self._last_bound_factor = value
 
     def momentum_update(self, p: torch.Tensor, direction: torch.Tensor, gi: int) -> None:
         """Rule 7 on ``p`` of group ``gi`` (see :mod:`spngd_ds.momentum`)."""
@@ -490,7 +472,7 @@ class SPNGD(Optimizer):
         return save_state(self.blocks, self.owned(), self.state, self.param_groups, live, self.step_count,
                           self._prev_lr, self.config.model_dump())
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (possibly merged from several ranks' files)."""
         live = None if self.path.holds_flat_partitions else self.live_parameters
         self.step_count, self._prev_lr = load_state(state_dict, self.blocks, self.owned(), self.state,
