@@ -1,7 +1,7 @@
 """Owners' refresh decisions reach every rank.
 
-Owners' refresh decisions reach every rank (rule 6: every rank agrees on when each statistic is
-refreshed next, so that every rank captures it and takes part in its exchange at the same step).
+Rule 6: every rank agrees on when each statistic is refreshed next, so that every rank captures
+it and takes part in its exchange at the same step.
 
 A decision is a statistic's (interval, next step) pair, decided by its owner. It travels as two
 numbers per statistic from owners to all: with the fast path inside the gathered update (when the

@@ -1,7 +1,7 @@
 """The figures SP-NGD logs after a step.
 
-The figures SP-NGD logs after a step (W&B keys ``spngd/...``), assembled from the optimizer's
-public state: what :meth:`SPNGD.metrics <spngd_ds.optimizer.SPNGD.metrics>` returns.
+W&B keys ``spngd/...``, assembled from the optimizer's public state: what
+:meth:`SPNGD.metrics <spngd_ds.optimizer.SPNGD.metrics>` returns.
 """
 
 from __future__ import annotations

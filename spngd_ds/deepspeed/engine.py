@@ -1,7 +1,7 @@
 """Wiring SP-NGD into a DeepSpeed engine.
 
-Wiring SP-NGD into a DeepSpeed engine (DESIGN.md §3): the path object, the factors the capture
-hooks need, and the engine's ``step`` at the gradient-accumulation boundary.
+DESIGN.md §3: the path object, the factors the capture hooks need, and the engine's ``step`` at
+the gradient-accumulation boundary.
 
 - ZeRO stage 0: :class:`~spngd_ds.paths.fast.FastPath`. The engine's gradient all-reduce is
   switched off (SP-NGD reduces to owners itself); DeepSpeed's engine calls SP-NGD's step (directly

@@ -122,8 +122,8 @@ class FastPath(StepPath):
                           ) -> dict[str, list[torch.Tensor]]:
         """Average gradients over ranks, delivered to their owners.
 
-        Average gradients over ranks, delivered to each block's owner only (the exchange layout:
-        reduce-scatter of equal shards + all-to-all to owners).
+        Each block's gradients reach its owner only (the exchange layout: reduce-scatter of equal
+        shards + all-to-all to owners).
         """
         if opt.comm.world_size == 1:
             return grads

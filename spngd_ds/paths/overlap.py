@@ -26,9 +26,8 @@ from spngd_ds.stat_exchange import EarlyFactors, pack_statistics
 def can_send_early(opt: StepOptimizer) -> bool:
     """Whether this run may send A factors behind the backward.
 
-    Whether this run may send A factors behind the backward at all (see the module docstring):
-    ``overlap_statistics`` true or "auto", more than one rank, and statistics not on an fp16 wire.
-    Whether a given step does is :func:`worth_sending_early`.
+    See the module docstring: ``overlap_statistics`` true or "auto", more than one rank, and
+    statistics not on an fp16 wire. Whether a given step does is :func:`worth_sending_early`.
     """
     mode = opt.config.overlap_statistics
     return mode in (True, "auto") and opt.comm.world_size > 1 and opt.config.comm_dtype != "fp16"

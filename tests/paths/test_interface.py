@@ -160,9 +160,9 @@ class _Mapping:
 class _ZeroOne:
     """DeepSpeed's ZeRO-1 optimizer at one rank.
 
-    DeepSpeed's ZeRO-1 optimizer at one rank, as SP-NGD's compatible path sees it: one fp32
-    flat partition of every parameter in ``param_groups``; a step writes the flat gradient, calls
-    the client optimizer's step and copies the partition back into the model.
+    As SP-NGD's compatible path sees it: one fp32 flat partition of every parameter in
+    ``param_groups``; a step writes the flat gradient, calls the client optimizer's step and copies
+    the partition back into the model.
     """
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
