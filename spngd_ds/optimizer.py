@@ -36,6 +36,7 @@ from spngd_ds.capture import CurvatureCapture
 from spngd_ds.comm import Communicator
 from spngd_ds.config import DEFAULT_STALENESS, SPNGDConfig, validate_spngd_params
 from spngd_ds.metrics import StepMetrics
+from spngd_ds.momentum import apply_momentum
 from spngd_ds.optimizer_state import load_state, save_state
 from spngd_ds.paths import default_path
 from spngd_ds.paths.base import StepPath
@@ -135,6 +136,7 @@ class SPNGD(Optimizer):
         communicator: Communicator | None = None,
         path: StepPath | None = None,
     ) -> None:
+        """Build the blocks and hooks on ``model`` (arguments: see the class)."""
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"SPNGD takes the model (an nn.Module) as its first argument, got {type(model).__name__}: "
@@ -191,8 +193,8 @@ class SPNGD(Optimizer):
         self.path: StepPath = path if path is not None else default_path()
         #: read by DeepSpeed's engine after ``step()``: True when the step was skipped
         self.overflow = False
-        self.last_clip_factor = 1.0
-        self.last_bound_factor = 1.0
+        self._last_clip_factor: float | torch.Tensor = 1.0
+        self._last_bound_factor: float | torch.Tensor = 1.0
         #: rule 13: the outlier rule's memory and the consecutive-skip stop (spngd_ds.safety)
         self.outliers = OutlierGuard()
         self.skips = SkipGuard(limit=cfg.max_consecutive_skips or None)
@@ -219,8 +221,7 @@ class SPNGD(Optimizer):
         }
 
     def set_owners(self, owners: dict[str, int]) -> None:
-        """Replace the block -> owner map before the first step (a path that knows better where
-        gradients live, :mod:`spngd_ds.paths.compatible`). Every rank must pass the same map."""
+        """Replace the block -> owner map before the first step (the same map on every rank)."""
         if set(owners) != set(self.blocks) or any(not 0 <= r < self.comm.world_size for r in owners.values()):
             raise ValueError("SPNGD.set_owners: needs every block exactly once, owners in range(world_size)")
         if self.step_count or any(s.value is not None for b in self.blocks.values() for s in b.stats.values()):
@@ -270,7 +271,7 @@ class SPNGD(Optimizer):
 
     # -- the step -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SP-NGD step on the gradients of this step (the path decides where they come from)."""
         loss = None
         if closure is not None:
@@ -283,16 +284,16 @@ class SPNGD(Optimizer):
         return loss
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
-        """The loss of the step in progress, kept (not read) for the error that stops a run whose
-        steps are all skipped (``max_consecutive_skips``). ``step(closure)`` and DeepSpeed's
-        ``engine.backward`` call it; a plain loop may. It is also the L of rule 13's ``step_bound``:
-        a step that observed no loss is not bounded."""
+        """Keep the loss of the step in progress: rule 13's L, and for the stalled-run error.
+
+        ``step(closure)`` and DeepSpeed's ``engine.backward`` call it; a plain loop may. A step that
+        observed no loss is not bounded (``step_bound``); the loss is not read otherwise.
+        """
         self.skips.observe_loss(loss)
 
     @contextlib.contextmanager
     def hold_steps(self) -> Iterator[None]:
-        """``step()`` does nothing inside this block (DeepSpeed's bf16 wrapper steps its client
-        optimizer once at construction with zero gradients; that is not a step of the run)."""
+        """Make ``step()`` do nothing inside this block (DeepSpeed's bf16 wrapper's zero-gradient step)."""
         self._held = True
         try:
             yield
@@ -318,9 +319,7 @@ class SPNGD(Optimizer):
         self.skips.skipped(self.step_count, reason, float(self.param_groups[0]["lr"]), self.damping)
 
     def finish_step(self, lrs: list[float] | None = None) -> None:
-        """Advance the step counter and tell the hooks what to capture next. ``lrs``: the learning
-        rate of each group that this step's update used (default: the groups' current ones), which
-        the momentum correction of the next step divides by (rule 7)."""
+        """Advance the step counter; ``lrs``: each group's learning rate this step used (rule 7's lr_prev)."""
         self._prev_lr = list(lrs if lrs is not None else self.current_lrs())
         self.skips.applied(self.step_count)
         self.step_count += 1
@@ -342,9 +341,10 @@ class SPNGD(Optimizer):
         return [(b, s) for b in self.blocks.values() for s in b.stats.values() if s.schedule.is_due(step)]
 
     def local_sample_counts(self, due: list[Due]) -> torch.Tensor:
-        """This rank's sample count of each statistic of ``due`` (:meth:`due_now`), (len(due),)
-        float64 on the communicator's device: what :meth:`refresh_curvature` sums over the ranks.
-        An A factor already sent behind the backward counts what it was sent with."""
+        """Return this rank's sample count of each statistic of ``due``, (len(due),) float64.
+
+        On the communicator's device; an A factor already sent behind the backward counts what it was sent with.
+        """
         early = {id(s): c for (_, s), c in zip(self._early.stats, self._early.counts, strict=True)} \
             if self._early is not None else {}
         return torch.tensor([early.get(id(s), s.local_count) for _, s in due],
@@ -352,12 +352,11 @@ class SPNGD(Optimizer):
 
     def refresh_curvature(self, share_decisions: bool = True, sample_totals: torch.Tensor | None = None
                           ) -> list[Due]:
-        """Reduce due statistics to owners, refresh and re-invert them, share refresh decisions;
-        returns the (block, statistic) pairs that were due, in the order every rank agrees on.
+        """Reduce due statistics to owners, refresh and re-invert them, share refresh decisions.
 
-        With ``share_decisions=False`` the owners' decisions are left for the caller to send with
-        its gathered update (DESIGN.md rule 6; the fast path: :mod:`spngd_ds.decisions`), which
-        must happen before the next step.
+        Returns the due (block, statistic) pairs, in the order every rank agrees on. With
+        ``share_decisions=False`` the owners' decisions are left for the caller to send with its
+        gathered update (DESIGN.md rule 6; the fast path: :mod:`spngd_ds.decisions`) before the next step.
 
         Sample counts are summed over all ranks first (one small all-reduce, unless the caller
         summed :meth:`local_sample_counts` already and gives ``sample_totals``), so that fp16
@@ -371,48 +370,38 @@ class SPNGD(Optimizer):
         if arrived is None:
             return due
         with self.stats_log.timer("inversion"):
-            refreshed = take_refreshes(step, *arrived, self.outliers, self.stats_log, self._warn_never_captured)
+            refreshed = take_refreshes(step, *arrived, self.outliers, self.stats_log, self._never_captured_warned)
             invert_refreshed(step, self.blocks, refreshed, self.damping, self.stats_log)
         if share_decisions:
             with self.stats_log.timer("comm"):
                 self.share_decisions(due)
         return due
 
-    def _warn_never_captured(self, block: Block) -> None:
-        """Once per layer: it has curvature statistics but none was ever captured."""
-        if block.name in self._never_captured_warned or any(s.refreshes for s in block.stats.values()):
-            return
-        self._never_captured_warned.add(block.name)
-        logger.warning(
-            "SPNGD: no statistics of %s were captured at step %d (its forward did not run in training mode "
-            "with autograd): it takes the first-order update until they are", block.name, self.step_count,
-        )
-
     def share_decisions(self, due: list[Due]) -> None:
-        """Owners' refresh decisions (interval, next step) of ``due`` reach every rank (rule 6: all
-        agree), in an exchange of their own (:func:`spngd_ds.decisions.share_decisions`)."""
+        """Send the owners' refresh decisions of ``due`` to every rank, in an exchange of their own."""
         decisions.share_decisions(self.comm, self.assignment, due)
 
     def decisions_exact_in(self, dtype: torch.dtype) -> bool:
-        """Whether every decision of this step, intervals and next steps, is an integer ``dtype``
-        holds exactly (float32: up to 2**24), so that it can travel with values of that dtype."""
+        """Whether ``dtype`` holds every refresh decision of this step exactly (float32: up to 2**24)."""
         cfg = self.config.staleness
         return decisions.exact_in(dtype, self.step_count, cfg.max_interval if cfg is not None else 1)
 
     # -- preconditioning, clipping, update -----------------------------------------------------------
     def precondition_owned(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-        """P(∇) of every owned block (``grads``: block name -> averaged gradients in ``params``
-        order), scaled by rule 13's ``step_bound`` and ``clip_norm`` (:func:`spngd_ds.safety.step_bound`):
-        blocks of equal shapes batched (:class:`~spngd_ds.blocks.batched.BatchedPreconditioner`),
-        the factors computed on the device (no host synchronisation). One all-reduce when either
-        is set, none otherwise."""
+        """Return P(∇) of every owned block, scaled by rule 13's bound and ``clip_norm``.
+
+        ``grads``: block name -> averaged gradients in ``params`` order (see
+        :func:`spngd_ds.safety.step_bound`). Blocks of equal shapes are batched
+        (:class:`~spngd_ds.blocks.batched.BatchedPreconditioner`), the factors computed on the device
+        (no host synchronisation). One all-reduce when either is set, none otherwise.
+        """
         with self.stats_log.timer("precondition"):
             out = self._batched.precondition(self.owned(), grads)
         bound = self.config.step_bound or None
         lr = float(self.param_groups[0]["lr"])
         nu, norm = step_bound(self.comm, out, grads, lr, bound, self.skips.pending_loss, self.config.clip_norm)
-        self.last_bound_factor = nu if nu is not None else 1.0
-        self.last_clip_factor = norm if norm is not None else 1.0
+        self._last_bound_factor = nu if nu is not None else 1.0
+        self._last_clip_factor = norm if norm is not None else 1.0
         factor = nu * norm if nu is not None and norm is not None else nu if nu is not None else norm
         flat = [d for ds in out.values() for d in ds]
         if factor is None or not flat:
@@ -432,47 +421,20 @@ class SPNGD(Optimizer):
         f = self._last_clip_factor
         return float(f) if isinstance(f, torch.Tensor) else f
 
-    @last_clip_factor.setter
-    def last_clip_factor(self, value: float | torch.Tensor) -> None:
-        self._last_clip_factor = value
-
     @property
     def last_bound_factor(self) -> float:
         """Rule 13's factor ν of the last step (1.0 when the bound is off or did not act); read from the device here."""
         f = self._last_bound_factor
         return float(f) if isinstance(f, torch.Tensor) else f
 
-    @last_bound_factor.setter
-    def last_bound_factor(self, value: float | torch.Tensor) -> None:
-        self._last_bound_factor = value
-
     def momentum_update(self, p: torch.Tensor, direction: torch.Tensor, gi: int) -> None:
-        """Rule 7 on ``p`` of group ``gi``: v <- m_eff v - lr (d + wd θ); θ <- θ + v, with
-        m_eff = m · lr / lr_prev when the learning rate changed since the last update."""
+        """Rule 7 on ``p`` of group ``gi`` (see :mod:`spngd_ds.momentum`)."""
         self.momentum_update_many([p], [direction], gi)
 
     def momentum_update_many(self, params: list[torch.Tensor], directions: list[torch.Tensor], gi: int) -> None:
-        """:meth:`momentum_update` of every parameter of ``params`` (all of group ``gi``) with its
-        direction, in three multi-tensor ops (four with weight decay)."""
-        if not params:
-            return
-        group = self.param_groups[gi]
-        lr, m, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
+        """Rule 7 on every parameter of ``params`` (all of group ``gi``), each with its direction."""
         prev = self._prev_lr[gi] if gi < len(self._prev_lr) else None
-        m_eff = m * lr / prev if prev is not None and prev > 0 and prev != lr else m
-        ds = [d if d.dtype == p.dtype else d.to(p.dtype) for p, d in zip(params, directions, strict=True)]
-        if wd != 0.0:
-            ds = list(torch._foreach_add(ds, params, alpha=wd))
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(p)
-            bufs.append(buf)
-        torch._foreach_mul_(bufs, m_eff)
-        torch._foreach_add_(bufs, ds, alpha=-lr)
-        torch._foreach_add_(params, bufs)
+        apply_momentum(self.param_groups[gi], self.state, prev, params, directions)
 
     def rescaled_blocks(self) -> list[Block]:
         """Blocks whose weight rule 8 rescales (every rank computes the same list)."""
@@ -501,14 +463,16 @@ class SPNGD(Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Hyperparameters, momentum keyed by parameter name, and curvature keyed by layer name
-        (owned blocks only; refresh schedules of all blocks), so a checkpoint written at world size N
-        can be loaded at world size M once every rank's part is merged (:mod:`spngd_ds.optimizer_state`)."""
+        """Return hyperparameters, momentum by parameter name and curvature by layer name.
+
+        Curvature of owned blocks only, refresh schedules of all blocks, so a checkpoint written at world size N
+        can be loaded at world size M once every rank's part is merged (:mod:`spngd_ds.optimizer_state`).
+        """
         live = None if self.path.holds_flat_partitions else self.live_parameters
         return save_state(self.blocks, self.owned(), self.state, self.param_groups, live, self.step_count,
                           self._prev_lr, self.config.model_dump())
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (possibly merged from several ranks' files)."""
         live = None if self.path.holds_flat_partitions else self.live_parameters
         self.step_count, self._prev_lr = load_state(state_dict, self.blocks, self.owned(), self.state,

@@ -1,4 +1,6 @@
-"""SP-NGD's checkpoint: what :meth:`SPNGD.state_dict <spngd_ds.optimizer.SPNGD.state_dict>` writes
+"""SP-NGD's checkpoint (format ``spngd_ds/1``).
+
+SP-NGD's checkpoint: what :meth:`SPNGD.state_dict <spngd_ds.optimizer.SPNGD.state_dict>` writes
 and ``load_state_dict`` restores (format ``spngd_ds/1``).
 
 Momentum is keyed by parameter name and curvature by layer name (owned blocks only; refresh
@@ -34,11 +36,14 @@ def save_state(
     prev_lr: list[float | None],
     config: dict[str, Any],
 ) -> dict[str, Any]:
-    """The state dict of an optimizer with ``blocks`` (``owned`` by this rank), elementwise
+    """Return the state dict of an SP-NGD optimizer.
+
+    The state dict of an optimizer with ``blocks`` (``owned`` by this rank), elementwise
     ``state`` and ``param_groups``; ``live()`` maps id(model parameter) -> the tensor updated for
     it (``None``: the groups hold flat partitions, saved by position); ``step``: steps applied;
     ``prev_lr``: each group's learning rate of the last update; ``config``: the validated
-    hyperparameters as a plain dict."""
+    hyperparameters as a plain dict.
+    """
     names = {id(p): n for b in blocks.values() for p, n in zip(b.params, b.param_names, strict=True)}
     momentum: dict[str, torch.Tensor] = {}
     if live is not None:
@@ -83,10 +88,13 @@ def load_state(
     config: dict[str, Any],
     group_keys: dict[str, Any],
 ) -> tuple[int, list[float | None]]:
-    """Restore :func:`save_state` output (possibly merged from several ranks' files) into the
+    """Restore a state dict written by :func:`save_state`.
+
+    Restore :func:`save_state` output (possibly merged from several ranks' files) into the
     same objects (see there); ``group_keys``: the parameter-group hyperparameters, whose
     checkpointed values win over ``config``. Returns the step count and the previous learning
-    rates to resume with."""
+    rates to resume with.
+    """
     if state_dict.get("format") != FORMAT:
         raise ValueError(
             f"SPNGD.load_state_dict: not an SP-NGD state dict (missing format '{FORMAT}'); "
@@ -129,8 +137,11 @@ def load_state(
 
 
 def _log_config_changes(now: dict[str, Any], saved: dict[str, Any], group_keys: dict[str, Any]) -> bool:
-    """Log every hyperparameter that differs from the checkpoint's; the saved refresh schedules
-    are kept only when the staleness rule is unchanged (returns whether they are)."""
+    """Log the hyperparameters that changed since the checkpoint.
+
+    Log every hyperparameter that differs from the checkpoint's; the saved refresh schedules
+    are kept only when the staleness rule is unchanged (returns whether they are).
+    """
     changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
     for key, (old, new) in changed.items():
         if key in group_keys:  # a parameter-group value: the checkpoint's (and its schedule's) wins
@@ -141,8 +152,11 @@ def _log_config_changes(now: dict[str, Any], saved: dict[str, Any], group_keys: 
 
 
 def _own_storage(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t``, or a copy of it when it is a view of a larger tensor (a slot of a stack of inverses),
-    so that a checkpoint holds only its own elements."""
+    """Return ``t`` holding only its own elements.
+
+    ``t``, or a copy of it when it is a view of a larger tensor (a slot of a stack of inverses),
+    so that a checkpoint holds only its own elements.
+    """
     if t is None or t._base is None:
         return t
     return t.clone()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 
 import torch
 
@@ -37,19 +36,23 @@ def take_refreshes(
     prescale: bool,
     outliers: OutlierGuard,
     log: StepMetrics,
-    never_captured: Callable[[Block], None],
+    never_captured: set[str],
 ) -> dict[str, set[str]]:
-    """Normalise the owned due statistics ``mine`` ((block, statistic, global count)) from their
+    """Normalise and accept or reject the owned due statistics.
+
+    Normalise the owned due statistics ``mine`` ((block, statistic, global count)) from their
     global ``sums`` (packed upper triangles already unpacked; ``None``: no rank captured it) and
     take each one that is finite and no outlier (rule 6 decides its next refresh); returns block
     name -> the statistics refreshed. ``prescale``: the sums arrived divided by their count (fp16
     wire) and are multiplied back. Finiteness, relative changes and noise figures of all of them
-    are read back in one host synchronisation. ``never_captured(block)`` is told of a block none
-    of whose ranks captured the statistic; ``log`` counts non-finite and rejected ones."""
+    are read back in one host synchronisation. A block none of whose ranks captured the statistic is
+    warned of once (its name joins ``never_captured``) unless it was ever refreshed; ``log`` counts
+    non-finite and rejected ones.
+    """
     values: list[tuple[Block, Statistic, float, torch.Tensor]] = []
     for (b, s, count), total in zip(mine, sums, strict=True):
         if count <= 0 or total is None:
-            never_captured(b)
+            _warn_never_captured(b, step, never_captured)
             s.schedule.postpone(step)
             continue
         total = total.to(b.dtype) * (count if prescale else 1.0)
@@ -100,14 +103,28 @@ def take_refreshes(
     return refreshed
 
 
+def _warn_never_captured(block: Block, step: int, warned: set[str]) -> None:
+    """Warn once per layer (names in ``warned``) that has curvature statistics none ever captured."""
+    if block.name in warned or any(s.refreshes for s in block.stats.values()):
+        return
+    warned.add(block.name)
+    logger.warning(
+        "SPNGD: no statistics of %s were captured at step %d (its forward did not run in training mode "
+        "with autograd): it takes the first-order update until they are", block.name, step,
+    )
+
+
 def invert_refreshed(
     step: int, blocks: dict[str, Block], refreshed: dict[str, set[str]], damping: float, log: StepMetrics
 ) -> None:
-    """Re-invert the statistics ``refreshed`` (block name -> names) of ``blocks`` damped by λ =
+    """Re-invert the refreshed statistics of ``blocks``.
+
+    Re-invert the statistics ``refreshed`` (block name -> names) of ``blocks`` damped by λ =
     ``damping``: every block's matrices in batches by size and their outcome read back at once
     (:func:`~spngd_ds.blocks.base.run_inversions`); a block kind that overrides ``invert`` inverts
     itself. A failed inversion keeps the previous inverse (the plain gradient when there is none)
-    and is retried at the next step; ``log`` counts the failures."""
+    and is retried at the next step; ``log`` counts the failures.
+    """
     jobs: list[tuple[str, InversionJob]] = []
     reports: list[tuple[str, InversionReport]] = []
     for name, names in refreshed.items():

@@ -51,12 +51,15 @@ def pack_statistics(
     sums: list[torch.Tensor | None],
     divisors: list[float] | None = None,
 ) -> tuple[list[torch.Tensor], OwnerLayout, torch.dtype]:
-    """What goes to the owners for ``stats`` ((block, statistic) pairs, every rank the same
+    """Pack this rank's statistics for their exchange to the owners.
+
+    What goes to the owners for ``stats`` ((block, statistic) pairs, every rank the same
     list): the packed upper triangles (d(d+1)/2 elements of a (d, d) sum, or of each (k, d, d)
     slice) of this rank's ``sums`` (zeros where ``None``: the rank takes part anyway), each divided
     by its divisor when one is given and > 0; their exchange layout (each owned by its block's
     owner in ``owners``); the wire dtype (``comm_dtype``, float64 for a float64 model, whose
-    references are exact)."""
+    references are exact).
+    """
     packed = []
     for i, ((b, s), total) in enumerate(zip(stats, sums, strict=True)):
         if total is None:

@@ -1,5 +1,8 @@
-"""The figures SP-NGD logs after a step (W&B keys ``spngd/...``), assembled from the optimizer's
-public state: what :meth:`SPNGD.metrics <spngd_ds.optimizer.SPNGD.metrics>` returns."""
+"""The figures SP-NGD logs after a step.
+
+W&B keys ``spngd/...``, assembled from the optimizer's public state: what
+:meth:`SPNGD.metrics <spngd_ds.optimizer.SPNGD.metrics>` returns.
+"""
 
 from __future__ import annotations
 
@@ -15,39 +18,85 @@ class Reported(Protocol):
     """The members of :class:`~spngd_ds.optimizer.SPNGD` the figures read (see there)."""
 
     @property
-    def blocks(self) -> dict[str, Block]: ...
-    @property
-    def stats_log(self) -> StepMetrics: ...
-    @property
-    def capture(self) -> CurvatureCapture: ...
-    @property
-    def outliers(self) -> OutlierGuard: ...
-    @property
-    def skips(self) -> SkipGuard: ...
-    @property
-    def param_groups(self) -> list[dict[str, Any]]: ...
-    @property
-    def first_order_layers(self) -> list[str]: ...
-    @property
-    def diagonal_factors(self) -> list[str]: ...
-    @property
-    def step_count(self) -> int: ...
-    @property
-    def damping(self) -> float: ...
-    @property
-    def comm_nbytes(self) -> int: ...
-    @property
-    def last_clip_factor(self) -> float: ...
-    @property
-    def last_bound_factor(self) -> float: ...
+    def blocks(self) -> dict[str, Block]:
+        """Every curvature block, by layer name, in model order."""
+        ...
 
-    def owned(self) -> list[Block]: ...
-    def curvature_nbytes(self) -> int: ...
+    @property
+    def stats_log(self) -> StepMetrics:
+        """The step's timers and byte counts."""
+        ...
+
+    @property
+    def capture(self) -> CurvatureCapture:
+        """The hooks that capture curvature statistics."""
+        ...
+
+    @property
+    def outliers(self) -> OutlierGuard:
+        """Rule 13's outlier rule memory."""
+        ...
+
+    @property
+    def skips(self) -> SkipGuard:
+        """Rule 13's consecutive-skip stop."""
+        ...
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups."""
+        ...
+
+    @property
+    def first_order_layers(self) -> list[str]:
+        """Layers that take the first-order update (no curvature)."""
+        ...
+
+    @property
+    def diagonal_factors(self) -> list[str]:
+        """``<layer>.<factor>`` of every Kronecker factor kept diagonal."""
+        ...
+
+    @property
+    def step_count(self) -> int:
+        """Steps applied so far."""
+        ...
+
+    @property
+    def damping(self) -> float:
+        """The current λ."""
+        ...
+
+    @property
+    def comm_nbytes(self) -> int:
+        """Bytes this rank sent in the last step."""
+        ...
+
+    @property
+    def last_clip_factor(self) -> float:
+        """The clip factor of the last step (1.0 without clipping)."""
+        ...
+
+    @property
+    def last_bound_factor(self) -> float:
+        """Rule 13's factor ν of the last step (1.0 when the bound did not act)."""
+        ...
+
+    def owned(self) -> list[Block]:
+        """The blocks this rank owns, in model order."""
+        ...
+
+    def curvature_nbytes(self) -> int:
+        """Bytes of statistics and inverses held on this rank."""
+        ...
 
 
 def step_figures(opt: Reported, refreshed: int) -> dict[str, float]:
-    """The figures to log, all plain floats; ``refreshed``: how many statistics were due at the
-    last step (``spngd/refresh_fraction`` is its share of all statistics)."""
+    """Return the figures of the last step to log.
+
+    The figures to log, all plain floats; ``refreshed``: how many statistics were due at the
+    last step (``spngd/refresh_fraction`` is its share of all statistics).
+    """
     schedules = [s.schedule for b in opt.blocks.values() for s in b.stats.values()]
     pis = [b.pi for b in opt.owned() if isinstance(b, KronBlock) and b.stats["A"].value is not None]
     m = opt.stats_log

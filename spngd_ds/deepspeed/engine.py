@@ -1,5 +1,7 @@
-"""Wiring SP-NGD into a DeepSpeed engine (DESIGN.md §3): the path object, the factors the capture
-hooks need, and the engine's ``step`` at the gradient-accumulation boundary.
+"""Wiring SP-NGD into a DeepSpeed engine.
+
+DESIGN.md §3: the path object, the factors the capture hooks need, and the engine's ``step`` at
+the gradient-accumulation boundary.
 
 - ZeRO stage 0: :class:`~spngd_ds.paths.fast.FastPath`. The engine's gradient all-reduce is
   switched off (SP-NGD reduces to owners itself); DeepSpeed's engine calls SP-NGD's step (directly
@@ -16,10 +18,14 @@ row raise on every rank (rule 13), naming the loss ``engine.backward`` last saw 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from spngd_ds.deepspeed.agreement import check_rank_agreement
 from spngd_ds.deepspeed.agreement import enabled as agreement_enabled
+from spngd_ds.deepspeed.engine_api import DeepSpeedEngineAPI
 from spngd_ds.deepspeed.partitions import local_fragment
 from spngd_ds.optimizer import SPNGD
 from spngd_ds.paths.compatible import CompatiblePath, loss_scale
@@ -28,7 +34,7 @@ from spngd_ds.paths.fast import FastPath
 logger = logging.getLogger("spngd_ds")
 
 
-def attach(engine: Any, opt: SPNGD) -> None:
+def attach(engine: DeepSpeedEngineAPI, opt: SPNGD) -> None:
     """Install SP-NGD's path and hooks on ``engine`` (called by :func:`spngd_ds.initialize`)."""
     stage = int(engine.zero_optimization_stage())
     opt.capture.grad_scale = lambda: engine.gradient_accumulation_steps() / loss_scale(engine)
@@ -42,36 +48,40 @@ def attach(engine: Any, opt: SPNGD) -> None:
         opt.path = path
         step = _compatible_step(engine, opt, path)
 
-    def checked_step(*args: Any, **kwargs: Any) -> Any:
+    def checked_step(*args: Any, **kwargs: Any) -> object:
         boundary = engine.is_gradient_accumulation_boundary()
         result = step(*args, **kwargs)
         if boundary and stage < 3:  # ZeRO-3 ranks hold different shards of the module's tensors
             check_rank_agreement(opt, engine.module.parameters(), opt.comm.device)
         return result
 
-    engine.step = checked_step if agreement_enabled() else step
+    engine.step = checked_step if agreement_enabled() else step  # type: ignore[method-assign]
     _observe_losses(engine, opt)
     from spngd_ds.deepspeed.checkpoint import wrap_checkpointing
 
     wrap_checkpointing(engine, opt)
 
 
-def _observe_losses(engine: Any, opt: SPNGD) -> None:
-    """``engine.backward(loss)`` hands the loss to :meth:`SPNGD.observe_loss` (kept as a tensor, read
-    only by the error that stops a run whose steps are all skipped)."""
+def _observe_losses(engine: DeepSpeedEngineAPI, opt: SPNGD) -> None:
+    """Make ``engine.backward`` report the loss to SP-NGD.
+
+    ``engine.backward(loss)`` hands the loss to :meth:`SPNGD.observe_loss` (kept as a tensor, read
+    only by the error that stops a run whose steps are all skipped).
+    """
     backward = engine.backward
 
-    def observed_backward(loss: Any, *args: Any, **kwargs: Any) -> Any:
+    def observed_backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> object:
         opt.observe_loss(loss)
         return backward(loss, *args, **kwargs)
 
-    engine.backward = observed_backward
+    engine.backward = observed_backward  # type: ignore[method-assign]
 
 
-def _fast_step(engine: Any, opt: SPNGD) -> Any:
+def _fast_step(engine: DeepSpeedEngineAPI, opt: SPNGD) -> Callable[..., object]:
+    """The engine's ``step`` with SP-NGD's skip detection around it at the boundary (fast path)."""
     original = engine.step
 
-    def step(*args: Any, **kwargs: Any) -> Any:
+    def step(*args: Any, **kwargs: Any) -> object:
         if not engine.is_gradient_accumulation_boundary():
             return original(*args, **kwargs)
         opt.path.before_engine_step(opt)
@@ -82,10 +92,11 @@ def _fast_step(engine: Any, opt: SPNGD) -> Any:
     return step
 
 
-def _compatible_step(engine: Any, opt: SPNGD, path: CompatiblePath) -> Any:
+def _compatible_step(engine: DeepSpeedEngineAPI, opt: SPNGD, path: CompatiblePath) -> Callable[..., object]:
+    """The engine's ``step`` followed at the boundary by the compatible path's bookkeeping."""
     original = engine.step
 
-    def step(*args: Any, **kwargs: Any) -> Any:
+    def step(*args: Any, **kwargs: Any) -> object:
         if not engine.is_gradient_accumulation_boundary():
             return original(*args, **kwargs)
         result = original(*args, **kwargs)

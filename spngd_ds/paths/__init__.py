@@ -1,4 +1,6 @@
-"""How an SP-NGD step moves gradients to the owners of their curvature blocks and the results
+"""The paths of an SP-NGD step.
+
+How an SP-NGD step moves gradients to the owners of their curvature blocks and the results
 back (DESIGN.md §3 "Paths are objects"), behind one interface (:mod:`spngd_ds.paths.base`).
 :func:`spngd_ds.initialize` picks one per engine:
 

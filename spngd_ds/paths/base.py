@@ -41,52 +41,137 @@ from spngd_ds.stat_exchange import Due
 
 
 class StepOptimizer(Protocol):
-    """The public interface of :class:`~spngd_ds.optimizer.SPNGD` that paths use (see that class
-    for each member's meaning)."""
+    """The members of SPNGD that paths use.
+
+    The public interface of :class:`~spngd_ds.optimizer.SPNGD` that paths use (see that class
+    for each member's meaning).
+    """
 
     #: set by a path: whether the step in progress was skipped (DeepSpeed's engine reads it)
     overflow: bool
 
     @property
-    def config(self) -> SPNGDConfig: ...
-    @property
-    def comm(self) -> Communicator: ...
-    @property
-    def capture(self) -> CurvatureCapture: ...
-    @property
-    def stats_log(self) -> StepMetrics: ...
-    @property
-    def blocks(self) -> dict[str, Block]: ...
-    @property
-    def assignment(self) -> dict[str, int]: ...
-    @property
-    def param_groups(self) -> list[dict[str, Any]]: ...
-    @property
-    def state(self) -> MutableMapping[Any, Any]: ...
-    @property
-    def step_count(self) -> int: ...
-    @property
-    def model_parameters(self) -> list[nn.Parameter]: ...
+    def config(self) -> SPNGDConfig:
+        """The validated hyperparameters."""
+        ...
 
-    def live_parameters(self) -> dict[int, nn.Parameter]: ...
-    def owned(self) -> list[Block]: ...
-    def set_owners(self, owners: dict[str, int]) -> None: ...
-    def received_gradient(self, params: list[nn.Parameter]) -> list[bool]: ...
-    def due_now(self) -> list[Due]: ...
-    def local_sample_counts(self, due: list[Due]) -> torch.Tensor: ...
-    def stop_capturing(self, stat: str) -> None: ...
+    @property
+    def comm(self) -> Communicator:
+        """How the ranks talk."""
+        ...
+
+    @property
+    def capture(self) -> CurvatureCapture:
+        """The hooks that capture curvature statistics."""
+        ...
+
+    @property
+    def stats_log(self) -> StepMetrics:
+        """The step's timers and byte counts."""
+        ...
+
+    @property
+    def blocks(self) -> dict[str, Block]:
+        """Every curvature block, by layer name, in model order."""
+        ...
+
+    @property
+    def assignment(self) -> dict[str, int]:
+        """Block name -> the rank that owns it."""
+        ...
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups."""
+        ...
+
+    @property
+    def state(self) -> MutableMapping[Any, Any]:
+        """The optimizer's per-parameter state (momentum buffers)."""
+        ...
+
+    @property
+    def step_count(self) -> int:
+        """Steps applied so far."""
+        ...
+
+    @property
+    def model_parameters(self) -> list[nn.Parameter]:
+        """The model's trainable parameters, in model order."""
+        ...
+
+    def live_parameters(self) -> dict[int, nn.Parameter]:
+        """Map id(model parameter) -> the tensor the optimizer updates for it."""
+        ...
+
+    def owned(self) -> list[Block]:
+        """The blocks this rank owns, in model order."""
+        ...
+
+    def set_owners(self, owners: dict[str, int]) -> None:
+        """Replace the block -> owner map before the first step."""
+        ...
+
+    def received_gradient(self, params: list[nn.Parameter]) -> list[bool]:
+        """Whether each parameter received a gradient on this rank during this step."""
+        ...
+
+    def due_now(self) -> list[Due]:
+        """The (block, statistic) pairs due at this step, in block order."""
+        ...
+
+    def local_sample_counts(self, due: list[Due]) -> torch.Tensor:
+        """This rank's sample count of each statistic of ``due``, (len(due),) float64."""
+        ...
+
+    def stop_capturing(self, stat: str) -> None:
+        """Later forwards of this step capture no statistic named ``stat``."""
+        ...
+
     def refresh_curvature(self, share_decisions: bool = True, sample_totals: torch.Tensor | None = None
-                          ) -> list[Due]: ...
-    def share_decisions(self, due: list[Due]) -> None: ...
-    def decisions_exact_in(self, dtype: torch.dtype) -> bool: ...
-    def precondition_owned(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]: ...
-    def momentum_update(self, p: torch.Tensor, direction: torch.Tensor, gi: int) -> None: ...
-    def momentum_update_many(self, params: list[torch.Tensor], directions: list[torch.Tensor], gi: int) -> None: ...
-    def rescaled_blocks(self) -> list[Block]: ...
-    def rescale_target(self, weight: torch.Tensor) -> float: ...
-    def current_lrs(self) -> list[float]: ...
-    def skip_step(self, reason: str) -> None: ...
-    def finish_step(self, lrs: list[float] | None = None) -> None: ...
+                          ) -> list[Due]:
+        """Reduce due statistics to owners, refresh and re-invert them; return the due pairs."""
+        ...
+
+    def share_decisions(self, due: list[Due]) -> None:
+        """Send the owners' refresh decisions of ``due`` to every rank."""
+        ...
+
+    def decisions_exact_in(self, dtype: torch.dtype) -> bool:
+        """Whether ``dtype`` holds every refresh decision of this step exactly."""
+        ...
+
+    def precondition_owned(self, grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        """Return P(∇) of every owned block (block name -> tensors of its gradients' shapes)."""
+        ...
+
+    def momentum_update(self, p: torch.Tensor, direction: torch.Tensor, gi: int) -> None:
+        """Rule 7 on ``p`` (any shape) of group ``gi`` with ``direction`` (its shape)."""
+        ...
+
+    def momentum_update_many(self, params: list[torch.Tensor], directions: list[torch.Tensor], gi: int) -> None:
+        """Rule 7 on every parameter of ``params`` (all of group ``gi``), each with its direction."""
+        ...
+
+    def rescaled_blocks(self) -> list[Block]:
+        """Blocks whose weight rule 8 rescales."""
+        ...
+
+    def rescale_target(self, weight: torch.Tensor) -> float:
+        """Rule 8's bound sqrt(2·C_out) for a Conv2d/Linear weight."""
+        ...
+
+    def current_lrs(self) -> list[float]:
+        """The learning rate of each parameter group now."""
+        ...
+
+    def skip_step(self, reason: str) -> None:
+        """Skip this step: no update, its statistics discarded."""
+        ...
+
+    def finish_step(self, lrs: list[float] | None = None) -> None:
+        """Advance the step counter; ``lrs``: each group's learning rate this step used."""
+        ...
 
 
 class StepPath(ABC):
@@ -105,9 +190,12 @@ class StepPath(ABC):
 
     @abstractmethod
     def after_engine_step(self, opt: StepOptimizer) -> bool:
-        """Called after DeepSpeed's engine stepped at a gradient-accumulation boundary: whether
-        SP-NGD's step was applied. A step the engine skipped without calling the optimizer (fp16
-        overflow) is skipped here, its statistics discarded."""
+        """Report whether SP-NGD's step was applied.
+
+        Called after DeepSpeed's engine stepped at a gradient-accumulation boundary. A step the
+        engine skipped without calling the optimizer (fp16 overflow) is skipped here, its statistics
+        discarded.
+        """
 
     @abstractmethod
     def report_skipped(self, opt: StepOptimizer) -> None:
@@ -116,7 +204,9 @@ class StepPath(ABC):
     def open_step(
         self, opt: StepOptimizer, local_bad: bool, params: list[nn.Parameter], with_sample_totals: bool = False
     ) -> tuple[dict[int, bool], torch.Tensor | None] | None:
-        """The opening every path shares: reset the step's timers and byte count; agree over the
+        """Open a step the same way on every path.
+
+        The opening every path shares: reset the step's timers and byte count; agree over the
         ranks (one small all-reduce) whether any rank's gradient is non-finite (``local_bad``, this
         rank's verdict) and which of ``params`` received a gradient on some rank; skip the step
         (:meth:`report_skipped`) when one is non-finite.

@@ -52,6 +52,7 @@ class CompatiblePath(StepPath):
     holds_flat_partitions = True
 
     def __init__(self, engine: Any, opt: StepOptimizer, locate: FragmentLocator) -> None:
+        """Plan the fragments of ``engine``'s flat partitions (``locate``); under ZeRO 1/2 re-choose owners."""
         self.engine = engine
         self.locate = locate
         # DeepSpeed's ZeRO 1/2 step swaps ``param_groups`` for a one-group list while it calls us;
@@ -109,6 +110,7 @@ class CompatiblePath(StepPath):
         self._rescale(opt)
 
     def report_skipped(self, opt: StepOptimizer) -> None:
+        """Mark the engine's optimizer as overflowed, so that DeepSpeed counts the step skipped."""
         self.skipped = True
         self.engine.optimizer.overflow = True
 
@@ -137,8 +139,11 @@ class CompatiblePath(StepPath):
         )
 
     def _fragment_plan(self, opt: StepOptimizer) -> FragmentPlan:
-        """Which element ranges of which parameter each rank holds (DeepSpeed's partitions are
-        fixed for the run): one exchange of (item, start, length) at initialize, on every rank."""
+        """Exchange the partition plan of every rank.
+
+        Which element ranges of which parameter each rank holds (DeepSpeed's partitions are
+        fixed for the run): one exchange of (item, start, length) at initialize, on every rank.
+        """
         triples = []
         for k, p in enumerate(self.params):
             frag = self._fragment(opt, p)
@@ -148,11 +153,14 @@ class CompatiblePath(StepPath):
         return opt.comm.fragment_plan(self.layout, triples)
 
     def _own_what_is_held(self, opt: StepOptimizer) -> None:
-        """ZeRO 1/2: re-choose owners so that each block lives on the rank whose DeepSpeed
+        """Re-choose block owners to follow DeepSpeed's partitions.
+
+        ZeRO 1/2: re-choose owners so that each block lives on the rank whose DeepSpeed
         partition holds most of its gradient (:func:`~spngd_ds.assignment.assign_to_holders`):
         only the elements of blocks that straddle a partition boundary, or that the inversion
         balance moves, cross the wire. Every rank computes the same owners from the plan. (ZeRO-3
-        splits every parameter over all ranks, so no owner holds more than 1/N of a block there.)"""
+        splits every parameter over all ranks, so no owner holds more than 1/N of a block there.)
+        """
         n = opt.comm.world_size
         per_param = [[0.0] * n for _ in self.params]  # elements of each parameter on each rank
         for rank, frags in enumerate(self.plan.fragments):
@@ -167,8 +175,11 @@ class CompatiblePath(StepPath):
     def _frozen_fragments(
         self, opt: StepOptimizer, has_grad: dict[int, bool]
     ) -> list[tuple[Fragment, torch.Tensor, torch.Tensor]]:
-        """Fragments (with copies of their weights and momentum) of parameters that received no
-        gradient on any rank: the update must leave them as they are."""
+        """Return the fragments of parameters that received no gradient.
+
+        Fragments (with copies of their weights and momentum) of parameters that received no
+        gradient on any rank: the update must leave them as they are.
+        """
         out = []
         for p in self.params:
             if has_grad[id(p)]:
@@ -182,8 +193,11 @@ class CompatiblePath(StepPath):
         return out
 
     def _rescale(self, opt: StepOptimizer) -> None:
-        """Rule 8 on the fp32 master fragments: one all-reduce of the squared norms of the weights
-        (every rank names the same ones), then each rank scales its fragments."""
+        """Rescale the weights' fp32 master fragments (rule 8).
+
+        Rule 8 on the fp32 master fragments: one all-reduce of the squared norms of the weights
+        (every rank names the same ones), then each rank scales its fragments.
+        """
         weights = [(b.params[0], self._fragment(opt, b.params[0])) for b in opt.rescaled_blocks()]
         if not weights:
             return

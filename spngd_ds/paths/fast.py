@@ -34,18 +34,23 @@ from spngd_ds.stat_exchange import Due
 
 
 class FastPath(StepPath):
-    """SP-NGD moves gradients and parameters itself (``param_groups`` hold the model's tensors, or
-    DeepSpeed's per-parameter fp32 copies of them under bf16)."""
+    """The path on which SP-NGD moves gradients and parameters itself.
+
+    SP-NGD moves gradients and parameters itself (``param_groups`` hold the model's tensors, or
+    DeepSpeed's per-parameter fp32 copies of them under bf16).
+    """
 
     holds_flat_partitions = False
 
     def __init__(self, overflow_target: Any = None) -> None:
+        """``overflow_target``: the object DeepSpeed reads ``overflow`` from (default: the optimizer)."""
         self.overflow_target = overflow_target
         self._layout: OwnerLayout | None = None
         self._items: list[tuple[tuple[int, ...], int]] | None = None
         self._before: tuple[int, int] | None = None
 
     def report_skipped(self, opt: StepOptimizer) -> None:
+        """Set ``overflow`` on the object DeepSpeed reads it from."""
         target = self.overflow_target if self.overflow_target is not None else opt
         target.overflow = True
 
@@ -54,8 +59,11 @@ class FastPath(StepPath):
         self._before = (opt.step_count, opt.stats_log.skipped_steps)
 
     def after_engine_step(self, opt: StepOptimizer) -> bool:
-        """Whether SP-NGD's step was applied; when the engine called it neither to apply nor to
-        skip it (DeepSpeed skipped it: an overflow), the step is skipped here."""
+        """Report whether SP-NGD's step was applied.
+
+        When the engine called it neither to apply nor to skip it (DeepSpeed skipped it: an
+        overflow), the step is skipped here.
+        """
         before, self._before = self._before, None
         if before is not None and (opt.step_count, opt.stats_log.skipped_steps) == before:
             opt.skip_step("DeepSpeed skipped the step (overflow)")
@@ -63,6 +71,7 @@ class FastPath(StepPath):
         return before is not None and opt.step_count != before[0]
 
     def step(self, opt: StepOptimizer) -> None:
+        """Exchange gradients to owners, precondition, update, and gather the parameters back."""
         live = opt.live_parameters()
         # the step's one host synchronisation when nothing is refreshed: must it be skipped?
         present = [g for g in (live[id(q)].grad for q in opt.model_parameters) if g is not None]
@@ -111,8 +120,11 @@ class FastPath(StepPath):
 
     def _reduce_gradients(self, opt: StepOptimizer, grads: dict[str, list[torch.Tensor]]
                           ) -> dict[str, list[torch.Tensor]]:
-        """Average gradients over ranks, delivered to each block's owner only (the exchange layout:
-        reduce-scatter of equal shards + all-to-all to owners)."""
+        """Average gradients over ranks, delivered to their owners.
+
+        Each block's gradients reach its owner only (the exchange layout: reduce-scatter of equal
+        shards + all-to-all to owners).
+        """
         if opt.comm.world_size == 1:
             return grads
         flat = [g for b in opt.blocks.values() for g in grads[b.name]]
@@ -122,10 +134,13 @@ class FastPath(StepPath):
         return {b.name: [next(it).div_(opt.comm.world_size) for _ in b.params] for b in opt.owned()}
 
     def _gather_parameters(self, opt: StepOptimizer, live: dict[int, nn.Parameter], due: list[Due]) -> None:
-        """Every rank receives the owners' updated parameters (all-to-all back + all-gather of equal
+        """Deliver the owners' updated parameters to every rank.
+
+        Every rank receives the owners' updated parameters (all-to-all back + all-gather of equal
         shards), in the dtype of the tensors the optimizer updates (the same on every rank), and the
         owners' refresh decisions of ``due`` after them in the same layout: no exchange of their own,
-        unless that dtype cannot hold them exactly (then they go alone, in float64)."""
+        unless that dtype cannot hold them exactly (then they go alone, in float64).
+        """
         if opt.comm.world_size == 1:
             return
         dtype = live[id(opt.model_parameters[0])].dtype
@@ -158,8 +173,11 @@ _TARGETS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
 
 
 def _rescale_many(weights: list[torch.Tensor], targets: list[float]) -> None:
-    """Rule 8 on full weights: W <- W · min(1, target/||W||_F), each with its target, norms in
-    float64, without a host synchronisation."""
+    """Rescale full weights in place (rule 8).
+
+    Rule 8 on full weights: W <- W · min(1, target/||W||_F), each with its target, norms in
+    float64, without a host synchronisation.
+    """
     if not weights:
         return
     norms = torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float64))

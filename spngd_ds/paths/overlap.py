@@ -24,22 +24,27 @@ from spngd_ds.stat_exchange import EarlyFactors, pack_statistics
 
 
 def can_send_early(opt: StepOptimizer) -> bool:
-    """Whether this run may send A factors behind the backward at all (see the module docstring):
-    ``overlap_statistics`` true or "auto", more than one rank, and statistics not on an fp16 wire.
-    Whether a given step does is :func:`worth_sending_early`."""
+    """Whether this run may send A factors behind the backward.
+
+    See the module docstring: ``overlap_statistics`` true or "auto", more than one rank, and
+    statistics not on an fp16 wire. Whether a given step does is :func:`worth_sending_early`.
+    """
     mode = opt.config.overlap_statistics
     return mode in (True, "auto") and opt.comm.world_size > 1 and opt.config.comm_dtype != "fp16"
 
 
 def worth_sending_early(opt: StepOptimizer) -> bool:
-    """Whether this step starts its A exchange when A is complete. ``True``: always. "auto": on an
+    """Whether this step sends its A factors behind the backward.
+
+    Whether this step starts its A exchange when A is complete. ``True``: always. "auto": on an
     accelerator always (its communicator has a stream of its own), and on the CPU only when
     forwards of this step follow the one that completed A (gradient accumulation with
     ``stat_micro_batches`` below ``gradient_accumulation_steps``). On the CPU gloo runs the exchange
     on the cores the backward computes on: with one micro-batch a step it hid nothing and made the
     step 3-5% slower (bench/overlap.py); with 16 and ``stat_micro_batches: 1`` the other 15
     micro-batches cover it and the step is about 1% faster (bench/step_time.py --regime accum
-    --overlap_variant)."""
+    --overlap_variant).
+    """
     mode = opt.config.overlap_statistics
     if mode is True or opt.comm.device.type != "cpu":
         return True
@@ -49,9 +54,12 @@ def worth_sending_early(opt: StepOptimizer) -> bool:
 
 @torch.no_grad()
 def send_factors_early(opt: StepOptimizer) -> EarlyFactors | None:
-    """Take every due A's local sum and start its exchange to the owners; later forwards of this
+    """Start the exchange of every due A factor to its owner.
+
+    Take every due A's local sum and start its exchange to the owners; later forwards of this
     step capture no A. A collective (an asynchronous reduce-scatter per bucket): every rank calls
-    it after the same forward. ``None`` when no A is due this step."""
+    it after the same forward. ``None`` when no A is due this step.
+    """
     step = opt.step_count
     stats = [(b, s) for b in opt.blocks.values() for s in b.stats.values() if s.name == "A" and s.schedule.is_due(step)]
     if not stats:

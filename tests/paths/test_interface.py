@@ -1,4 +1,6 @@
-"""The library's import layering and the paths' interface to the optimizer (DESIGN.md §6):
+"""The library's import layering and the paths' interface to the optimizer.
+
+What DESIGN.md §6 asks of them:
 
 - no import circle among the modules of ``spngd_ds``, counting every import (module level, under
   ``if TYPE_CHECKING:``, inside functions);
@@ -25,9 +27,12 @@ def module_name(path: Path, root: Path) -> str:
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
-    """Module -> the modules of the package it imports (every ``import`` / ``from ... import``
+    """Map each module to the modules of the package it imports.
+
+    Module -> the modules of the package it imports (every ``import`` / ``from ... import``
     anywhere in its source). ``from pkg import name`` counts as importing ``pkg.name`` when that is
-    a module, else ``pkg``; relative imports are resolved."""
+    a module, else ``pkg``; relative imports are resolved.
+    """
     files = {module_name(p, root): p for p in root.rglob("*.py")}
     top = root.name
     graph: dict[str, set[str]] = {}
@@ -85,8 +90,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def private_accesses(path: Path) -> list[str]:
-    """``obj._name`` in ``path`` where ``obj`` is not ``self``/``cls`` nor a module the file
-    imports (``torch._foreach_mul_`` is that library's API); dunders aside."""
+    """Find private attribute accesses on other objects in ``path``.
+
+    ``obj._name`` in ``path`` where ``obj`` is not ``self``/``cls`` nor a module the file
+    imports (``torch._foreach_mul_`` is that library's API); dunders aside.
+    """
     tree = ast.parse(path.read_text(), str(path))
     modules = {"self", "cls"}
     for node in ast.walk(tree):
@@ -150,9 +158,12 @@ class _Mapping:
 
 
 class _ZeroOne:
-    """DeepSpeed's ZeRO-1 optimizer at one rank, as SP-NGD's compatible path sees it: one fp32
-    flat partition of every parameter in ``param_groups``; a step writes the flat gradient, calls
-    the client optimizer's step and copies the partition back into the model."""
+    """DeepSpeed's ZeRO-1 optimizer at one rank.
+
+    As SP-NGD's compatible path sees it: one fp32 flat partition of every parameter in
+    ``param_groups``; a step writes the flat gradient, calls the client optimizer's step and copies
+    the partition back into the model.
+    """
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -178,11 +189,14 @@ class _ZeroOne:
 
 
 def test_fast_and_compatible_paths_agree_at_one_rank() -> None:
-    """Three steps of a BatchNorm model with a changing learning rate at world size 1: the fast
+    """The fast and compatible paths agree on a BatchNorm model.
+
+    Three steps of a BatchNorm model with a changing learning rate at world size 1: the fast
     path (the model's tensors) and the compatible path (a ZeRO-1 flat partition) end at the same
-    parameters, and each applied its three steps."""
-    from spngd_ds.optimizer import SPNGD
+    parameters, and each applied its three steps.
+    """
     from spngd_ds.deepspeed.partitions import local_fragment
+    from spngd_ds.optimizer import SPNGD
     from spngd_ds.paths import CompatiblePath, FastPath
 
     torch.manual_seed(1)
