@@ -1,6 +1,6 @@
 """spngd_ds: SP-NGD (Osawa et al., TPAMI 2020) for PyTorch and DeepSpeed.
 
-Public surface (see shared DESIGN.md section 4):
+Public surface (see docs/configuration.md and docs/design.md section 5):
 
 - :class:`SPNGD` -- the optimizer (standalone ``torch.optim.Optimizer``).
 - :func:`initialize` -- ``deepspeed.initialize`` that understands ``"type": "SPNGD"``.

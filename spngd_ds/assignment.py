@@ -1,4 +1,4 @@
-"""Which rank owns which curvature block (DESIGN.md §3, "Ownership").
+"""Which rank owns which curvature block (docs/design.md §3, "Ownership").
 
 An owner inverts its blocks and receives, through the exchange layout (:mod:`spngd_ds.comm`),
 their gradients every step and their statistics' packed triangles when those are due. Ownership

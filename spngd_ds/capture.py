@@ -1,4 +1,4 @@
-"""Hooks that feed the curvature statistics (DESIGN.md rules 1-4, 6 and section 3).
+"""Hooks that feed the curvature statistics (docs/design.md rules 1-4, 6 and section 3).
 
 A forward hook on each block's module captures what the forward pass gives (A's activations,
 BatchNorm's x̂) and registers a tensor hook on the module's output for what the backward pass gives

@@ -1,4 +1,4 @@
-"""Validated SP-NGD hyperparameters (DESIGN.md section 4).
+"""Validated SP-NGD hyperparameters (docs/configuration.md).
 
 One frozen pydantic model serves the standalone constructor and the DeepSpeed JSON block
 ``"optimizer": {"type": "SPNGD", "params": {...}}``; every error names the key, the value given

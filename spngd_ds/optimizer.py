@@ -1,4 +1,4 @@
-"""The SP-NGD optimizer: rules 5-8 on the blocks this rank owns (DESIGN.md §2-§3).
+"""The SP-NGD optimizer: rules 5-8 on the blocks this rank owns (docs/design.md §2-§3).
 
 :class:`SPNGD` holds the curvature blocks, their owners, the capture hooks and the math of one
 step: refreshing and inverting due statistics, preconditioning owned gradients, clipping the
@@ -356,7 +356,7 @@ class SPNGD(Optimizer):
 
         Returns the due (block, statistic) pairs, in the order every rank agrees on. With
         ``share_decisions=False`` the owners' decisions are left for the caller to send with its
-        gathered update (DESIGN.md rule 6; the fast path: :mod:`spngd_ds.decisions`) before the next step.
+        gathered update (docs/design.md rule 6; the fast path: :mod:`spngd_ds.decisions`) before the next step.
 
         Sample counts are summed over all ranks first (one small all-reduce, unless the caller
         summed :meth:`local_sample_counts` already and gives ``sample_totals``), so that fp16

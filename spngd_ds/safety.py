@@ -1,4 +1,4 @@
-"""Rule 13: a step that cannot blow up (DESIGN.md §2).
+"""Rule 13: a step that cannot blow up (docs/design.md §2).
 
 Three guards, each one idea:
 

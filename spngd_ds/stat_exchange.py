@@ -1,4 +1,4 @@
-"""Due statistics on their way to the owners of their blocks (DESIGN.md §3, rule 6).
+"""Due statistics on their way to the owners of their blocks (docs/design.md §3, rule 6).
 
 Every rank sends the packed upper triangles of its local sums of the step's due statistics to
 their owners through the exchange layout (:class:`~spngd_ds.comm.OwnerLayout`): a reduce-scatter

@@ -1,4 +1,4 @@
-"""Dependencies point one way (DESIGN.md §6).
+"""Dependencies point one way (docs/design.md §6).
 
 The core never imports the DeepSpeed coupling (spngd_ds/deepspeed/), the curvature blocks never
 import the optimizer, torch.distributed or DeepSpeed, and the library never imports the training job

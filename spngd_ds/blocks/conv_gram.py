@@ -1,4 +1,4 @@
-"""The Gram of a Conv2d layer's im2col patches (A of DESIGN.md rule 3), exactly, without F.unfold.
+"""The Gram of a Conv2d layer's im2col patches (A of docs/design.md rule 3), exactly, without F.unfold.
 
 For an input x (N, C, H, W) the patches are the vectors u(o) of length d = C·kh·kw, one per output
 location o, in ``F.unfold`` order (c slowest, then kernel row i, then kernel column a). The Gram is

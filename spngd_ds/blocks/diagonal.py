@@ -1,4 +1,4 @@
-"""Kronecker factors kept diagonal (DESIGN.md rules 5 and 12).
+"""Kronecker factors kept diagonal (docs/design.md rules 5 and 12).
 
 A diagonal factor is stored as a stack of 1×1 blocks, shape (d, 1, 1), so that it travels, packs
 and is counted like any other statistic. Its damped inverse is 1/(x + shift) per entry, also

@@ -1,4 +1,4 @@
-"""Kronecker block of an nn.Embedding (DESIGN.md rules 10 and 12).
+"""Kronecker block of an nn.Embedding (docs/design.md rules 10 and 12).
 
 An embedding is a Linear without bias on one-hot rows: s = Wᵀ e_k, W (V, d). Its A factor is
 diagonal, A = diag(token counts)/n (``padding_idx`` not counted), kept as a (V, 1, 1) vector; G is

@@ -1,4 +1,4 @@
-"""Kronecker-factored blocks for nn.Linear and nn.Conv2d (DESIGN.md rules 2, 3 and 5).
+"""Kronecker-factored blocks for nn.Linear and nn.Conv2d (docs/design.md rules 2, 3 and 5).
 
 Layout: the gradient of a layer is the matrix M = [∇W.reshape(d_G, -1) | ∇b] of shape (d_G, d_A),
 d_G = out_features / C_out, d_A = in_features / C_in·kh·kw, plus one when the layer has a bias.

@@ -1,4 +1,4 @@
-"""Unit-wise natural gradient for LayerNorm and RMSNorm (DESIGN.md rules 10 and 11).
+"""Unit-wise natural gradient for LayerNorm and RMSNorm (docs/design.md rules 10 and 11).
 
 Per feature d and sample (every position when ``positions_as_samples``, else every sequence with
 its positions summed), with x̂ the layer's normalised input and g_y = n·∂L/∂y the per-sample

@@ -1,4 +1,4 @@
-"""Unit-wise natural gradient for BatchNorm (DESIGN.md rule 4).
+"""Unit-wise natural gradient for BatchNorm (docs/design.md rule 4).
 
 Per channel c and sample i, with x̂ the batch-normalised input and g_y = n·∂L/∂y the per-sample
 gradient of the BN output: u_i = (Σ_hw x̂·g_y, Σ_hw g_y), F_c = (1/n) Σ_i u_i u_iᵀ (2×2, order

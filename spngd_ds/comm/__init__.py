@@ -1,4 +1,4 @@
-"""Moving curvature statistics, gradients and updates between data-parallel ranks (DESIGN.md §3).
+"""Moving curvature statistics, gradients and updates between data-parallel ranks (docs/design.md §3).
 
 - :mod:`~spngd_ds.comm.layout`: the exchange layout, pure arithmetic (who owns what, offsets,
   equal shards, buckets, fragments, bytes sent).

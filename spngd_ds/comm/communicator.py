@@ -1,6 +1,6 @@
 """The communicator: the collectives that move SP-NGD's tensors between ranks.
 
-Curvature statistics, gradients and updates move between data-parallel ranks (DESIGN.md §3) over
+Curvature statistics, gradients and updates move between data-parallel ranks (docs/design.md §3) over
 the arithmetic of :mod:`spngd_ds.comm.layout`.
 
 "To owners" is a reduce-scatter of the equal shards followed by an all-to-all with variable splits

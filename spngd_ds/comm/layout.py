@@ -1,6 +1,6 @@
 """The exchange layout: where every item travels between data-parallel ranks.
 
-DESIGN.md §3, "One exchange layout", as pure arithmetic (no process group, no tensors).
+docs/design.md §3, "One exchange layout", as pure arithmetic (no process group, no tensors).
 
 Items (gradients, packed statistics, parameters) each have one owner rank. They are laid in one
 flat buffer in owner order and cut into N equal shards (:class:`ShardGeometry`); "to owners" moves
@@ -139,7 +139,7 @@ class Bucket:
 
 @dataclass(frozen=True)
 class OwnerLayout:
-    """Where every item travels in the exchange (DESIGN.md §3, "One exchange layout").
+    """Where every item travels in the exchange (docs/design.md §3, "One exchange layout").
 
     Items come in a fixed global order that every rank knows; item i has ``shapes[i]`` and one
     owner ``owners[i]`` in ``range(world_size)``. They are laid in one flat buffer in owner order

@@ -1,4 +1,4 @@
-"""SP-NGD state in DeepSpeed checkpoints, resumable at another world size (DESIGN.md §4).
+"""SP-NGD state in DeepSpeed checkpoints, resumable at another world size (docs/design.md §5).
 
 ``engine.save_checkpoint`` is wrapped: after DeepSpeed has written its files, every rank writes
 ``spngd_rank{r}-of-{N}.pt`` (its owned curvature, refresh schedules, momentum keyed by parameter

@@ -1,6 +1,6 @@
 """Wiring SP-NGD into a DeepSpeed engine.
 
-DESIGN.md §3: the path object, the factors the capture hooks need, and the engine's ``step`` at
+docs/design.md §3: the path object, the factors the capture hooks need, and the engine's ``step`` at
 the gradient-accumulation boundary.
 
 - ZeRO stage 0: :class:`~spngd_ds.paths.fast.FastPath`. The engine's gradient all-reduce is

@@ -5,7 +5,7 @@ validated (before any collective, so a bad config fails on every rank and nothin
 here and handed to DeepSpeed as a client optimizer, with the config keys that needs. Any other
 optimizer type passes straight through, so one script runs first-order baselines too.
 
-Paths (DESIGN.md §3):
+Paths (docs/design.md §3):
 - ZeRO stage 0 (fp32, or bf16 with bf16 gradient accumulation): the *fast path*. The engine's
   all-reduce is switched off; SP-NGD reduce-scatters gradients and statistics to owners, owners
   update their layers and the parameters are all-gathered.

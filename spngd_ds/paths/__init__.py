@@ -1,7 +1,7 @@
 """The paths of an SP-NGD step.
 
 How an SP-NGD step moves gradients to the owners of their curvature blocks and the results
-back (DESIGN.md §3 "Paths are objects"), behind one interface (:mod:`spngd_ds.paths.base`).
+back (docs/design.md §3 "Paths are objects"), behind one interface (:mod:`spngd_ds.paths.base`).
 :func:`spngd_ds.initialize` picks one per engine:
 
 - :class:`~spngd_ds.paths.fast.FastPath`: standalone and ZeRO stage 0. SP-NGD reduces the

@@ -1,4 +1,4 @@
-"""The ZeRO-compatible path (DESIGN.md §3): ZeRO 1, 2, 3 and CPU offload.
+"""The ZeRO-compatible path (docs/design.md §3): ZeRO 1, 2, 3 and CPU offload.
 
 DeepSpeed keeps reducing and partitioning the gradients and owns the fp32 master weights, which
 the client optimizer sees as flat partitions. DeepSpeed's step, once it has reduced, flattened and

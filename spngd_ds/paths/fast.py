@@ -1,4 +1,4 @@
-"""The fast path (DESIGN.md §3): the standalone optimizer and ZeRO stage 0.
+"""The fast path (docs/design.md §3): the standalone optimizer and ZeRO stage 0.
 
 One step, on every rank:
 
@@ -12,7 +12,7 @@ One step, on every rank:
    rescaling (rule 8) to their layers; a parameter that received no gradient is left alone;
 4. every rank gathers the owners' updated parameters (the same layout in reverse: an all-to-all
    and an all-gather of equal shards), and with them the owners' refresh decisions of the step's
-   due statistics (DESIGN.md rule 6). Nothing is padded to the most-loaded owner.
+   due statistics (docs/design.md rule 6). Nothing is padded to the most-loaded owner.
 
 ``overflow_target`` is the object whose ``overflow`` attribute DeepSpeed's engine reads after the
 step (SP-NGD itself at fp32, DeepSpeed's bf16 wrapper otherwise): a skipped step sets it, so the

@@ -1,4 +1,4 @@
-"""Sending the A factors to their owners while the backward runs (DESIGN.md §3, "Overlap").
+"""Sending the A factors to their owners while the backward runs (docs/design.md §3, "Overlap").
 
 A (the input covariance of a Linear/Conv2d) is complete once the forwards that capture it have run:
 after the ``k``-th forward of a step, ``k = min(stat_micro_batches, gradient_accumulation_steps)``.

@@ -1,4 +1,4 @@
-"""Sequence layers (DESIGN.md rules 10-12) against dense float64 references.
+"""Sequence layers (docs/design.md rules 10-12) against dense float64 references.
 
 The reference re-executes a small token model with explicit formulas (one-hot embedding, explicit
 LayerNorm / RMSNorm, x W + b for HF ``Conv1D``), takes g = n·∂L/∂s of every layer output from one

@@ -2,7 +2,7 @@
 
 Byte-aware ownership (spngd_ds.assignment) on torchvision ResNet-50's real blocks, and the exchange
 bytes it leads to (spngd_ds.comm.layout_bytes on the gradients' OwnerLayout) against a ring
-all-reduce of the same gradients, 2(N-1)/N·P·4 bytes (DESIGN.md §3: "one first-order all-reduce").
+all-reduce of the same gradients, 2(N-1)/N·P·4 bytes (docs/design.md §3: "one first-order all-reduce").
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_resnet50_ownership_balances_inversion_and_bytes(resnet50: list[Block], 
     if world > len(costs):
         assert idle > 0  # normal: those ranks own nothing and still take part in every collective
     if world == 128:
-        assert idle == 21  # the figure DESIGN.md §3 quotes
+        assert idle == 21  # the figure docs/design.md §3 quotes
     assert exchange_ratio(resnet50, owners, world) <= EXCHANGE
 
 

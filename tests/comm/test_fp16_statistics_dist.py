@@ -1,4 +1,4 @@
-"""fp16 statistics on the wire are pre-scaled by the *global* sample count (issue 11, item 11).
+"""fp16 statistics on the wire are pre-scaled by the *global* sample count.
 
 With ranks that hold different numbers of samples, the owner's A is still the mean over all samples.
 Two gloo ranks forked from this process, SP-NGD over a DistributedCommunicator (no DeepSpeed): rank

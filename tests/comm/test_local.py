@@ -1,7 +1,7 @@
 """Pieces of the distribution that need no process group.
 
 Packed triangles, the single-rank communicator, and the owner assignment (longest job first,
-DESIGN.md section 3).
+docs/design.md section 3).
 """
 
 from __future__ import annotations

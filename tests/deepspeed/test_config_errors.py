@@ -76,7 +76,7 @@ RUN: dict[str, Callable[[Any, Path], Any]] = {
     FILE: lambda make, tmp: make(tmp),
 }
 
-MISSING = "protection missing in spngd_ds (see the report of issue 7)"
+MISSING = "protection missing in spngd_ds"
 
 # (id, function, input, key fragment, value fragment, allowed fragment); a tuple fragment: any of its wordings
 ROWS: list[Any] = [

@@ -32,7 +32,7 @@ def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
 
     Each of 2 ranks holds <= 60% of the 1-rank curvature bytes (8 blocks), and the bytes a fast-path
     step sends (every statistic due: staleness off) are exactly those of the exchange layout
-    (DESIGN.md §3), computed here from the assignment alone: gradients to owners and parameters back
+    (docs/design.md §3), computed here from the assignment alone: gradients to owners and parameters back
     (reduce-scatter of equal shards + all-to-all, both ways), the packed due statistics to owners,
     the owners' refresh decisions back with the parameters (their (interval, next step) pairs as two
     more fp32 elements per statistic in the parameters' layout), and the one small all-reduce (the
@@ -77,6 +77,7 @@ def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
     sent_stats = [a + g for a, g in zip(layout_bytes(packed(early), 4, "to"), layout_bytes(packed(late), 4, "to"),
                                         strict=True)]  # packed statistics to owners (comm_dtype fp32)
     small = all_reduce(8 * (1 + nparams + len(due)))  # flags and sample counts, one float64 all-reduce
+    small += all_reduce(8 * 4)  # the step bound's sums (rule 13): four float64 values
     for r, info in enumerate(infos):
         assert info["comm_nbytes"] == sent_grads[r] + sent_stats[r] + small, r
     # nothing padded to the most-loaded owner: the gradient exchange is a first-order all-reduce of

@@ -1,4 +1,4 @@
-"""2 gloo ranks under DeepSpeed give what one standalone SP-NGD process gives on the same global batch (DESIGN.md §7).
+"""2 gloo ranks under DeepSpeed give what one standalone process gives on one global batch (docs/design.md §8).
 
 Every ZeRO stage, staleness on and off, micro-batches vs one batch.
 

@@ -1,4 +1,4 @@
-"""The equivalence matrix (DESIGN.md §7, issue 11).
+"""The equivalence matrix (docs/design.md §8).
 
 N gloo ranks under DeepSpeed give what one standalone SP-NGD process gives when fed the same
 per-rank passes.

@@ -15,7 +15,7 @@ Resume at another world size is tests/deepspeed/test_engine.py
 (test_checkpoint_resumes_at_another_world_size).
 
 Launches (the cost of this file): 6 of tests/support/ds_worker.py and 3 of launch/train.py. Tests marked
-xfail are protections missing today (see their reason and the report on issue 7).
+xfail are protections missing today (see their reason).
 """
 
 from __future__ import annotations

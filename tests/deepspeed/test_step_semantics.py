@@ -1,4 +1,4 @@
-"""Issue 11 items that need DeepSpeed on gloo ranks.
+"""Step semantics that need DeepSpeed on gloo ranks.
 
 A resume at another world size on the compatible path keeps the schedule and the engine's counters;
 a step SP-NGD skips is a skipped step for DeepSpeed too (counted, scheduler not advanced) on every

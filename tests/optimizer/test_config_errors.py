@@ -1,6 +1,6 @@
 """Bad configurations fail at construction with a message naming the key and value.
 
-The message also gives the allowed values (DESIGN.md section 4); nothing fails deep inside a step.
+The message also gives the allowed values (docs/configuration.md); nothing fails deep inside a step.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Faults in one process (DESIGN.md rule 5, section 7 "Faults"): the run goes on and loses nothing.
+"""Faults in one process (docs/design.md rule 5, section 7 "Faults"): the run goes on and loses nothing.
 
 (a) a factor whose damped version is not positive definite: Cholesky fails in fp32 and in fp64,
     the layer takes the plain gradient that step, a counter is logged, a later step inverts again;

@@ -1,4 +1,4 @@
-"""Numerical faults injected for exactly one step, single process, float64 (issue 7, "Numerical faults").
+"""Numerical faults injected for exactly one step, single process, float64 ("Numerical faults").
 
 The run goes on, parameters stay finite, the bad statistic never enters the factors, the fallback is
 counted in ``metrics()`` and logged, and training afterwards is bit-identical to a twin run in which

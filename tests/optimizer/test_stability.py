@@ -1,4 +1,4 @@
-"""Rule 13 under stress (DESIGN.md §2, §7): a run never blows up and never stalls in silence.
+"""Rule 13 under stress (docs/design.md §2, §7): a run never blows up and never stalls in silence.
 
 Each case runs to its end and must finish with finite parameters and a loss that never climbs back
 above where it started, or with the clear stop (:class:`spngd_ds.safety.TrainingStalledError`):

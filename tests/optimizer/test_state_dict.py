@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN.md section 4): state_dict / load_state_dict resume a run exactly.
+"""Checkpoints (docs/configuration.md): state_dict / load_state_dict resume a run exactly.
 
 A run of 3 + 3 steps and a run of 3 steps, checkpoint, a fresh model and optimizer, load, 3 steps
 end with bit-identical float64 parameters. Stale statistics are on, so the steps after the resume

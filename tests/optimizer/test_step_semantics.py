@@ -1,4 +1,4 @@
-"""Issue 11 items on one process.
+"""Step semantics on one process.
 
 Parameters without gradient, frozen layers, tied weights, the first-order fallback said out loud, a
 module called twice in one forward (rule 3), clip_norm, and device discipline of every collective

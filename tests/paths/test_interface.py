@@ -1,6 +1,6 @@
 """The library's import layering and the paths' interface to the optimizer.
 
-What DESIGN.md §6 asks of them:
+What docs/design.md §6 asks of them:
 
 - no import circle among the modules of ``spngd_ds``, counting every import (module level, under
   ``if TYPE_CHECKING:``, inside functions);

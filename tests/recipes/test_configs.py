@@ -31,7 +31,7 @@ RECIPE_FLAGS = {
     "eval_batch_size", "checkpoint_interval",
 }  # fmt: skip
 
-# Paper (Osawa et al., ResNet-50 / ImageNet), DESIGN.md section 2:
+# Paper (Osawa et al., ResNet-50 / ImageNet), docs/design.md section 2:
 # global batch: lr, momentum, damping, mixup alpha, power, start epoch, end epoch, epochs.
 PAPER = {
     4096: (8.18e-3, 0.997, 2.5e-4, 0.4, 11, 1, 53, 36),

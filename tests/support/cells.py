@@ -1,4 +1,4 @@
-"""The equivalence matrix (DESIGN.md §7).
+"""The equivalence matrix (docs/design.md §8).
 
 One cell = one way of running SP-NGD inside DeepSpeed, and the standalone run that must give the
 same parameters.

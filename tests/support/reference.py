@@ -1,4 +1,4 @@
-"""Dense float64 reference for the SP-NGD contract (DESIGN.md section 2).
+"""Dense float64 reference for the SP-NGD contract (docs/design.md section 2).
 
 Everything here is written independently of ``spngd_ds``: no hooks, no ``F.unfold``, no shared
 helpers. The model is re-executed by an explicit functional forward (:func:`reference_forward`)
