@@ -83,8 +83,12 @@ def merge(key: str, sub: str | None, payload: dict[str, Any], argv: list[str], w
     res = load()
     if res.get("format") != "comm_volume/2":  # the old layout's file: start afresh
         res = {"format": "comm_volume/2"}
-    payload = payload | {"command": " ".join(argv), "wall_s": wall, "machine": common.machine_info(),
-                         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    payload = payload | {
+        "command": " ".join(argv),
+        "wall_s": wall,
+        "machine": common.machine_info(),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if sub is None:
         res[key] = payload
     else:
@@ -102,21 +106,48 @@ def report(res: dict[str, Any]) -> None:
         rows = []
         for n, f in sorted(fast.items(), key=lambda kv: int(kv[0])):
             for rk in f["ranks"]:
-                rows.append([n, rk["rank"], rk["owned_grad_elements"], round(rk["no_refresh_bytes"]),
-                             rk["no_refresh_predicted"], rk["no_refresh_ratio"], round(max(rk["refresh_extra_bytes"])),
-                             rk["refresh_extra_predicted"], rk["refresh_extra_over_ideal"],
-                             f"{rk['no_refresh_calls'][0]}/{rk['refresh_calls'][0]}"])
-        print(common.format_table(["N", "rank", "owned grads", "no-refresh B", "predicted", "x first-order",
-                                   "refresh extra B", "predicted", "extra / ideal", "collectives"], rows))
+                rows.append(
+                    [
+                        n,
+                        rk["rank"],
+                        rk["owned_grad_elements"],
+                        round(rk["no_refresh_bytes"]),
+                        rk["no_refresh_predicted"],
+                        rk["no_refresh_ratio"],
+                        round(max(rk["refresh_extra_bytes"])),
+                        rk["refresh_extra_predicted"],
+                        rk["refresh_extra_over_ideal"],
+                        f"{rk['no_refresh_calls'][0]}/{rk['refresh_calls'][0]}",
+                    ]
+                )
+        print(
+            common.format_table(
+                [
+                    "N",
+                    "rank",
+                    "owned grads",
+                    "no-refresh B",
+                    "predicted",
+                    "x first-order",
+                    "refresh extra B",
+                    "predicted",
+                    "extra / ideal",
+                    "collectives",
+                ],
+                rows,
+            )
+        )
         for n, f in sorted(fast.items(), key=lambda kv: int(kv[0])):
             r = f["refresh"]
-            print(f"  N={n}: P={f['params']:,}; no-refresh max {f['no_refresh_ratio_max']:.4f}x first-order "
-                  f"(target <= {TARGET_FAST}: {'met' if f['met_no_refresh'] else 'MISSED'}); refresh extra max "
-                  f"{r['extra_max']:,.0f} B vs ideal (N-1)/N·packed {r['ideal_bytes']:,.0f} B (padded layout would "
-                  f"send {r['padded_old_bytes']:,} B; no padding: {'met' if r['met_no_padding'] else 'MISSED'}); "
-                  f"collectives {f['collectives_per_step']}; comm_nbytes == interception: "
-                  f"{f['comm_nbytes_matches_interception']}; layout_bytes == interception: "
-                  f"{f['layout_prediction_matches']}")
+            print(
+                f"  N={n}: P={f['params']:,}; no-refresh max {f['no_refresh_ratio_max']:.4f}x first-order "
+                f"(target <= {TARGET_FAST}: {'met' if f['met_no_refresh'] else 'MISSED'}); refresh extra max "
+                f"{r['extra_max']:,.0f} B vs ideal (N-1)/N·packed {r['ideal_bytes']:,.0f} B (padded layout would "
+                f"send {r['padded_old_bytes']:,} B; no padding: {'met' if r['met_no_padding'] else 'MISSED'}); "
+                f"collectives {f['collectives_per_step']}; comm_nbytes == interception: "
+                f"{f['comm_nbytes_matches_interception']}; layout_bytes == interception: "
+                f"{f['layout_prediction_matches']}"
+            )
     comp = res.get("compatible", {})
     if comp:
         print("Compatible path (no-refresh step, all collectives of forward+backward+step), vs DeepSpeed SGD:")
@@ -124,34 +155,83 @@ def report(res: dict[str, Any]) -> None:
         for n, c in sorted(comp.items(), key=lambda kv: int(kv[0])):
             for st, s in c["stages"].items():
                 for rk in s["ranks"]:
-                    rows.append([n, st, rk["rank"], round(rk["sgd_bytes"]), round(rk["spngd_bytes"]),
-                                 round(rk["spngd_deepspeed_bytes"]), round(rk["spngd_ours_bytes"]), rk["ratio"],
-                                 f"{rk['sgd_calls'][0]}/{rk['spngd_calls'][0]}"])
-        print(common.format_table(["N", "ZeRO", "rank", "SGD B", "SP-NGD B", "of it DS", "of it ours", "ratio",
-                                   "calls SGD/SP-NGD"], rows))
+                    rows.append(
+                        [
+                            n,
+                            st,
+                            rk["rank"],
+                            round(rk["sgd_bytes"]),
+                            round(rk["spngd_bytes"]),
+                            round(rk["spngd_deepspeed_bytes"]),
+                            round(rk["spngd_ours_bytes"]),
+                            rk["ratio"],
+                            f"{rk['sgd_calls'][0]}/{rk['spngd_calls'][0]}",
+                        ]
+                    )
+        print(
+            common.format_table(
+                ["N", "ZeRO", "rank", "SGD B", "SP-NGD B", "of it DS", "of it ours", "ratio", "calls SGD/SP-NGD"], rows
+            )
+        )
         for n, c in sorted(comp.items(), key=lambda kv: int(kv[0])):
             for st, s in c["stages"].items():
-                print(f"  N={n} ZeRO {st}: {s['ratio_max']:.3f}x SGD (target <= {TARGET_COMPATIBLE}: "
-                      f"{'met' if s['met'] else 'MISSED'}); first-order all-reduce {s['first_order_bytes']:,.0f} B")
+                print(
+                    f"  N={n} ZeRO {st}: {s['ratio_max']:.3f}x SGD (target <= {TARGET_COMPATIBLE}: "
+                    f"{'met' if s['met'] else 'MISSED'}); first-order all-reduce {s['first_order_bytes']:,.0f} B"
+                )
     ana = res.get("analytic")
     if ana:
-        print(f"ResNet-50 analytic ({ana['params']:,} parameters, {ana['blocks']} blocks, {ana['statistics']} "
-              f"statistics), fast path per rank, max over ranks:")
-        rows = [[r["N"], r["owning_ranks"], r["grad_max_over_share"], r["no_refresh_ratio_max"],
-                 r["no_refresh_ratio_mean"], r["fp32"]["refresh_extra_over_ideal_max"],
-                 r["fp32"]["refresh_step_ratio_max"],
-                 r["bf16"]["refresh_extra_over_ideal_max"], r["bf16"]["refresh_step_ratio_max"],
-                 r["fp32"]["padded_old_over_ideal"]] for r in ana["rows"]]
-        print(common.format_table(["N", "owners", "max grads/share", "no-refresh x FO", "mean", "fp32 extra/ideal",
-                                   "fp32 refresh x FO", "bf16 extra/ideal", "bf16 refresh x FO",
-                                   "padded/ideal (old)"], rows))
-        print(f"  no-refresh max {ana['no_refresh_ratio_max']:.4f}x (target <= {TARGET_FAST} at every N: "
-              f"{'met' if ana['met'] else 'MISSED'})")
+        print(
+            f"ResNet-50 analytic ({ana['params']:,} parameters, {ana['blocks']} blocks, {ana['statistics']} "
+            f"statistics), fast path per rank, max over ranks:"
+        )
+        rows = [
+            [
+                r["N"],
+                r["owning_ranks"],
+                r["grad_max_over_share"],
+                r["no_refresh_ratio_max"],
+                r["no_refresh_ratio_mean"],
+                r["fp32"]["refresh_extra_over_ideal_max"],
+                r["fp32"]["refresh_step_ratio_max"],
+                r["bf16"]["refresh_extra_over_ideal_max"],
+                r["bf16"]["refresh_step_ratio_max"],
+                r["fp32"]["padded_old_over_ideal"],
+            ]
+            for r in ana["rows"]
+        ]
+        print(
+            common.format_table(
+                [
+                    "N",
+                    "owners",
+                    "max grads/share",
+                    "no-refresh x FO",
+                    "mean",
+                    "fp32 extra/ideal",
+                    "fp32 refresh x FO",
+                    "bf16 extra/ideal",
+                    "bf16 refresh x FO",
+                    "padded/ideal (old)",
+                ],
+                rows,
+            )
+        )
+        print(
+            f"  no-refresh max {ana['no_refresh_ratio_max']:.4f}x (target <= {TARGET_FAST} at every N: "
+            f"{'met' if ana['met'] else 'MISSED'})"
+        )
         if all("compatible_vs_sgd" in r for r in ana["rows"]):
             print("ResNet-50 analytic, compatible path, a no-refresh step / DeepSpeed's SGD step, most-loaded rank:")
-            print(common.format_table(["N", "ZeRO 1/2", "ZeRO 3", "1 + 1/N"],
-                                      [[r["N"], r["compatible_vs_sgd"]["1/2"], r["compatible_vs_sgd"]["3"],
-                                        1 + 1 / r["N"]] for r in ana["rows"]]))
+            print(
+                common.format_table(
+                    ["N", "ZeRO 1/2", "ZeRO 3", "1 + 1/N"],
+                    [
+                        [r["N"], r["compatible_vs_sgd"]["1/2"], r["compatible_vs_sgd"]["3"], 1 + 1 / r["N"]]
+                        for r in ana["rows"]
+                    ],
+                )
+            )
 
 
 def plot(res: dict[str, Any], path: Path = PLOT) -> None:
@@ -170,14 +250,31 @@ def plot(res: dict[str, Any], path: Path = PLOT) -> None:
     ana, fast, comp = res.get("analytic"), res.get("fast", {}), res.get("compatible", {})
     if ana:
         ns = [r["N"] for r in ana["rows"]]
-        ax.plot(ns, [r["no_refresh_ratio_max"] for r in ana["rows"]], "o-", color="C0",
-                label="ResNet-50, analytic, max rank")
-        ax.plot(ns, [r["no_refresh_ratio_mean"] for r in ana["rows"]], "o--", color="C0", alpha=0.6,
-                label="ResNet-50, analytic, mean")
+        ax.plot(
+            ns,
+            [r["no_refresh_ratio_max"] for r in ana["rows"]],
+            "o-",
+            color="C0",
+            label="ResNet-50, analytic, max rank",
+        )
+        ax.plot(
+            ns,
+            [r["no_refresh_ratio_mean"] for r in ana["rows"]],
+            "o--",
+            color="C0",
+            alpha=0.6,
+            label="ResNet-50, analytic, mean",
+        )
     if fast:
         ns = sorted(int(n) for n in fast)
-        ax.plot(ns, [fast[str(n)]["no_refresh_ratio_max"] for n in ns], "s", ms=8, color="C3",
-                label="ResNet-20, measured (gloo), max rank")
+        ax.plot(
+            ns,
+            [fast[str(n)]["no_refresh_ratio_max"] for n in ns],
+            "s",
+            ms=8,
+            color="C3",
+            label="ResNet-20, measured (gloo), max rank",
+        )
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(TARGET_FAST, color="k", ls="--", lw=1, label=f"target {TARGET_FAST}x")
     ax.set_xscale("log", base=2)
@@ -189,14 +286,30 @@ def plot(res: dict[str, Any], path: Path = PLOT) -> None:
     if ana:
         ns = [r["N"] for r in ana["rows"]]
         for dtype, color in (("fp32", "C0"), ("bf16", "C2")):
-            ax.plot(ns, [r[dtype]["refresh_extra_over_ideal_max"] for r in ana["rows"]], "o-", color=color,
-                    label=f"ResNet-50, {dtype}, analytic")
-        ax.plot(ns, [r["fp32"]["padded_old_over_ideal"] for r in ana["rows"]], "x:", color="0.5",
-                label="padded to most-loaded owner (old)")
+            ax.plot(
+                ns,
+                [r[dtype]["refresh_extra_over_ideal_max"] for r in ana["rows"]],
+                "o-",
+                color=color,
+                label=f"ResNet-50, {dtype}, analytic",
+            )
+        ax.plot(
+            ns,
+            [r["fp32"]["padded_old_over_ideal"] for r in ana["rows"]],
+            "x:",
+            color="0.5",
+            label="padded to most-loaded owner (old)",
+        )
     if fast:
         ns = sorted(int(n) for n in fast)
-        ax.plot(ns, [max(rk["refresh_extra_over_ideal"] for rk in fast[str(n)]["ranks"]) for n in ns], "s", ms=8,
-                color="C3", label="ResNet-20, fp32, measured")
+        ax.plot(
+            ns,
+            [max(rk["refresh_extra_over_ideal"] for rk in fast[str(n)]["ranks"]) for n in ns],
+            "s",
+            ms=8,
+            color="C3",
+            label="ResNet-20, fp32, measured",
+        )
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

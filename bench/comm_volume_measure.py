@@ -36,8 +36,16 @@ FAST_STEPS = 6
 COMPATIBLE_STEPS = 5
 IMAGE, MICRO = 16, 8  # bytes do not depend on the batch: keep the CPU work small
 #: what the fast path may call during a step
-FAST_ALLOWED = frozenset({"all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather_into_tensor",
-                          "all_gather_single", "all_to_all_single"})
+FAST_ALLOWED = frozenset(
+    {
+        "all_reduce",
+        "reduce_scatter_tensor",
+        "reduce_scatter_single",
+        "all_gather_into_tensor",
+        "all_gather_single",
+        "all_to_all_single",
+    }
+)
 
 
 def batches(steps: int, rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -60,12 +68,15 @@ def ds_config(optimizer: dict[str, Any], stage: int) -> dict[str, Any]:
 
 def spngd_optimizer() -> dict[str, Any]:
     # overlap on, as "auto" has it on an accelerator (the layouts and the analytic part assume it)
-    return {"type": "SPNGD", "params": dict(common.SPNGD_PARAMS, staleness=dict(ALL_STALE), comm_dtype="fp32",
-                                            overlap_statistics=True)}
+    return {
+        "type": "SPNGD",
+        "params": dict(common.SPNGD_PARAMS, staleness=dict(ALL_STALE), comm_dtype="fp32", overlap_statistics=True),
+    }
 
 
-def train(counter: CollectiveCounter, optimizer: dict[str, Any], stage: int, steps: int,
-          allowed: frozenset[str] | None) -> tuple[list[dict[str, Any]], Any, int]:
+def train(
+    counter: CollectiveCounter, optimizer: dict[str, Any], stage: int, steps: int, allowed: frozenset[str] | None
+) -> tuple[list[dict[str, Any]], Any, int]:
     """Measure the bytes one rank sends per step on a fresh engine.
 
     A fresh engine on the seeded ResNet-20; per step (forward, backward, step) the intercepted
@@ -75,8 +86,9 @@ def train(counter: CollectiveCounter, optimizer: dict[str, Any], stage: int, ste
 
     model = common.build_model("resnet20", seed=0)
     n_params = common.param_count(model)
-    engine, opt, _, _ = spngd_ds.initialize(model=model, model_parameters=model.parameters(),
-                                            config=ds_config(optimizer, stage))
+    engine, opt, _, _ = spngd_ds.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config(optimizer, stage)
+    )
     spngd = opt if optimizer["type"] == "SPNGD" else None
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = []
@@ -122,35 +134,48 @@ def part_fast(counter: CollectiveCounter) -> dict[str, Any]:
         full = [mine[s] for s in steps_all]
         base = sum(x["bytes"] for x in none) / len(none)
         extra = [x["bytes"] - base for x in full]
-        ranks.append({
-            "rank": r,
-            "owned_grad_elements": lay["grads"].geometry.counts[r],
-            "owned_packed_elements": lay["stats"].geometry.counts[r],
-            "no_refresh_bytes": base,
-            "no_refresh_ratio": base / fo,
-            "no_refresh_predicted": pred["no_refresh"][r],
-            "no_refresh_comm_nbytes": [x["comm_nbytes"] for x in none],
-            "no_refresh_intercepted": [x["bytes"] for x in none],
-            "no_refresh_calls": [x["calls"] for x in none],
-            "refresh_extra_bytes": extra,
-            "refresh_extra_predicted": pred["refresh_extra"][r],
-            "refresh_extra_parts_predicted": {k: pred[k][r] for k in ("stats", "decisions", "counts")},
-            "refresh_comm_nbytes": [x["comm_nbytes"] for x in full],
-            "refresh_intercepted": [x["bytes"] for x in full],
-            "refresh_calls": [x["calls"] for x in full],
-            "refresh_extra_over_ideal": max(extra) / bounds["ideal_bytes"],
-            "refresh_bound_bytes": bounds["ideal_bytes"] + bounds["a2a_moved_bytes"][r]
-            + pred["decisions"][r] + pred["counts"][r] + FP32 * (world - 1),
-            "by_function_no_refresh": none[0]["by_function"],
-            "by_function_refresh": full[0]["by_function"],
-        })
+        ranks.append(
+            {
+                "rank": r,
+                "owned_grad_elements": lay["grads"].geometry.counts[r],
+                "owned_packed_elements": lay["stats"].geometry.counts[r],
+                "no_refresh_bytes": base,
+                "no_refresh_ratio": base / fo,
+                "no_refresh_predicted": pred["no_refresh"][r],
+                "no_refresh_comm_nbytes": [x["comm_nbytes"] for x in none],
+                "no_refresh_intercepted": [x["bytes"] for x in none],
+                "no_refresh_calls": [x["calls"] for x in none],
+                "refresh_extra_bytes": extra,
+                "refresh_extra_predicted": pred["refresh_extra"][r],
+                "refresh_extra_parts_predicted": {k: pred[k][r] for k in ("stats", "decisions", "counts")},
+                "refresh_comm_nbytes": [x["comm_nbytes"] for x in full],
+                "refresh_intercepted": [x["bytes"] for x in full],
+                "refresh_calls": [x["calls"] for x in full],
+                "refresh_extra_over_ideal": max(extra) / bounds["ideal_bytes"],
+                "refresh_bound_bytes": bounds["ideal_bytes"]
+                + bounds["a2a_moved_bytes"][r]
+                + pred["decisions"][r]
+                + pred["counts"][r]
+                + FP32 * (world - 1),
+                "by_function_no_refresh": none[0]["by_function"],
+                "by_function_refresh": full[0]["by_function"],
+            }
+        )
     # the library's own count against the interception (an all-reduce it rounds down to a byte)
-    agree = all(abs(c - i) <= 2 for rk in ranks for c, i in
-                zip(rk["no_refresh_comm_nbytes"] + rk["refresh_comm_nbytes"],
-                    rk["no_refresh_intercepted"] + rk["refresh_intercepted"], strict=True))
-    exact = all(abs(rk["no_refresh_bytes"] - rk["no_refresh_predicted"]) <= 2
-                and all(abs(e - rk["refresh_extra_predicted"]) <= 3 for e in rk["refresh_extra_bytes"])
-                for rk in ranks)
+    agree = all(
+        abs(c - i) <= 2
+        for rk in ranks
+        for c, i in zip(
+            rk["no_refresh_comm_nbytes"] + rk["refresh_comm_nbytes"],
+            rk["no_refresh_intercepted"] + rk["refresh_intercepted"],
+            strict=True,
+        )
+    )
+    exact = all(
+        abs(rk["no_refresh_bytes"] - rk["no_refresh_predicted"]) <= 2
+        and all(abs(e - rk["refresh_extra_predicted"]) <= 3 for e in rk["refresh_extra_bytes"])
+        for rk in ranks
+    )
     worst = max(rk["no_refresh_ratio"] for rk in ranks)
     return {
         "world_size": world,
@@ -166,11 +191,15 @@ def part_fast(counter: CollectiveCounter) -> dict[str, Any]:
         "no_refresh_ratio_max": worst,
         "target_no_refresh": TARGET_FAST,
         "met_no_refresh": worst <= TARGET_FAST,
-        "refresh": bounds | {"extra_max": max(max(rk["refresh_extra_bytes"]) for rk in ranks),
-                             "met_no_padding": all(max(rk["refresh_extra_bytes"]) <= rk["refresh_bound_bytes"] + 2
-                                                   for rk in ranks)},
-        "collectives_per_step": {"no_refresh": sorted({c for rk in ranks for c in rk["no_refresh_calls"]}),
-                                 "refresh_all": sorted({c for rk in ranks for c in rk["refresh_calls"]})},
+        "refresh": bounds
+        | {
+            "extra_max": max(max(rk["refresh_extra_bytes"]) for rk in ranks),
+            "met_no_padding": all(max(rk["refresh_extra_bytes"]) <= rk["refresh_bound_bytes"] + 2 for rk in ranks),
+        },
+        "collectives_per_step": {
+            "no_refresh": sorted({c for rk in ranks for c in rk["no_refresh_calls"]}),
+            "refresh_all": sorted({c for rk in ranks for c in rk["refresh_calls"]}),
+        },
         "comm_nbytes_matches_interception": agree,
         "layout_prediction_matches": exact,
         "micro_batch": MICRO,
@@ -194,20 +223,22 @@ def part_compatible(counter: CollectiveCounter, stages: Sequence[int]) -> dict[s
             sp = [sp_all[r][s] for s in steps]
             sgd_b = sum(x["bytes"] for x in sgd) / len(sgd)
             sp_b = sum(x["bytes"] for x in sp) / len(sp)
-            ranks.append({
-                "rank": r,
-                "sgd_bytes": sgd_b,
-                "spngd_bytes": sp_b,
-                "spngd_ours_bytes": sum(x["ours_bytes"] for x in sp) / len(sp),
-                "spngd_deepspeed_bytes": sum(x["deepspeed_bytes"] for x in sp) / len(sp),
-                "comm_nbytes": [x["comm_nbytes"] for x in sp],
-                "ratio": sp_b / sgd_b,
-                "sgd_calls": [x["calls"] for x in sgd],
-                "spngd_calls": [x["calls"] for x in sp],
-                "spngd_ours_calls": [x["ours_calls"] for x in sp],
-                "sgd_by_function": sgd[-1]["by_function"],
-                "spngd_by_function": sp[-1]["by_function"],
-            })
+            ranks.append(
+                {
+                    "rank": r,
+                    "sgd_bytes": sgd_b,
+                    "spngd_bytes": sp_b,
+                    "spngd_ours_bytes": sum(x["ours_bytes"] for x in sp) / len(sp),
+                    "spngd_deepspeed_bytes": sum(x["deepspeed_bytes"] for x in sp) / len(sp),
+                    "comm_nbytes": [x["comm_nbytes"] for x in sp],
+                    "ratio": sp_b / sgd_b,
+                    "sgd_calls": [x["calls"] for x in sgd],
+                    "spngd_calls": [x["calls"] for x in sp],
+                    "spngd_ours_calls": [x["ours_calls"] for x in sp],
+                    "sgd_by_function": sgd[-1]["by_function"],
+                    "spngd_by_function": sp[-1]["by_function"],
+                }
+            )
         worst = max(rk["ratio"] for rk in ranks)
         out["stages"][str(stage)] = {
             "params": n_params,
@@ -218,7 +249,8 @@ def part_compatible(counter: CollectiveCounter, stages: Sequence[int]) -> dict[s
             "target": TARGET_COMPATIBLE,
             "met": worst <= TARGET_COMPATIBLE,
             "comm_nbytes_matches_interception": all(
-                abs(c - rk["spngd_ours_bytes"]) <= 2 for rk in ranks for c in rk["comm_nbytes"]),
+                abs(c - rk["spngd_ours_bytes"]) <= 2 for rk in ranks for c in rk["comm_nbytes"]
+            ),
         }
         if dist.get_rank() == 0:
             print(f"compatible ZeRO {stage}: done", flush=True)

@@ -77,8 +77,9 @@ def layouts(blocks: Sequence[Any], owners: dict[str, int], world: int) -> dict[s
     }
 
 
-def predicted(lay: dict[str, Any], world: int, itemsize: int = FP32, bucket: int | None = None,
-              bounded: bool = True) -> dict[str, list[int]]:
+def predicted(
+    lay: dict[str, Any], world: int, itemsize: int = FP32, bucket: int | None = None, bounded: bool = True
+) -> dict[str, list[int]]:
     """Predict the bytes the fast path sends per rank without and with a refresh.
 
     Per rank, what the fast path sends on a step that refreshes nothing and the extra on a step that
@@ -124,8 +125,12 @@ def stats_bounds(lay: dict[str, Any], world: int, itemsize: int) -> dict[str, An
         for r in range(world):
             send, _ = part.geometry.to_owner_splits(r)
             moved[r] += itemsize * sum(x for q, x in enumerate(send) if q != r)
-    return {"packed_elements": geo.total, "ideal_bytes": ideal, "a2a_moved_bytes": moved,
-            "padded_old_bytes": (world - 1) * itemsize * max(geo.counts)}
+    return {
+        "packed_elements": geo.total,
+        "ideal_bytes": ideal,
+        "a2a_moved_bytes": moved,
+        "padded_old_bytes": (world - 1) * itemsize * max(geo.counts),
+    }
 
 
 def compatible_analytic(blocks: Sequence[Any], model: torch.nn.Module, world: int) -> dict[str, float]:
@@ -175,8 +180,9 @@ def compatible_analytic(blocks: Sequence[Any], model: torch.nn.Module, world: in
                     to[r] += row[r]
                     back[o] += row[r]
         n_params = sum(len(b.params) for b in blocks)
-        ours = max(FP32 * (t + f) for t, f in zip(to, back, strict=True)) + all_reduce_count(FP32 * (1 + n_params),
-                                                                                              world)
+        ours = max(FP32 * (t + f) for t, f in zip(to, back, strict=True)) + all_reduce_count(
+            FP32 * (1 + n_params), world
+        )
         ds = (3 if stage == "1/2" else 2) * (world - 1) / world * FP32 * total
         out[stage] = 1.0 + ours / ds
     return out
@@ -202,18 +208,24 @@ def part_analytic(worlds: Sequence[int] = ANALYTIC_WORLDS) -> dict[str, Any]:
         owners = assign_owners(costs, n)
         lay = layouts(blocks, owners, n)
         fo = first_order_bytes(n_params, n)
-        row: dict[str, Any] = {"N": n, "assign_s": time.perf_counter() - t0,
-                               "owning_ranks": len(set(owners.values())),
-                               "grad_max_over_share": max(lay["grads"].geometry.counts) * n / n_params,
-                               "compatible_vs_sgd": compatible_analytic(blocks, model, n)}
+        row: dict[str, Any] = {
+            "N": n,
+            "assign_s": time.perf_counter() - t0,
+            "owning_ranks": len(set(owners.values())),
+            "grad_max_over_share": max(lay["grads"].geometry.counts) * n / n_params,
+            "compatible_vs_sgd": compatible_analytic(blocks, model, n),
+        }
         for dtype, size in WIRE.items():
             pred = predicted(lay, n, size, bucket)
             bounds = stats_bounds(lay, n, size)
             no_ref = pred["no_refresh"]
             full = [a + b for a, b in zip(no_ref, pred["refresh_extra"], strict=True)]
             if dtype == "fp32":
-                row |= {"no_refresh_ratio_max": max(no_ref) / fo, "no_refresh_ratio_mean": sum(no_ref) / n / fo,
-                        "flags_bytes": pred["flags"][0]}
+                row |= {
+                    "no_refresh_ratio_max": max(no_ref) / fo,
+                    "no_refresh_ratio_mean": sum(no_ref) / n / fo,
+                    "flags_bytes": pred["flags"][0],
+                }
             row[dtype] = {
                 "refresh_extra_max": max(pred["refresh_extra"]),
                 "refresh_extra_over_ideal_max": max(pred["refresh_extra"]) / bounds["ideal_bytes"],
@@ -224,6 +236,14 @@ def part_analytic(worlds: Sequence[int] = ANALYTIC_WORLDS) -> dict[str, Any]:
             }
         rows.append(row)
     worst = max(r["no_refresh_ratio_max"] for r in rows)
-    return {"model": "torchvision resnet50", "params": n_params, "blocks": len(blocks),
-            "statistics": sum(len(b.stats) for b in blocks), "bucket_numel": bucket, "rows": rows,
-            "target": TARGET_FAST, "met": worst <= TARGET_FAST, "no_refresh_ratio_max": worst}
+    return {
+        "model": "torchvision resnet50",
+        "params": n_params,
+        "blocks": len(blocks),
+        "statistics": sum(len(b.stats) for b in blocks),
+        "bucket_numel": bucket,
+        "rows": rows,
+        "target": TARGET_FAST,
+        "met": worst <= TARGET_FAST,
+        "no_refresh_ratio_max": worst,
+    }

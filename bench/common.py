@@ -223,20 +223,39 @@ def mib(nbytes: float) -> float:
 #: every collective and point-to-point function of torch.distributed; those mapped to None have no
 #: byte formula here and raise when called during a measured step
 FUNCS: dict[str, str | None] = {
-    "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",
-    "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_single": "reduce_scatter",
+    "all_reduce": "all_reduce",
+    "all_reduce_coalesced": "all_reduce",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "reduce_scatter_single": "reduce_scatter",
     "_reduce_scatter_base": "reduce_scatter",
     "reduce_scatter": "reduce_scatter_list",
-    "all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather",
-    "_all_gather_base": "all_gather", "all_gather": "all_gather_list",
+    "all_gather_into_tensor": "all_gather",
+    "all_gather_single": "all_gather",
+    "_all_gather_base": "all_gather",
+    "all_gather": "all_gather_list",
     "all_to_all_single": "all_to_all",
-    "reduce": "reduce", "broadcast": "reduce",
-    "barrier": "none", "monitored_barrier": "none",
-    "all_gather_coalesced": None, "all_gather_object": None, "gather": None, "gather_object": None,
-    "scatter": None, "scatter_object_list": None, "broadcast_object_list": None, "all_to_all": None,
-    "send": None, "recv": None, "isend": None, "irecv": None, "batch_isend_irecv": None,
-    "_all_gather_base_coalesced": None, "_reduce_scatter_base_coalesced": None,
+    "reduce": "reduce",
+    "broadcast": "reduce",
+    "barrier": "none",
+    "monitored_barrier": "none",
+    "all_gather_coalesced": None,
+    "all_gather_object": None,
+    "gather": None,
+    "gather_object": None,
+    "scatter": None,
+    "scatter_object_list": None,
+    "broadcast_object_list": None,
+    "all_to_all": None,
+    "send": None,
+    "recv": None,
+    "isend": None,
+    "irecv": None,
+    "batch_isend_irecv": None,
+    "_all_gather_base_coalesced": None,
+    "_reduce_scatter_base_coalesced": None,
 }
+
+
 def _nbytes(t: Any) -> int:
     if isinstance(t, torch.Tensor):
         return t.numel() * t.element_size()
@@ -300,8 +319,10 @@ class CollectiveCounter:
                 if orig is not None:
                     setattr(mod, name, self._wrap(name, orig))
         cdb = ds_comm.cdb
-        for attr, name in (("all_gather_function", "all_gather_into_tensor"),
-                           ("reduce_scatter_function", "reduce_scatter_tensor")):
+        for attr, name in (
+            ("all_gather_function", "all_gather_into_tensor"),
+            ("reduce_scatter_function", "reduce_scatter_tensor"),
+        ):
             orig = getattr(cdb, attr, None)
             if orig is not None:
                 setattr(cdb, attr, self._wrap(getattr(orig, "__name__", name), orig))
@@ -335,8 +356,15 @@ class CollectiveCounter:
         self._wrapped[id(inner)] = wrapper
         return wrapper
 
-    def _record(self, name: str, kind: str | None, sig: inspect.Signature, args: tuple[Any, ...],
-                kwargs: dict[str, Any], caller: str) -> dict[str, Any] | None:
+    def _record(
+        self,
+        name: str,
+        kind: str | None,
+        sig: inspect.Signature,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        caller: str,
+    ) -> dict[str, Any] | None:
         """Log one call made inside a measured window.
 
         Log one call made inside a measured window (its entry, which the wrapper completes with the
@@ -346,14 +374,21 @@ class CollectiveCounter:
             self.outside[name] = self.outside.get(name, 0) + 1
             return None
         if kind is None or (self.allowed is not None and name not in self.allowed):
-            raise RuntimeError(f"unexpected collective torch.distributed.{name} during a measured step "
-                               f"(called from {caller}); allowed: {sorted(self.allowed or FUNCS)}")
+            raise RuntimeError(
+                f"unexpected collective torch.distributed.{name} during a measured step "
+                f"(called from {caller}); allowed: {sorted(self.allowed or FUNCS)}"
+            )
         bound = sig.bind_partial(*args, **kwargs).arguments
         group = bound.get("group")
         world = dist.get_world_size(group) if group is not None else self.world
         rank = dist.get_rank(group) if group is not None else self.rank
-        entry = {"fn": name, "bytes": sent_bytes(kind, bound, rank, world),
-                 "ours": "/spngd_ds/" in caller.replace("\\", "/"), "seconds": 0.0, "async": False}
+        entry = {
+            "fn": name,
+            "bytes": sent_bytes(kind, bound, rank, world),
+            "ours": "/spngd_ds/" in caller.replace("\\", "/"),
+            "seconds": 0.0,
+            "async": False,
+        }
         self.log.append(entry)
         return entry
 

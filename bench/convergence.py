@@ -196,8 +196,13 @@ def verdicts(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         best = min(first, key=lambda k: first[k])
         ngd = per_opt["SP-NGD"]["median_steps"]
         ratio = ngd / first[best] if math.isfinite(first[best]) else (0.0 if math.isfinite(ngd) else math.inf)
-        out[batch_name] = {"best_first_order": best, "best_first_order_steps": first[best], "spngd_steps": ngd,
-                           "ratio": ratio, "met": ratio <= TARGET_RATIO}
+        out[batch_name] = {
+            "best_first_order": best,
+            "best_first_order_steps": first[best],
+            "spngd_steps": ngd,
+            "ratio": ratio,
+            "met": ratio <= TARGET_RATIO,
+        }
     return out
 
 
@@ -206,14 +211,28 @@ def print_report(res: dict[str, Any]) -> None:
     rows = []
     for batch_name, per_opt in res["results"].items():
         for name, r in per_opt.items():
-            rows.append([batch_name, name, r["lr"], " ".join(str(s) for s in r["steps_per_seed"]), r["median_steps"],
-                         r["median_seconds"] * 1e3, "edge" if r["lr_at_grid_edge"] else ""])
-    print(common.format_table(["batch", "optimizer", "lr", "steps per seed", "median steps", "median ms to 97%",
-                               "grid"], rows))
+            rows.append(
+                [
+                    batch_name,
+                    name,
+                    r["lr"],
+                    " ".join(str(s) for s in r["steps_per_seed"]),
+                    r["median_steps"],
+                    r["median_seconds"] * 1e3,
+                    "edge" if r["lr_at_grid_edge"] else "",
+                ]
+            )
+    print(
+        common.format_table(
+            ["batch", "optimizer", "lr", "steps per seed", "median steps", "median ms to 97%", "grid"], rows
+        )
+    )
     for batch_name, v in res["verdicts"].items():
-        print(f"{batch_name}: SP-NGD {v['spngd_steps']} steps vs best first-order {v['best_first_order']} "
-              f"{v['best_first_order_steps']}: ratio {v['ratio']:.2f} (target <= {TARGET_RATIO}: "
-              f"{'met' if v['met'] else 'MISSED'})")
+        print(
+            f"{batch_name}: SP-NGD {v['spngd_steps']} steps vs best first-order {v['best_first_order']} "
+            f"{v['best_first_order_steps']}: ratio {v['ratio']:.2f} (target <= {TARGET_RATIO}: "
+            f"{'met' if v['met'] else 'MISSED'})"
+        )
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -251,8 +270,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.set_title(f"digits MLP, batch {res['batch_sizes'][batch_name]} ({batch_name})", fontsize=10)
         acc_ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"lr chosen per optimizer from the same grid; line: mean of {len(res['seeds'])} seeds, band: "
-                 f"min-max; dashed: {TARGET_ACC:.0%} validation top-1", fontsize=10)
+    fig.suptitle(
+        f"lr chosen per optimizer from the same grid; line: mean of {len(res['seeds'])} seeds, band: "
+        f"min-max; dashed: {TARGET_ACC:.0%} validation top-1",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -274,16 +296,25 @@ def main() -> None:
     n = data[0].shape[0]
     sizes = {"full batch": n, "quarter batch": n // 4}
     seeds = list(range(a.seeds))
-    res: dict[str, Any] = {"batch_sizes": sizes, "lr_grid": list(LR_GRID), "seeds": seeds, "cap": a.cap,
-                           "target_acc": TARGET_ACC, "results": {}, "curves": {}}
+    res: dict[str, Any] = {
+        "batch_sizes": sizes,
+        "lr_grid": list(LR_GRID),
+        "seeds": seeds,
+        "cap": a.cap,
+        "target_acc": TARGET_ACC,
+        "results": {},
+        "curves": {},
+    }
     for batch_name, batch in sizes.items():
         res["results"][batch_name], res["curves"][batch_name] = {}, {}
         for name in OPTIMIZERS:
             r = sweep(data, name, batch, seeds, a.cap)
             res["results"][batch_name][name] = r
             res["curves"][batch_name][name] = curves(data, name, r["lr"], batch, seeds, a.horizon)
-            print(f"{batch_name} {name}: lr {r['lr']}, steps {r['steps_per_seed']} "
-                  f"({time.perf_counter() - wall:.0f} s)", flush=True)
+            print(
+                f"{batch_name} {name}: lr {r['lr']}, steps {r['steps_per_seed']} ({time.perf_counter() - wall:.0f} s)",
+                flush=True,
+            )
     res["verdicts"] = verdicts(res["results"])
     res["machine"] = common.machine_info()
     res["wall_s"] = time.perf_counter() - wall

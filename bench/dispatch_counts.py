@@ -31,11 +31,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 #: aten ops (overload packet names) whose host result or output shape depends on device data
-SYNC_OPS = frozenset({
-    "_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
-    "unique_consecutive", "unique_dim_consecutive", "equal", "repeat_interleave",
-    "_assert_async",
-})
+SYNC_OPS = frozenset(
+    {
+        "_local_scalar_dense",
+        "nonzero",
+        "masked_select",
+        "_unique",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+        "unique_dim_consecutive",
+        "equal",
+        "repeat_interleave",
+        "_assert_async",
+    }
+)
 
 
 @dataclass

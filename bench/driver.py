@@ -56,8 +56,9 @@ def a_samples_params(a_samples: int | None) -> dict[str, Any]:
     return {} if a_samples is None else {"a_samples": a_samples}
 
 
-def build_engines(model_kind: str, blocks: dict[str, dict[str, Any]], micro_batch: int,
-                  gas: int = 1) -> dict[str, tuple[Any, Any]]:
+def build_engines(
+    model_kind: str, blocks: dict[str, dict[str, Any]], micro_batch: int, gas: int = 1
+) -> dict[str, tuple[Any, Any]]:
     """Build one engine per ``"optimizer"`` block on copies of the same model.
 
     name -> (engine, SPNGD or None) for each ``"optimizer"`` block, each on its own copy of the same
@@ -87,9 +88,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(engine: Any, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-               counter: common.CollectiveCounter | None = None,
-               collectives: list[list[tuple[float, bool]]] | None = None) -> float:
+def timed_step(
+    engine: Any,
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    counter: common.CollectiveCounter | None = None,
+    collectives: list[list[tuple[float, bool]]] | None = None,
+) -> float:
     """Time one optimizer step on this rank.
 
     Wall seconds of one optimizer step on this rank: forward + ``engine.backward`` + ``engine.step``
@@ -162,9 +167,9 @@ def median(v: list[float]) -> float:
     return finite[len(finite) // 2] if finite else math.nan
 
 
-def record_layer_io(model: torch.nn.Module, names: list[str], xb: torch.Tensor, yb: torch.Tensor) -> tuple[
-    dict[str, torch.Tensor], dict[str, torch.Tensor]
-]:
+def record_layer_io(
+    model: torch.nn.Module, names: list[str], xb: torch.Tensor, yb: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Inputs and output gradients of the named modules over one forward/backward of ``model``."""
     inputs: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}

@@ -136,8 +136,12 @@ class Corpus:
     val_files: list[str]
 
     def summary(self) -> dict[str, Any]:
-        return {"train_files": len(self.train_files), "val_files": len(self.val_files),
-                "train_bytes": int(self.train.numel()), "val_bytes": int(self.val.numel())}
+        return {
+            "train_files": len(self.train_files),
+            "val_files": len(self.val_files),
+            "train_bytes": int(self.train.numel()),
+            "val_bytes": int(self.val.numel()),
+        }
 
 
 def read_stream(root: Path, files: list[str]) -> torch.Tensor:
@@ -198,19 +202,39 @@ def build_lm(kind: str, size: str, seq_len: int, seed: int) -> nn.Module:
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=s["width"], intermediate_size=s["mlp"],
-                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                          num_key_value_heads=s["heads"], max_position_embeddings=seq_len,
-                          tie_word_embeddings=False, attention_dropout=0.0, use_cache=False,
-                          pad_token_id=None, bos_token_id=None, eos_token_id=None)
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=s["width"],
+            intermediate_size=s["mlp"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["heads"],
+            max_position_embeddings=seq_len,
+            tie_word_embeddings=False,
+            attention_dropout=0.0,
+            use_cache=False,
+            pad_token_id=None,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
         cfg._attn_implementation = "sdpa"
         return LlamaForCausalLM(cfg)
     if kind == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        cfg2 = GPT2Config(vocab_size=VOCAB, n_positions=seq_len, n_embd=s["width"], n_layer=s["layers"],
-                          n_head=s["heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
-                          bos_token_id=None, eos_token_id=None)
+        cfg2 = GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=seq_len,
+            n_embd=s["width"],
+            n_layer=s["layers"],
+            n_head=s["heads"],
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            use_cache=False,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
         cfg2._attn_implementation = "sdpa"
         return GPT2LMHeadModel(cfg2)
     raise ValueError(f"unknown model {kind!r}; use llama or gpt2")
@@ -230,8 +254,12 @@ def curvature_coverage(opt: Any, model: nn.Module) -> dict[str, Any]:
     """
     total = common.param_count(model)
     covered = sum(p.numel() for b in opt.blocks.values() if b.stats for p in b.params)
-    return {"fraction": covered / total, "covered_params": covered, "total_params": total,
-            "first_order_layers": list(opt.first_order_layers)}
+    return {
+        "fraction": covered / total,
+        "covered_params": covered,
+        "total_params": total,
+        "first_order_layers": list(opt.first_order_layers),
+    }
 
 
 # -------------------------------------------------------------------------------------- training
@@ -324,8 +352,9 @@ def validation_loss(model: nn.Module, val: torch.Tensor, rank: int, world: int, 
     return float(total[0] / total[1])
 
 
-def train_run(name: str, lr: float, batch_name: str, st: Setting, corpus: Corpus, val: torch.Tensor,
-              rank: int, world: int) -> Run:
+def train_run(
+    name: str, lr: float, batch_name: str, st: Setting, corpus: Corpus, val: torch.Tensor, rank: int, world: int
+) -> Run:
     """Train one fresh model with optimizer ``name`` at ``lr`` for ``st.steps[batch_name]`` steps."""
     import spngd_ds
 
@@ -333,8 +362,9 @@ def train_run(name: str, lr: float, batch_name: str, st: Setting, corpus: Corpus
     gas = st.accumulation[batch_name]
     model = build_lm(st.model, st.size, st.seq_len, st.seed)
     opt_in = client_optimizer(name, model, lr)
-    engine, opt, _, _ = spngd_ds.initialize(model=model, optimizer=opt_in, model_parameters=model.parameters(),
-                                            config=ds_config_for(name, lr, st, gas))
+    engine, opt, _, _ = spngd_ds.initialize(
+        model=model, optimizer=opt_in, model_parameters=model.parameters(), config=ds_config_for(name, lr, st, gas)
+    )
     run = Run(lr=lr)
     if name == "SP-NGD":
         run.coverage = curvature_coverage(opt, model)
@@ -389,26 +419,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", default=None, choices=list(SIZES), help="default: small (tiny with --short)")
     p.add_argument("--seq_len", type=int, default=None, help="bytes read per window (default 64; 16 with --short)")
     p.add_argument("--micro_batch", type=int, default=None, help="windows per rank per micro-batch (default 16)")
-    p.add_argument("--accumulation", type=int, default=None,
-                   help="micro-batches per step of the large batch (default 8; the small batch has 1)")
+    p.add_argument(
+        "--accumulation",
+        type=int,
+        default=None,
+        help="micro-batches per step of the large batch (default 8; the small batch has 1)",
+    )
     p.add_argument("--steps_large", type=int, default=None, help="steps of every large-batch run (default 150)")
     p.add_argument("--steps_small", type=int, default=None, help="steps of every small-batch run (default 450)")
     p.add_argument("--batches", nargs="+", default=["large", "small"], choices=["large", "small"])
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     p.add_argument("--lrs", type=float, nargs="+", default=None, help=f"lr grid (default {LR_GRID})")
     p.add_argument("--eval_every", type=int, default=None, help="large batch: steps between validations (default 5)")
-    p.add_argument("--eval_every_small", type=int, default=None,
-                   help="small batch: steps between validations (default 15)")
+    p.add_argument(
+        "--eval_every_small", type=int, default=None, help="small batch: steps between validations (default 15)"
+    )
     p.add_argument("--val_windows", type=int, default=None, help="validation windows (default 256)")
     p.add_argument("--val_fraction", type=float, default=0.05, help="share of files (by path hash) for validation")
-    p.add_argument("--max_files", type=int, default=None,
-                   help="first files of the sorted list only (default all; 200 with --short)")
+    p.add_argument(
+        "--max_files",
+        type=int,
+        default=None,
+        help="first files of the sorted list only (default all; 200 with --short)",
+    )
     p.add_argument("--target_slack", type=float, default=0.02, help="nats/byte above the best first-order loss")
-    p.add_argument("--target_from", type=Path, default=None,
-                   help="take each batch size's target from this results file (runs of SP-NGD variants alone)")
+    p.add_argument(
+        "--target_from",
+        type=Path,
+        default=None,
+        help="take each batch size's target from this results file (runs of SP-NGD variants alone)",
+    )
     p.add_argument("--clip", type=float, default=1.0, help="DeepSpeed gradient_clipping for every optimizer")
-    p.add_argument("--spngd_params", type=json.loads, default={},
-                   help="JSON dict of extra SP-NGD keyword arguments, e.g. '{\"positions_as_samples\": true}'")
+    p.add_argument(
+        "--spngd_params",
+        type=json.loads,
+        default={},
+        help="JSON dict of extra SP-NGD keyword arguments, e.g. '{\"positions_as_samples\": true}'",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=common.RESULTS_DIR / "lm.json")
     p.add_argument("--plot", type=Path, default=common.DOCS_DIR / "lm_benchmark.png")
@@ -417,12 +464,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not isinstance(a.spngd_params, dict):
         p.error("--spngd_params must be a JSON object")
     short = a.short
-    defaults = {"size": "tiny" if short else "small", "seq_len": 16 if short else 64,
-                "micro_batch": 2 if short else 16, "accumulation": 2 if short else 8,
-                "steps_large": 3 if short else 150, "steps_small": 4 if short else 450,
-                "eval_every": 2 if short else 5, "eval_every_small": 2 if short else 15,
-                "val_windows": 8 if short else 256,
-                "lrs": [1e-3] if short else list(LR_GRID), "max_files": 200 if short else None}
+    defaults = {
+        "size": "tiny" if short else "small",
+        "seq_len": 16 if short else 64,
+        "micro_batch": 2 if short else 16,
+        "accumulation": 2 if short else 8,
+        "steps_large": 3 if short else 150,
+        "steps_small": 4 if short else 450,
+        "eval_every": 2 if short else 5,
+        "eval_every_small": 2 if short else 15,
+        "val_windows": 8 if short else 256,
+        "lrs": [1e-3] if short else list(LR_GRID),
+        "max_files": 200 if short else None,
+    }
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -430,12 +484,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setting_from(a: argparse.Namespace) -> Setting:
-    return Setting(model=a.model, size=a.size, seq_len=a.seq_len, micro_batch=a.micro_batch,
-                   accumulation={"large": a.accumulation, "small": 1},
-                   steps={"large": a.steps_large, "small": a.steps_small},
-                   eval_every={"large": a.eval_every, "small": a.eval_every_small},
-                   val_windows=a.val_windows, clip=a.clip, seed=a.seed,
-                   spngd_params=dict(common.SPNGD_PARAMS) | a.spngd_params)
+    return Setting(
+        model=a.model,
+        size=a.size,
+        seq_len=a.seq_len,
+        micro_batch=a.micro_batch,
+        accumulation={"large": a.accumulation, "small": 1},
+        steps={"large": a.steps_large, "small": a.steps_small},
+        eval_every={"large": a.eval_every, "small": a.eval_every_small},
+        val_windows=a.val_windows,
+        clip=a.clip,
+        seed=a.seed,
+        spngd_params=dict(common.SPNGD_PARAMS) | a.spngd_params,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -455,11 +516,18 @@ def main(argv: list[str] | None = None) -> None:
     val = val_windows(corpus.val, a.val_windows, st.seq_len)
     sizes = {b: st.micro_batch * st.accumulation[b] * world for b in a.batches}
     res: dict[str, Any] = {
-        "setting": asdict(st), "world_size": world, "lr_grid": list(a.lrs), "target_slack": a.target_slack,
-        "target_ratio": TARGET_RATIO, "val_fraction": a.val_fraction, "corpus": corpus.summary(),
-        "batch_sizes": sizes, "tokens_per_step": {b: n * st.seq_len for b, n in sizes.items()},
+        "setting": asdict(st),
+        "world_size": world,
+        "lr_grid": list(a.lrs),
+        "target_slack": a.target_slack,
+        "target_ratio": TARGET_RATIO,
+        "val_fraction": a.val_fraction,
+        "corpus": corpus.summary(),
+        "batch_sizes": sizes,
+        "tokens_per_step": {b: n * st.seq_len for b, n in sizes.items()},
         "model_params": common.param_count(build_lm(st.model, st.size, st.seq_len, st.seed)),
-        "runs": {}, "summary": {},
+        "runs": {},
+        "summary": {},
     }
     for batch_name in a.batches:
         runs: dict[str, dict[float, Run]] = {}
@@ -469,11 +537,14 @@ def main(argv: list[str] | None = None) -> None:
                 r = train_run(name, lr, batch_name, st, corpus, val, rank, world)
                 runs[name][lr] = r
                 if rank == 0:
-                    print(f"{batch_name} {name} lr {lr:g}: val {r.val_loss[0]:.3f} -> {r.val_loss[-1]:.3f} "
-                          f"(step {r.eval_steps[-1]}{', diverged' if r.diverged else ''}), "
-                          f"{r.seconds[-1] / max(len(r.seconds), 1) * 1e3:.0f} ms/step "
-                          f"({r.cpu_seconds[-1] / max(len(r.cpu_seconds), 1) * 1e3:.0f} CPU), run {r.run_wall_s:.0f} s "
-                          f"({r.run_cpu_s:.0f} CPU), {time.perf_counter() - wall:.0f} s", flush=True)
+                    print(
+                        f"{batch_name} {name} lr {lr:g}: val {r.val_loss[0]:.3f} -> {r.val_loss[-1]:.3f} "
+                        f"(step {r.eval_steps[-1]}{', diverged' if r.diverged else ''}), "
+                        f"{r.seconds[-1] / max(len(r.seconds), 1) * 1e3:.0f} ms/step "
+                        f"({r.cpu_seconds[-1] / max(len(r.cpu_seconds), 1) * 1e3:.0f} CPU), run {r.run_wall_s:.0f} s "
+                        f"({r.run_cpu_s:.0f} CPU), {time.perf_counter() - wall:.0f} s",
+                        flush=True,
+                    )
         res["runs"][batch_name] = {n: {str(lr): asdict(r) for lr, r in g.items()} for n, g in runs.items()}
         given = json.loads(a.target_from.read_text())["summary"][batch_name] if a.target_from else None
         fixed = given["target_val_loss"] if given is not None else None

@@ -30,8 +30,10 @@ TARGET_RATIO = 0.7
 
 def target_loss(runs: dict[str, dict[float, Run]], slack: float) -> float:
     """The lowest validation loss any first-order run reached, plus ``slack`` nats."""
-    best = min((v for n in FIRST_ORDER for r in runs.get(n, {}).values() for v in r.val_loss if math.isfinite(v)),
-               default=math.inf)
+    best = min(
+        (v for n in FIRST_ORDER for r in runs.get(n, {}).values() for v in r.val_loss if math.isfinite(v)),
+        default=math.inf,
+    )
     return best + slack
 
 
@@ -45,8 +47,9 @@ def choose_lr(grid: dict[float, Run], target: float) -> float:
     return min(grid, key=key)
 
 
-def summarise(runs: dict[str, dict[float, Run]], slack: float, grid: tuple[float, ...],
-              target: float | None = None) -> dict[str, Any]:
+def summarise(
+    runs: dict[str, dict[float, Run]], slack: float, grid: tuple[float, ...], target: float | None = None
+) -> dict[str, Any]:
     """Per batch size: the target, each optimizer's chosen lr and its figures, the verdict.
 
     ``target``: the target validation loss to use (default: the best first-order loss plus ``slack``).
@@ -57,9 +60,12 @@ def summarise(runs: dict[str, dict[float, Run]], slack: float, grid: tuple[float
         lr = choose_lr(per_lr, target)
         r = per_lr[lr]
         out["optimizers"][name] = {
-            "lr": lr, "lr_at_grid_edge": len(grid) > 1 and lr in (grid[0], grid[-1]),
-            "steps_to_target": r.steps_to(target), "seconds_to_target": r.seconds_to(target),
-            "final_val_loss": r.final(), "best_val_loss": min(r.val_loss),
+            "lr": lr,
+            "lr_at_grid_edge": len(grid) > 1 and lr in (grid[0], grid[-1]),
+            "steps_to_target": r.steps_to(target),
+            "seconds_to_target": r.seconds_to(target),
+            "final_val_loss": r.final(),
+            "best_val_loss": min(r.val_loss),
             "best_final_val_loss_over_grid": min(x.final() for x in per_lr.values()),
             "mean_step_s": r.seconds[-1] / len(r.seconds) if r.seconds else math.nan,
             "grid_steps_to_target": {str(k): v.steps_to(target) for k, v in per_lr.items()},
@@ -91,19 +97,33 @@ def print_report(res: dict[str, Any]) -> None:
     for batch_name, summ in res["summary"].items():
         for name, r in summ["optimizers"].items():
             sec = r["seconds_to_target"]
-            rows.append([batch_name, name, r["lr"], r["steps_to_target"] if r["steps_to_target"] is not None else "-",
-                         sec if sec is not None else "-", r["final_val_loss"], r["mean_step_s"] * 1e3,
-                         "edge" if r["lr_at_grid_edge"] else ""])
-    print(common.format_table(["batch", "optimizer", "lr", "steps to target", "s to target", "final val loss",
-                               "ms/step", "grid"], rows))
+            rows.append(
+                [
+                    batch_name,
+                    name,
+                    r["lr"],
+                    r["steps_to_target"] if r["steps_to_target"] is not None else "-",
+                    sec if sec is not None else "-",
+                    r["final_val_loss"],
+                    r["mean_step_s"] * 1e3,
+                    "edge" if r["lr_at_grid_edge"] else "",
+                ]
+            )
+    print(
+        common.format_table(
+            ["batch", "optimizer", "lr", "steps to target", "s to target", "final val loss", "ms/step", "grid"], rows
+        )
+    )
     for batch_name, summ in res["summary"].items():
         v = summ.get("verdict")
         head = f"{batch_name} (target val loss {summ['target_val_loss']:.4f} nats/byte)"
         if v is None:
             print(f"{head}: no first-order run or no SP-NGD run reached the target")
             continue
-        print(f"{head}: SP-NGD / {v['best_first_order']} steps {v['step_ratio']:.2f} (target <= {TARGET_RATIO}: "
-              f"{'met' if v['met'] else 'MISSED'}), wall time {v['wall_ratio']:.2f}")
+        print(
+            f"{head}: SP-NGD / {v['best_first_order']} steps {v['step_ratio']:.2f} (target <= {TARGET_RATIO}: "
+            f"{'met' if v['met'] else 'MISSED'}), wall time {v['wall_ratio']:.2f}"
+        )
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -127,20 +147,25 @@ def plot(res: dict[str, Any], path: Path) -> None:
             secs = [0.0] + run["seconds"]
             xs = (run["eval_steps"], [secs[s] for s in run["eval_steps"]])
             for j in range(2):
-                axes[i][j].plot(xs[j], run["val_loss"], color=colors[name], marker=".", lw=1.5,
-                                label=f"{name} (lr {r['lr']:g})")
+                axes[i][j].plot(
+                    xs[j], run["val_loss"], color=colors[name], marker=".", lw=1.5, label=f"{name} (lr {r['lr']:g})"
+                )
         for j, label in enumerate(("step", "training seconds (slowest rank)")):
             ax = axes[i][j]
             ax.axhline(summ["target_val_loss"], color="k", ls="--", lw=0.8)
             ax.set_xlabel(label)
             ax.set_ylabel("validation loss (nats/byte)")
             ax.grid(True, alpha=0.3)
-            ax.set_title(f"{res['setting']['model']} {res['setting']['size']}, batch "
-                         f"{res['batch_sizes'][batch_name]} x {res['setting']['seq_len']} bytes ({batch_name})",
-                         fontsize=10)
+            ax.set_title(
+                f"{res['setting']['model']} {res['setting']['size']}, batch "
+                f"{res['batch_sizes'][batch_name]} x {res['setting']['seq_len']} bytes ({batch_name})",
+                fontsize=10,
+            )
         axes[i][0].legend(fontsize=8, loc="upper right")
-    fig.suptitle("Python stdlib bytes; lr per optimizer from the same grid; dashed: target (best first-order "
-                 "+ slack)", fontsize=10)
+    fig.suptitle(
+        "Python stdlib bytes; lr per optimizer from the same grid; dashed: target (best first-order + slack)",
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -81,8 +81,9 @@ def resnet50_blocks(device: str = "meta") -> list[Block]:
 
 def layer_jobs(blocks: list[Block]) -> list[Job]:
     """Whole-layer ownership, exactly the costs :class:`spngd_ds.SPNGD` hands to ``assign_owners``."""
-    return [Job(BlockCost(b.name, b.inversion_cost(), b.memory_cost()), block_nbytes(b), b.inversion_cost())
-            for b in blocks]
+    return [
+        Job(BlockCost(b.name, b.inversion_cost(), b.memory_cost()), block_nbytes(b), b.inversion_cost()) for b in blocks
+    ]
 
 
 def memory_first_jobs(blocks: list[Block]) -> list[Job]:
@@ -91,8 +92,9 @@ def memory_first_jobs(blocks: list[Block]) -> list[Job]:
     Whole-layer ownership with the two criteria of ``assign_owners`` swapped: longest job first on
     memory d_A² + d_G², ties broken by inversion cost (what the one-line change would do).
     """
-    return [Job(BlockCost(b.name, b.memory_cost(), b.inversion_cost()), block_nbytes(b), b.inversion_cost())
-            for b in blocks]
+    return [
+        Job(BlockCost(b.name, b.memory_cost(), b.inversion_cost()), block_nbytes(b), b.inversion_cost()) for b in blocks
+    ]
 
 
 def factor_jobs(blocks: list[Block]) -> list[Job]:
@@ -129,12 +131,22 @@ def table_for(jobs: list[Job], worlds: tuple[int, ...]) -> list[dict[str, Any]]:
         mem, inv = loads(jobs, n)
         ideal_m, ideal_i = total_mem / n, total_inv / n
         bound_m, bound_i = max(ideal_m, big_mem), max(ideal_i, big_inv)
-        rows.append({
-            "N": n, "max_bytes": max(mem), "min_bytes": min(mem), "ideal_bytes": ideal_m, "bound_bytes": bound_m,
-            "max_over_ideal_bytes": max(mem) / ideal_m, "max_over_bound_bytes": max(mem) / bound_m,
-            "max_inversion": max(inv), "ideal_inversion": ideal_i, "bound_inversion": bound_i,
-            "max_over_ideal_inversion": max(inv) / ideal_i, "max_over_bound_inversion": max(inv) / bound_i,
-        })
+        rows.append(
+            {
+                "N": n,
+                "max_bytes": max(mem),
+                "min_bytes": min(mem),
+                "ideal_bytes": ideal_m,
+                "bound_bytes": bound_m,
+                "max_over_ideal_bytes": max(mem) / ideal_m,
+                "max_over_bound_bytes": max(mem) / bound_m,
+                "max_inversion": max(inv),
+                "ideal_inversion": ideal_i,
+                "bound_inversion": bound_i,
+                "max_over_ideal_inversion": max(inv) / ideal_i,
+                "max_over_bound_inversion": max(inv) / bound_i,
+            }
+        )
     return rows
 
 
@@ -157,11 +169,19 @@ def cross_check(batch: int = 2, size: int = 64) -> dict[str, Any]:
     F.cross_entropy(model(x), y).backward()
     opt.step()
     seconds = time.perf_counter() - start
-    mismatches = {b.name: (b.curvature_nbytes(), block_nbytes(b))
-                  for b in opt.blocks.values() if b.curvature_nbytes() != block_nbytes(b)}
-    return {"blocks": len(opt.blocks), "total_real_bytes": sum(b.curvature_nbytes() for b in opt.blocks.values()),
-            "total_formula_bytes": sum(block_nbytes(b) for b in opt.blocks.values()), "mismatches": mismatches,
-            "step_seconds": seconds, "inversion_failures": opt.metrics()["spngd/inversion_failures"]}
+    mismatches = {
+        b.name: (b.curvature_nbytes(), block_nbytes(b))
+        for b in opt.blocks.values()
+        if b.curvature_nbytes() != block_nbytes(b)
+    }
+    return {
+        "blocks": len(opt.blocks),
+        "total_real_bytes": sum(b.curvature_nbytes() for b in opt.blocks.values()),
+        "total_formula_bytes": sum(block_nbytes(b) for b in opt.blocks.values()),
+        "mismatches": mismatches,
+        "step_seconds": seconds,
+        "inversion_failures": opt.metrics()["spngd/inversion_failures"],
+    }
 
 
 def describe(blocks: list[Block]) -> dict[str, Any]:
@@ -170,12 +190,18 @@ def describe(blocks: list[Block]) -> dict[str, Any]:
     big = max(kron, key=block_nbytes)
     largest = sorted(kron, key=block_nbytes, reverse=True)[:5]
     return {
-        "kron_blocks": len(kron), "bn_blocks": sum(isinstance(b, UnitwiseBlock) for b in blocks),
+        "kron_blocks": len(kron),
+        "bn_blocks": sum(isinstance(b, UnitwiseBlock) for b in blocks),
         "plain_blocks": sum(not b.stats for b in blocks),
         "total_bytes": sum(block_nbytes(b) for b in blocks),
         "bn_bytes": sum(block_nbytes(b) for b in blocks if isinstance(b, UnitwiseBlock)),
-        "largest_block": {"name": big.name, "d_A": big.d_A, "d_G": big.d_G, "bytes": block_nbytes(big),
-                          "A_with_inverse_bytes": 2 * big.d_A**2 * FP32},
+        "largest_block": {
+            "name": big.name,
+            "d_A": big.d_A,
+            "d_G": big.d_G,
+            "bytes": block_nbytes(big),
+            "A_with_inverse_bytes": 2 * big.d_A**2 * FP32,
+        },
         "largest_blocks": [{"name": b.name, "d_A": b.d_A, "d_G": b.d_G, "bytes": block_nbytes(b)} for b in largest],
         "blocks_at_largest_size": sum(block_nbytes(b) == block_nbytes(big) for b in kron),
     }
@@ -184,27 +210,62 @@ def describe(blocks: list[Block]) -> dict[str, Any]:
 def print_report(res: dict[str, Any]) -> None:
     """The model summary, one table per ownership unit, the factor-level gain and the cross-check."""
     d = res["model"]
-    print(f"ResNet-50: {d['kron_blocks']} Kronecker blocks, {d['bn_blocks']} BatchNorm blocks; curvature total "
-          f"{common.mib(d['total_bytes']):.1f} MiB (BN {common.mib(d['bn_bytes']):.2f} MiB); largest block "
-          f"{d['largest_block']['name']} (A {d['largest_block']['d_A']}^2, G {d['largest_block']['d_G']}^2) "
-          f"{common.mib(d['largest_block']['bytes']):.1f} MiB, x{d['blocks_at_largest_size']}")
+    print(
+        f"ResNet-50: {d['kron_blocks']} Kronecker blocks, {d['bn_blocks']} BatchNorm blocks; curvature total "
+        f"{common.mib(d['total_bytes']):.1f} MiB (BN {common.mib(d['bn_bytes']):.2f} MiB); largest block "
+        f"{d['largest_block']['name']} (A {d['largest_block']['d_A']}^2, G {d['largest_block']['d_G']}^2) "
+        f"{common.mib(d['largest_block']['bytes']):.1f} MiB, x{d['blocks_at_largest_size']}"
+    )
     for unit, title in UNITS.items():
         print(f"\n{title}")
-        rows = [[r["N"], common.mib(r["max_bytes"]), common.mib(r["ideal_bytes"]), common.mib(r["bound_bytes"]),
-                 r["max_over_ideal_bytes"], r["max_over_bound_bytes"], r["max_over_ideal_inversion"],
-                 r["max_over_bound_inversion"]] for r in res[unit]]
-        print(common.format_table(["N", "max MiB", "total/N MiB", "bound MiB", "max/ideal", "max/bound",
-                                   "inv max/ideal", "inv max/bound"], rows))
+        rows = [
+            [
+                r["N"],
+                common.mib(r["max_bytes"]),
+                common.mib(r["ideal_bytes"]),
+                common.mib(r["bound_bytes"]),
+                r["max_over_ideal_bytes"],
+                r["max_over_bound_bytes"],
+                r["max_over_ideal_inversion"],
+                r["max_over_bound_inversion"],
+            ]
+            for r in res[unit]
+        ]
+        print(
+            common.format_table(
+                [
+                    "N",
+                    "max MiB",
+                    "total/N MiB",
+                    "bound MiB",
+                    "max/ideal",
+                    "max/bound",
+                    "inv max/ideal",
+                    "inv max/bound",
+                ],
+                rows,
+            )
+        )
     print("\nfactor-level gain (most-loaded rank, layer -> factor):")
-    rows = [[g["N"], common.mib(g["layer_max_bytes"]), common.mib(g["factor_max_bytes"]), g["memory_gain"],
-             g["inversion_gain"]] for g in res["factor_gain"]]
+    rows = [
+        [
+            g["N"],
+            common.mib(g["layer_max_bytes"]),
+            common.mib(g["factor_max_bytes"]),
+            g["memory_gain"],
+            g["inversion_gain"],
+        ]
+        for g in res["factor_gain"]
+    ]
     print(common.format_table(["N", "layer MiB", "factor MiB", "memory x", "inversion x"], rows))
     c = res["cross_check"]
     if not c:
         return
-    print(f"\ncross-check, one real SP-NGD step on ResNet-50: {c['blocks']} blocks, real "
-          f"{common.mib(c['total_real_bytes']):.2f} MiB vs formula {common.mib(c['total_formula_bytes']):.2f} MiB, "
-          f"mismatches: {len(c['mismatches'])}, step {c['step_seconds']:.1f} s")
+    print(
+        f"\ncross-check, one real SP-NGD step on ResNet-50: {c['blocks']} blocks, real "
+        f"{common.mib(c['total_real_bytes']):.2f} MiB vs formula {common.mib(c['total_formula_bytes']):.2f} MiB, "
+        f"mismatches: {len(c['mismatches'])}, step {c['step_seconds']:.1f} s"
+    )
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -216,16 +277,28 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     ns = [r["N"] for r in res["layer"]]
-    specs = (("bytes", "curvature on the most-loaded rank (MiB)", 2**-20),
-             ("inversion", "inversion cost on the most-loaded rank (Σ d³ / 1e12)", 1e-12))
+    specs = (
+        ("bytes", "curvature on the most-loaded rank (MiB)", 2**-20),
+        ("inversion", "inversion cost on the most-loaded rank (Σ d³ / 1e12)", 1e-12),
+    )
     for ax, (key, label, scale) in zip(axes, specs, strict=True):
         ax.plot(ns, [r[f"max_{key}"] * scale for r in res["layer"]], "o-", label="whole-layer ownership (real)")
         ax.plot(ns, [r[f"max_{key}"] * scale for r in res["factor"]], "s--", label="factor-level (simulated)")
-        ax.plot(ns, [r[f"max_{key}"] * scale for r in res["layer_memory_first"]], "^-.",
-                label="whole-layer, LPT on memory (simulated)")
+        ax.plot(
+            ns,
+            [r[f"max_{key}"] * scale for r in res["layer_memory_first"]],
+            "^-.",
+            label="whole-layer, LPT on memory (simulated)",
+        )
         ax.plot(ns, [r[f"ideal_{key}"] * scale for r in res["layer"]], "k:", label="ideal total / N")
-        ax.plot(ns, [r[f"bound_{key}"] * scale for r in res["layer"]], color="0.6", lw=3, alpha=0.6,
-                label="max(total/N, largest layer)")
+        ax.plot(
+            ns,
+            [r[f"bound_{key}"] * scale for r in res["layer"]],
+            color="0.6",
+            lw=3,
+            alpha=0.6,
+            label="max(total/N, largest layer)",
+        )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(ns, [str(n) for n in ns])
@@ -233,9 +306,13 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     big = res["model"]["largest_block"]
-    axes[0].annotate(f"{common.mib(big['bytes']):.0f} MiB: {big['name']}\n(A {big['d_A']}², G {big['d_G']}²)",
-                     xy=(16, common.mib(big["bytes"])), xytext=(1.05, common.mib(big["bytes"]) * 0.2), fontsize=8,
-                     arrowprops={"arrowstyle": "->", "color": "0.4"})
+    axes[0].annotate(
+        f"{common.mib(big['bytes']):.0f} MiB: {big['name']}\n(A {big['d_A']}², G {big['d_G']}²)",
+        xy=(16, common.mib(big["bytes"])),
+        xytext=(1.05, common.mib(big["bytes"]) * 0.2),
+        fontsize=8,
+        arrowprops={"arrowstyle": "->", "color": "0.4"},
+    )
     axes[0].legend(fontsize=8)
     fig.suptitle("SP-NGD curvature per rank, torchvision ResNet-50 (fp32 statistics + inverses)", fontsize=11)
     fig.tight_layout()
@@ -255,8 +332,13 @@ def main() -> None:
     res["factor"] = table_for(factor_jobs(blocks), WORLD_SIZES)
     res["layer_memory_first"] = table_for(memory_first_jobs(blocks), WORLD_SIZES)
     res["factor_gain"] = [
-        {"N": lr["N"], "layer_max_bytes": lr["max_bytes"], "factor_max_bytes": fr["max_bytes"],
-         "memory_gain": lr["max_bytes"] / fr["max_bytes"], "inversion_gain": lr["max_inversion"] / fr["max_inversion"]}
+        {
+            "N": lr["N"],
+            "layer_max_bytes": lr["max_bytes"],
+            "factor_max_bytes": fr["max_bytes"],
+            "memory_gain": lr["max_bytes"] / fr["max_bytes"],
+            "inversion_gain": lr["max_inversion"] / fr["max_inversion"],
+        }
         for lr, fr in zip(res["layer"], res["factor"], strict=True)
     ]
     res["cross_check"] = {} if a.no_cross_check else cross_check()

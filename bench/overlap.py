@@ -113,15 +113,35 @@ def main() -> None:
     rows = [measure(g, a, rank, world) for g in a.gas]
     if rank == 0:
         table = [
-            [r["gas"], r["samples_per_step"], f"{r['median_step_s']['in_step'] * 1e3:.0f}",
-             f"{r['median_step_s']['early'] * 1e3:.0f}", f"{r['median_step_comm_s']['in_step'] * 1e3:.1f}",
-             f"{r['median_step_comm_s']['early'] * 1e3:.1f}", f"{r['hidden_comm_s'] * 1e3:.1f}",
-             f"{r['step_time_ratio_early_to_in_step']:.3f}", r["parameters_bitwise_equal"]]
+            [
+                r["gas"],
+                r["samples_per_step"],
+                f"{r['median_step_s']['in_step'] * 1e3:.0f}",
+                f"{r['median_step_s']['early'] * 1e3:.0f}",
+                f"{r['median_step_comm_s']['in_step'] * 1e3:.1f}",
+                f"{r['median_step_comm_s']['early'] * 1e3:.1f}",
+                f"{r['hidden_comm_s'] * 1e3:.1f}",
+                f"{r['step_time_ratio_early_to_in_step']:.3f}",
+                r["parameters_bitwise_equal"],
+            ]
             for r in rows
         ]
-        print(common.format_table(
-            ["gas", "samples", "step ms (in step)", "step ms (early)", "comm ms (in step)", "comm ms (early)",
-             "hidden ms", "early / in step", "same params"], table))
+        print(
+            common.format_table(
+                [
+                    "gas",
+                    "samples",
+                    "step ms (in step)",
+                    "step ms (early)",
+                    "comm ms (in step)",
+                    "comm ms (early)",
+                    "hidden ms",
+                    "early / in step",
+                    "same params",
+                ],
+                table,
+            )
+        )
         path = common.write_json("overlap", {"world_size": world, "rows": rows, "machine": common.machine_info()})
         print(f"wrote {path}")
     dist.barrier()

@@ -73,8 +73,11 @@ def spngd_counts(kind: str, **spngd_kwargs: Any) -> dict[str, Any]:
             opt.step()
         opt.zero_grad()
         out[label] = {
-            "step_syncs": st.syncs, "step_ops": st.ops, "step_sync_names": dict(st.sync_names),
-            "forward_backward_syncs": fb.syncs, "forward_backward_sync_names": dict(fb.sync_names),
+            "step_syncs": st.syncs,
+            "step_ops": st.ops,
+            "step_sync_names": dict(st.sync_names),
+            "forward_backward_syncs": fb.syncs,
+            "forward_backward_sync_names": dict(fb.sync_names),
             "refreshed": opt.metrics()["spngd/refresh_fraction"],
         }
     out["blocks"] = len(opt.blocks)
@@ -111,14 +114,36 @@ def main() -> None:
         sgd = sgd_counts(kind, foreach=False)
         sgd_fe = sgd_counts(kind, foreach=True)
         results[kind] = {"spngd": sp, "sgd": sgd, "sgd_foreach": sgd_fe}
-        rows.append([kind, sp["refresh_none"]["step_syncs"], sp["refresh_all"]["step_syncs"],
-                     sp["refresh_none"]["step_ops"], sp["refresh_all"]["step_ops"],
-                     sp["refresh_all"]["forward_backward_syncs"], sgd["step_ops"], sgd_fe["step_ops"]])
-    headers = ["model", "syncs quiet", "syncs refresh", "ops quiet", "ops refresh", "syncs fwd+bwd (refresh)",
-               "SGD ops", "SGD foreach ops"]
+        rows.append(
+            [
+                kind,
+                sp["refresh_none"]["step_syncs"],
+                sp["refresh_all"]["step_syncs"],
+                sp["refresh_none"]["step_ops"],
+                sp["refresh_all"]["step_ops"],
+                sp["refresh_all"]["forward_backward_syncs"],
+                sgd["step_ops"],
+                sgd_fe["step_ops"],
+            ]
+        )
+    headers = [
+        "model",
+        "syncs quiet",
+        "syncs refresh",
+        "ops quiet",
+        "ops refresh",
+        "syncs fwd+bwd (refresh)",
+        "SGD ops",
+        "SGD foreach ops",
+    ]
     print(common.format_table(headers, rows))
-    payload = {"batch": BATCH, "image_size": SIZE, "command": "python bench/step_counts.py", "models": results,
-               "machine": common.machine_info()}
+    payload = {
+        "batch": BATCH,
+        "image_size": SIZE,
+        "command": "python bench/step_counts.py",
+        "models": results,
+        "machine": common.machine_info(),
+    }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     import json

@@ -49,27 +49,56 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=150, help="measured steps of SGD and SP-NGD with staleness (>= 50)")
     p.add_argument("--steps_off", type=int, default=30, help="measured steps of SP-NGD without staleness")
     p.add_argument("--profile_steps", type=int, default=3, help="profiled SP-NGD steps (0: no profile)")
-    p.add_argument("--noise_sizes", type=int, nargs="*", default=[32, 64, 128, 256, 512, 896],
-                   help="global batch sizes of the statistic-noise diagnostic (none: skip)")
-    p.add_argument("--regime", default="small", choices=["small", "accum", "capture", "noise"],
-                   help="small: 64 samples a step (gas 1); accum: --gas micro-batches a step, a whole run; "
-                   "capture: cost of capturing every statistic once (one process); "
-                   "noise: r against samples (one process)")
+    p.add_argument(
+        "--noise_sizes",
+        type=int,
+        nargs="*",
+        default=[32, 64, 128, 256, 512, 896],
+        help="global batch sizes of the statistic-noise diagnostic (none: skip)",
+    )
+    p.add_argument(
+        "--regime",
+        default="small",
+        choices=["small", "accum", "capture", "noise"],
+        help="small: 64 samples a step (gas 1); accum: --gas micro-batches a step, a whole run; "
+        "capture: cost of capturing every statistic once (one process); "
+        "noise: r against samples (one process)",
+    )
     p.add_argument("--gas", type=int, default=16, help="accum: micro-batches per step (32 x 2 ranks x 16 = 1,024)")
     p.add_argument("--accum_steps", type=int, default=15, help="accum: steps of the run (15 = 10 digits epochs)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="accum: whole runs, each with fresh engines; the figure is the run of median ratio")
-    p.add_argument("--smb", type=int, nargs="*", default=[1],
-                   help="accum: extra SP-NGD engines with these stat_micro_batches (none: only the default)")
-    p.add_argument("--a_samples", type=int, default=None,
-                   help="every SP-NGD engine takes A from at most this many samples per micro-batch (default: all)")
-    p.add_argument("--collective_times", action="store_true",
-                   help="accum: time every torch.distributed collective of each step (common.CollectiveCounter) "
-                   "and report the first blocking one (where a rank waits for the slower one) apart from the others")
-    p.add_argument("--overlap_variant", action="store_true",
-                   help="accum: an extra SP-NGD engine with overlap_statistics: true (A sent behind the backward)")
-    p.add_argument("--noise_in_small", action="store_true",
-                   help="small: also the sampling-noise table at --noise_sizes")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="accum: whole runs, each with fresh engines; the figure is the run of median ratio",
+    )
+    p.add_argument(
+        "--smb",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="accum: extra SP-NGD engines with these stat_micro_batches (none: only the default)",
+    )
+    p.add_argument(
+        "--a_samples",
+        type=int,
+        default=None,
+        help="every SP-NGD engine takes A from at most this many samples per micro-batch (default: all)",
+    )
+    p.add_argument(
+        "--collective_times",
+        action="store_true",
+        help="accum: time every torch.distributed collective of each step (common.CollectiveCounter) "
+        "and report the first blocking one (where a rank waits for the slower one) apart from the others",
+    )
+    p.add_argument(
+        "--overlap_variant",
+        action="store_true",
+        help="accum: an extra SP-NGD engine with overlap_statistics: true (A sent behind the backward)",
+    )
+    p.add_argument(
+        "--noise_in_small", action="store_true", help="small: also the sampling-noise table at --noise_sizes"
+    )
     p.add_argument("--reps", type=int, default=3, help="capture: repetitions (best of)")
     p.add_argument("--r50_batch", type=int, default=2, help="capture: ResNet-50 224x224 batch (0: skip)")
     p.add_argument("--local_rank", type=int, default=0)

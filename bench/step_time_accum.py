@@ -59,8 +59,9 @@ def owned_refresh_counts(opt: Any) -> dict[tuple[str, str], int]:
     return {(b.name, s.name): s.refreshes for b in opt.owned() for s in b.stats.values()}
 
 
-def run_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device,
-              counter: common.CollectiveCounter | None = None) -> dict[str, Any]:
+def run_accum(
+    a: argparse.Namespace, rank: int, world: int, device: torch.device, counter: common.CollectiveCounter | None = None
+) -> dict[str, Any]:
     """Run every engine in turn from step 0 on the same global batches.
 
     A whole run from step 0 for every engine in turn on the same global batches (the order
@@ -99,8 +100,13 @@ def run_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device
     sgd = slowest_rank(traces["sgd"].times, world)
     for name, tr in traces.items():
         times = slowest_rank(tr.times, world)
-        entry: dict[str, Any] = {"steps": len(times), "total_s": sum(times), "mean_step_s": mean(times),
-                                 "per_step_s": times, "ratio_to_sgd": sum(times) / sum(sgd)}
+        entry: dict[str, Any] = {
+            "steps": len(times),
+            "total_s": sum(times),
+            "mean_step_s": mean(times),
+            "per_step_s": times,
+            "ratio_to_sgd": sum(times) / sum(sgd),
+        }
         if name != "sgd":
             entry["split_mean_s"] = driver.split_means(tr.split, world, entry["mean_step_s"])
             entry["sgd_mean_step_s"] = mean(sgd)
@@ -112,9 +118,12 @@ def run_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device
                 for kind, vals in part.items():
                     kinds.setdefault(kind, []).extend(vals)
             entry["r_by_kind"] = {
-                kind: {"median_r": median([v[1] for v in vals]), "median_noise_floor": median([v[2] for v in vals]),
-                       "refreshes_after_step0": len(vals),
-                       "share_r_below_threshold": mean([float(v[1] < THRESHOLD) for v in vals])}
+                kind: {
+                    "median_r": median([v[1] for v in vals]),
+                    "median_noise_floor": median([v[2] for v in vals]),
+                    "refreshes_after_step0": len(vals),
+                    "share_r_below_threshold": mean([float(v[1] < THRESHOLD) for v in vals]),
+                }
                 for kind, vals in kinds.items()
             }
             entry["r_per_refresh"] = kinds
@@ -140,18 +149,23 @@ def collective_summary(steps: list[list[tuple[float, bool]]], world: int) -> dic
     first, rest = mean(firsts), mean(rests)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, (first, rest))
-    return {"calls_per_step": mean([float(len(s)) for s in steps]),
-            "first_s_by_rank": [g[0] for g in gathered], "others_s_by_rank": [g[1] for g in gathered]}
+    return {
+        "calls_per_step": mean([float(len(s)) for s in steps]),
+        "first_s_by_rank": [g[0] for g in gathered],
+        "others_s_by_rank": [g[1] for g in gathered],
+    }
 
 
 def print_accum(res: dict[str, Any]) -> None:
     """Step-time table with SP-NGD's split, verdict and r per kind per engine, collectives."""
     eng = res["engines"]
     s = res["setup"]
-    print(f"accumulation regime: {s['model']} {s['image_size']}x{s['image_size']}, {s['micro_batch']} per rank per "
-          f"micro-batch x {s['gas']} micro-batches x {s['world_size']} ranks = {s['global_batch']} samples a step, "
-          f"{s['accum_steps']} steps from step 0"
-          + (f"; the median of {s['repeats']} whole runs" if s["repeats"] > 1 else ""))
+    print(
+        f"accumulation regime: {s['model']} {s['image_size']}x{s['image_size']}, {s['micro_batch']} per rank per "
+        f"micro-batch x {s['gas']} micro-batches x {s['world_size']} ranks = {s['global_batch']} samples a step, "
+        f"{s['accum_steps']} steps from step 0"
+        + (f"; the median of {s['repeats']} whole runs" if s["repeats"] > 1 else "")
+    )
     for name, vals in res.get("repeat_ratios", {}).items():
         if len(vals) > 1 and name != "sgd":
             print(f"{name}: ratio per run {', '.join(f'{v:.3f}' for v in vals)}")
@@ -160,24 +174,59 @@ def print_accum(res: dict[str, Any]) -> None:
         sp = e.get("split_mean_s", {})
         parts = (sp.get(k, 0.0) * 1e3 for k in (*SPLIT_KEYS, "rest"))
         rows.append([name, e["mean_step_s"] * 1e3, e["ratio_to_sgd"], *parts])
-    print(common.format_table(["engine", "mean step ms", "amortized ratio", "capture ms", "comm ms", "invert ms",
-                               "precond ms", "rest ms"], rows))
+    print(
+        common.format_table(
+            [
+                "engine",
+                "mean step ms",
+                "amortized ratio",
+                "capture ms",
+                "comm ms",
+                "invert ms",
+                "precond ms",
+                "rest ms",
+            ],
+            rows,
+        )
+    )
     for name, e in eng.items():
         if name == "sgd":
             continue
         verdict = "met" if e["ratio_to_sgd"] <= ACCUM_TARGET else "MISSED"
         print(f"{name}: amortized {e['ratio_to_sgd']:.3f}x SGD (target <= {ACCUM_TARGET}: {verdict})")
-        rows = [[k, e["refresh_fraction_by_kind"].get(k, 0.0), v["median_r"], v["median_noise_floor"],
-                 v["share_r_below_threshold"], v["refreshes_after_step0"]] for k, v in e["r_by_kind"].items()]
-        print(common.format_table(["kind", "refresh fraction", "median r", "median noise floor", "share r < 0.1",
-                                   "refreshes"], rows))
-    rows = [[name, c["calls_per_step"], " / ".join(f"{v * 1e3:.1f}" for v in c["first_s_by_rank"]),
-             " / ".join(f"{v * 1e3:.1f}" for v in c["others_s_by_rank"])]
-            for name, e in eng.items() if (c := e.get("collectives"))]
+        rows = [
+            [
+                k,
+                e["refresh_fraction_by_kind"].get(k, 0.0),
+                v["median_r"],
+                v["median_noise_floor"],
+                v["share_r_below_threshold"],
+                v["refreshes_after_step0"],
+            ]
+            for k, v in e["r_by_kind"].items()
+        ]
+        print(
+            common.format_table(
+                ["kind", "refresh fraction", "median r", "median noise floor", "share r < 0.1", "refreshes"], rows
+            )
+        )
+    rows = [
+        [
+            name,
+            c["calls_per_step"],
+            " / ".join(f"{v * 1e3:.1f}" for v in c["first_s_by_rank"]),
+            " / ".join(f"{v * 1e3:.1f}" for v in c["others_s_by_rank"]),
+        ]
+        for name, e in eng.items()
+        if (c := e.get("collectives"))
+    ]
     if rows:
         print("torch.distributed collectives per step (wrapped), mean ms per rank (rank 0 / rank 1 / ...):")
-        print(common.format_table(["engine", "calls/step", "first blocking collective (waits for the slower rank)",
-                                   "the others"], rows))
+        print(
+            common.format_table(
+                ["engine", "calls/step", "first blocking collective (waits for the slower rank)", "the others"], rows
+            )
+        )
 
 
 def main_accum(a: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
@@ -188,14 +237,26 @@ def main_accum(a: argparse.Namespace, rank: int, world: int, device: torch.devic
     ratios = [r["engines"]["spngd"]["ratio_to_sgd"] for r in runs]
     res = runs[sorted(range(len(runs)), key=lambda i: ratios[i])[len(runs) // 2]]  # the median run
     res["repeat_ratios"] = {name: [r["engines"][name]["ratio_to_sgd"] for r in runs] for name in res["engines"]}
-    res["setup"] = {"model": a.model, "image_size": a.image_size, "micro_batch": a.micro_batch, "gas": a.gas,
-                    "world_size": world, "global_batch": a.micro_batch * a.gas * world, "accum_steps": a.accum_steps,
-                    "device": device.type, "zero_stage": 0, "precision": "fp32", "spngd": common.SPNGD_PARAMS,
-                    "staleness": common.DEFAULT_STALENESS, "sgd": common.SGD_PARAMS,
-                    "stat_micro_batches_variants": a.smb, "a_samples": a.a_samples, "repeats": a.repeats,
-                    "collective_times": a.collective_times}
-    res["target"] = {"ratio_max": ACCUM_TARGET,
-                     "met_default": res["engines"]["spngd"]["ratio_to_sgd"] <= ACCUM_TARGET}
+    res["setup"] = {
+        "model": a.model,
+        "image_size": a.image_size,
+        "micro_batch": a.micro_batch,
+        "gas": a.gas,
+        "world_size": world,
+        "global_batch": a.micro_batch * a.gas * world,
+        "accum_steps": a.accum_steps,
+        "device": device.type,
+        "zero_stage": 0,
+        "precision": "fp32",
+        "spngd": common.SPNGD_PARAMS,
+        "staleness": common.DEFAULT_STALENESS,
+        "sgd": common.SGD_PARAMS,
+        "stat_micro_batches_variants": a.smb,
+        "a_samples": a.a_samples,
+        "repeats": a.repeats,
+        "collective_times": a.collective_times,
+    }
+    res["target"] = {"ratio_max": ACCUM_TARGET, "met_default": res["engines"]["spngd"]["ratio_to_sgd"] <= ACCUM_TARGET}
     if rank == 0:
         path = driver.finish(res, f"step_time_accum_{device.type}", load_before, wall)
         print_accum(res)

@@ -39,8 +39,14 @@ def capture_one(block: Any, inputs: torch.Tensor, grad: torch.Tensor, kind: str)
         back(grad, 1.0)
 
 
-def capture_cost(model_kind: str, xb: torch.Tensor, yb: torch.Tensor, device: torch.device, reps: int,
-                 reduce: Callable[[list[float]], float]) -> dict[str, float]:
+def capture_cost(
+    model_kind: str,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    device: torch.device,
+    reps: int,
+    reduce: Callable[[list[float]], float],
+) -> dict[str, float]:
     """Time capturing every statistic once for the micro-batch.
 
     Milliseconds, per kind summed over the layers, to capture every statistic once for the
@@ -91,8 +97,10 @@ def micro_batch(model_kind: str, image_size: int, batch_size: int) -> tuple[torc
         x, y = common.digits_rgb(image_size)
         return x[:batch_size], y[:batch_size]
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(batch_size, 3, image_size, image_size, generator=g),
-            torch.randint(0, 1000, (batch_size,), generator=g))
+    return (
+        torch.randn(batch_size, 3, image_size, image_size, generator=g),
+        torch.randint(0, 1000, (batch_size,), generator=g),
+    )
 
 
 def main_capture(a: argparse.Namespace) -> None:

@@ -31,7 +31,13 @@ from driver import THRESHOLD, mean, median  # noqa: E402
 
 
 def paired_statistics(
-    model: torch.nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, n: int, micro: int,
+    model: torch.nn.Module,
+    opt: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor,
+    n: int,
+    micro: int,
     device: torch.device,
 ) -> list[dict[tuple[str, str], tuple[torch.Tensor, float]]]:
     """Compute every statistic of ``opt`` from each of two disjoint batches.
@@ -70,8 +76,14 @@ def fresh_model(model_kind: str, device: torch.device) -> tuple[torch.nn.Module,
     return model, spngd_ds.SPNGD(model, staleness=None, stat_micro_batches=None)
 
 
-def statistic_noise(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
-                    device: torch.device, sizes: tuple[int, ...] = (32, 128, 512)) -> dict[str, Any]:
+def statistic_noise(
+    a: argparse.Namespace,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor,
+    device: torch.device,
+    sizes: tuple[int, ...] = (32, 128, 512),
+) -> dict[str, Any]:
     """Summarise the relative change r per global batch and statistic kind.
 
     Per global batch n of ``sizes`` and statistic kind: the median r and the share of r below the
@@ -87,8 +99,14 @@ def statistic_noise(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, ord
         ratios: dict[str, list[float]] = {}
         for key, (v, _) in values[0].items():
             ratios.setdefault(key[1], []).append(relative_change(v, values[1][key][0]))
-        out[str(n)] = {kind: {"median_r": sorted(r)[len(r) // 2], "share_below_threshold": sum(q < THRESHOLD for q in r)
-                              / len(r), "count": len(r)} for kind, r in ratios.items()}
+        out[str(n)] = {
+            kind: {
+                "median_r": sorted(r)[len(r) // 2],
+                "share_below_threshold": sum(q < THRESHOLD for q in r) / len(r),
+                "count": len(r),
+            }
+            for kind, r in ratios.items()
+        }
     return out
 
 
@@ -117,11 +135,15 @@ def noise_vs_samples(model_kind: str, image_size: int, sizes: list[int], micro: 
             r = relative_change(v1, values[1][key][0])
             per_kind.setdefault(key[1], []).append((r, math.sqrt(rho * 2.0 / n)))
         out[str(n)] = {
-            kind: {"median_r": median([r for r, _ in v]), "median_floor": median([f for _, f in v]),
-                   "median_r_over_floor": median([r / f for r, f in v if f > 0]),
-                   "share_r_below_threshold": mean([float(r < THRESHOLD) for r, _ in v]),
-                   "share_rule_grows": mean([float(r * r < THRESHOLD**2 + f * f) for r, f in v]),
-                   "c_median": median([r for r, _ in v]) * math.sqrt(n), "count": len(v)}
+            kind: {
+                "median_r": median([r for r, _ in v]),
+                "median_floor": median([f for _, f in v]),
+                "median_r_over_floor": median([r / f for r, f in v if f > 0]),
+                "share_r_below_threshold": mean([float(r < THRESHOLD) for r, _ in v]),
+                "share_rule_grows": mean([float(r * r < THRESHOLD**2 + f * f) for r, f in v]),
+                "c_median": median([r for r, _ in v]) * math.sqrt(n),
+                "count": len(v),
+            }
             for kind, v in per_kind.items()
         }
         brief = {k: (round(v["median_r"], 4), round(v["median_floor"], 4)) for k, v in out[str(n)].items()}
@@ -133,13 +155,34 @@ def main_noise(a: argparse.Namespace) -> None:
     """The table over ``--noise_sizes`` (one thread), printed and written."""
     torch.set_num_threads(1)
     wall, load_before = time.perf_counter(), list(os.getloadavg())
-    res = {"setup": {"model": a.model, "image_size": a.image_size, "micro_batch": a.micro_batch,
-                     "threshold": THRESHOLD, "weights": "initial (seed 0)"},
-           "by_samples": noise_vs_samples(a.model, a.image_size, a.noise_sizes, a.micro_batch)}
-    rows = [[n, kind, v["median_r"], v["median_floor"], v["median_r_over_floor"], v["c_median"],
-             v["share_r_below_threshold"], v["share_rule_grows"]]
-            for n, kinds in res["by_samples"].items() for kind, v in kinds.items()]
-    print(common.format_table(["n", "kind", "median r", "median floor", "r/floor", "c = r sqrt(n)", "r < 0.1",
-                               "rule grows"], rows))
+    res = {
+        "setup": {
+            "model": a.model,
+            "image_size": a.image_size,
+            "micro_batch": a.micro_batch,
+            "threshold": THRESHOLD,
+            "weights": "initial (seed 0)",
+        },
+        "by_samples": noise_vs_samples(a.model, a.image_size, a.noise_sizes, a.micro_batch),
+    }
+    rows = [
+        [
+            n,
+            kind,
+            v["median_r"],
+            v["median_floor"],
+            v["median_r_over_floor"],
+            v["c_median"],
+            v["share_r_below_threshold"],
+            v["share_rule_grows"],
+        ]
+        for n, kinds in res["by_samples"].items()
+        for kind, v in kinds.items()
+    ]
+    print(
+        common.format_table(
+            ["n", "kind", "median r", "median floor", "r/floor", "c = r sqrt(n)", "r < 0.1", "rule grows"], rows
+        )
+    )
     path = driver.finish(res, "statistic_noise_cpu", load_before, wall)
     print(f"wrote {path}")

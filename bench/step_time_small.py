@@ -91,8 +91,11 @@ def run(
     statistic kind of SP-NGD with staleness.
     """
     extra = driver.a_samples_params(a.a_samples)
-    blocks = {"sgd": common.sgd_block(), "spngd_stale_off": common.spngd_block(staleness=False, **extra),
-              "spngd_stale_on": common.spngd_block(staleness=True, **extra)}
+    blocks = {
+        "sgd": common.sgd_block(),
+        "spngd_stale_off": common.spngd_block(staleness=False, **extra),
+        "spngd_stale_on": common.spngd_block(staleness=True, **extra),
+    }
     engines = driver.build_engines(a.model, blocks, a.micro_batch)
     x, y = common.digits_rgb(a.image_size)
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
@@ -116,8 +119,14 @@ def run(
 
 
 def profile(
-    engine: Any, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, a: argparse.Namespace, rank: int,
-    world: int, device: torch.device,
+    engine: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor,
+    a: argparse.Namespace,
+    rank: int,
+    world: int,
+    device: torch.device,
 ) -> list[dict[str, Any]]:
     """Top operators by self time over ``profile_steps`` SP-NGD steps with every statistic refreshed."""
     from torch.profiler import ProfilerActivity, profile
@@ -132,8 +141,12 @@ def profile(
     total = sum(getattr(e, attr) for e in events) or 1.0
     top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:12]
     return [
-        {"op": e.key, "self_ms_per_step": getattr(e, attr) / 1e3 / a.profile_steps,
-         "share": getattr(e, attr) / total, "calls_per_step": e.count / a.profile_steps}
+        {
+            "op": e.key,
+            "self_ms_per_step": getattr(e, attr) / 1e3 / a.profile_steps,
+            "share": getattr(e, attr) / total,
+            "calls_per_step": e.count / a.profile_steps,
+        }
         for e in top
     ]
 
@@ -193,10 +206,28 @@ def print_report(res: dict[str, Any]) -> None:
     for name in ENGINES:
         e = eng[name]
         split = e.get("split_mean_s", {})
-        rows.append([name, e["mean_step_s"] * 1e3, e["median_step_s"] * 1e3, e["ratio_to_sgd"],
-                     *(split.get(k, 0.0) * 1e3 for k in (*SPLIT_KEYS, "rest")), e.get("mean_refresh_fraction", "")])
-    heads = ["engine", "mean ms", "median ms", "ratio", "capture ms", "comm ms", "invert ms", "precond ms",
-             "rest ms", "refresh frac"]
+        rows.append(
+            [
+                name,
+                e["mean_step_s"] * 1e3,
+                e["median_step_s"] * 1e3,
+                e["ratio_to_sgd"],
+                *(split.get(k, 0.0) * 1e3 for k in (*SPLIT_KEYS, "rest")),
+                e.get("mean_refresh_fraction", ""),
+            ]
+        )
+    heads = [
+        "engine",
+        "mean ms",
+        "median ms",
+        "ratio",
+        "capture ms",
+        "comm ms",
+        "invert ms",
+        "precond ms",
+        "rest ms",
+        "refresh frac",
+    ]
     print(common.format_table(heads, rows))
     ratio_on = eng["spngd_stale_on"]["ratio_to_sgd"]
     target = target_for(res["setup"])
@@ -208,15 +239,22 @@ def print_report(res: dict[str, Any]) -> None:
     print("capture of every statistic once, one micro-batch, one process (ms):")
     print(common.format_table(["part", "ms"], rows))
     on = eng["spngd_stale_on"]
-    print("staleness on: mean refresh interval at the end per kind", {
-        k: round(v, 2) for k, v in res["final_interval_by_kind"].items()}, "; share of steps refreshing, whole run",
-        {k: round(v, 2) for k, v in on["due_share_by_kind"].items()}, ", last 50 steps",
-        {k: round(v, 2) for k, v in on["late_due_share_by_kind"].items()})
+    print(
+        "staleness on: mean refresh interval at the end per kind",
+        {k: round(v, 2) for k, v in res["final_interval_by_kind"].items()},
+        "; share of steps refreshing, whole run",
+        {k: round(v, 2) for k, v in on["due_share_by_kind"].items()},
+        ", last 50 steps",
+        {k: round(v, 2) for k, v in on["late_due_share_by_kind"].items()},
+    )
     print(f"staleness on, last 50 steps: ratio {on['late_ratio_to_sgd']:.3f}")
     if res.get("statistic_noise"):
         print(f"sampling noise of the statistics at fixed weights (threshold {common.DEFAULT_STALENESS['threshold']}):")
-        rows = [[n, kind, v["median_r"], v["share_below_threshold"]]
-                for n, kinds in res["statistic_noise"].items() for kind, v in kinds.items()]
+        rows = [
+            [n, kind, v["median_r"], v["share_below_threshold"]]
+            for n, kinds in res["statistic_noise"].items()
+            for kind, v in kinds.items()
+        ]
         print(common.format_table(["global batch", "statistic", "median r", "share r < threshold"], rows))
     if res.get("profile"):
         print("top operators, SP-NGD with staleness off (self time per step, rank 0):")
@@ -234,10 +272,20 @@ def plot_split(res: dict[str, Any], path: Path) -> None:
     eng = res["engines"]
     labels = ["momentum SGD", "SP-NGD\nstaleness off", "SP-NGD\nstaleness on"]
     parts = ["rest", *SPLIT_KEYS]
-    names = {"rest": "forward/backward/update", "capture": "statistics capture", "comm": "communication",
-             "inversion": "inversion", "precondition": "preconditioning"}
-    colors = {"rest": "#9e9e9e", "capture": "#1f77b4", "comm": "#ff7f0e", "inversion": "#2ca02c",
-              "precondition": "#d62728"}
+    names = {
+        "rest": "forward/backward/update",
+        "capture": "statistics capture",
+        "comm": "communication",
+        "inversion": "inversion",
+        "precondition": "preconditioning",
+    }
+    colors = {
+        "rest": "#9e9e9e",
+        "capture": "#1f77b4",
+        "comm": "#ff7f0e",
+        "inversion": "#2ca02c",
+        "precondition": "#d62728",
+    }
     fig, ax = plt.subplots(figsize=(9.5, 4.8))
     ax.bar(0, 1.0, color="#616161", label="SGD step (fwd/bwd/all-reduce/update)")
     for i, name in enumerate(ENGINES[1:], start=1):
@@ -247,16 +295,25 @@ def plot_split(res: dict[str, Any], path: Path) -> None:
             h = eng[name]["split_mean_s"][k] / sgd
             ax.bar(i, h, bottom=bottom, color=colors[k], label=names[k] if i == 1 else None)
             bottom += h
-        ax.text(i, bottom, f"{eng[name]['ratio_to_sgd']:.2f}x\n({eng[name]['steps']} steps)", ha="center",
-                va="bottom", fontsize=9)
+        ax.text(
+            i,
+            bottom,
+            f"{eng[name]['ratio_to_sgd']:.2f}x\n({eng[name]['steps']} steps)",
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
     target = target_for(res["setup"])
     ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target}x (staleness on)")
     ax.set_xticks(range(3), labels)
     ax.set_ylabel("mean step time / SGD's over the same steps")
     m = res["setup"]
     sgd_ms = eng["sgd"]["mean_step_s"] * 1e3
-    ax.set_title(f"{m['model']} {m['image_size']}x{m['image_size']}, batch {m['micro_batch']}/rank, "
-                 f"{m['world_size']} ranks, {m['device']}, ZeRO 0 fp32; SGD step {sgd_ms:.0f} ms", fontsize=10)
+    ax.set_title(
+        f"{m['model']} {m['image_size']}x{m['image_size']}, batch {m['micro_batch']}/rank, "
+        f"{m['world_size']} ranks, {m['device']}, ZeRO 0 fp32; SGD step {sgd_ms:.0f} ms",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_ylim(0, max(e["ratio_to_sgd"] for e in eng.values()) * 1.2)
     fig.tight_layout()
@@ -279,17 +336,29 @@ def main_small(a: argparse.Namespace, rank: int, world: int, device: torch.devic
     res["final_interval_by_kind"] = intervals
     if rank == 0:
         x, y = common.digits_rgb(a.image_size)
-        res["capture_breakdown_ms"] = capture_cost(a.model, x[: a.micro_batch], y[: a.micro_batch], device, reps=3,
-                                                   reduce=mean)
+        res["capture_breakdown_ms"] = capture_cost(
+            a.model, x[: a.micro_batch], y[: a.micro_batch], device, reps=3, reduce=mean
+        )
         if a.noise_sizes and a.noise_in_small:
             order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))
             res["statistic_noise"] = statistic_noise(a, x, y, order, device, tuple(a.noise_sizes))
     dist.barrier()
-    res["setup"] = {"model": a.model, "image_size": a.image_size, "micro_batch": a.micro_batch,
-                    "world_size": world, "warmup": a.warmup, "steps": a.steps, "device": device.type,
-                    "params": n_params, "zero_stage": 0, "precision": "fp32",
-                    "spngd": common.SPNGD_PARAMS, "staleness": common.DEFAULT_STALENESS, "sgd": common.SGD_PARAMS,
-                    "a_samples": a.a_samples}
+    res["setup"] = {
+        "model": a.model,
+        "image_size": a.image_size,
+        "micro_batch": a.micro_batch,
+        "world_size": world,
+        "warmup": a.warmup,
+        "steps": a.steps,
+        "device": device.type,
+        "params": n_params,
+        "zero_stage": 0,
+        "precision": "fp32",
+        "spngd": common.SPNGD_PARAMS,
+        "staleness": common.DEFAULT_STALENESS,
+        "sgd": common.SGD_PARAMS,
+        "a_samples": a.a_samples,
+    }
     target = target_for(res["setup"])
     res["target"] = {"ratio_stale_on_max": target, "met": res["engines"]["spngd_stale_on"]["ratio_to_sgd"] <= target}
     if rank == 0:

@@ -68,8 +68,9 @@ def main() -> None:
     base = build(a.model)
     m_ours, m_asdl = copy.deepcopy(base), copy.deepcopy(base)
     ours = spngd_ds.SPNGD(m_ours, lr=0.01, momentum=0.9, damping=a.damping, staleness=None)
-    cfg = PreconditioningConfig(data_size=a.batch, damping=a.damping, curvature_upd_interval=1,
-                                preconditioner_upd_interval=1)
+    cfg = PreconditioningConfig(
+        data_size=a.batch, damping=a.damping, curvature_upd_interval=1, preconditioner_upd_interval=1
+    )
     maker = KfacGradientMaker(m_asdl, cfg, fisher_type="fisher_emp")
     sgd = torch.optim.SGD(m_asdl.parameters(), lr=0.01, momentum=0.9)
     x, y = common.digits_rgb(a.image_size)
@@ -96,16 +97,25 @@ def main() -> None:
         idx = order[(torch.arange(a.batch) + i * a.batch) % order.numel()]
         xb, yb = x[idx], y[idx]
         t: dict[str, float] = {}
-        for name in (("spngd", "asdl") if i % 2 == 0 else ("asdl", "spngd")):
+        for name in ("spngd", "asdl") if i % 2 == 0 else ("asdl", "spngd"):
             t[name] = step_ours(xb, yb) if name == "spngd" else step_asdl(xb, yb)
         if i >= a.warmup:
             pairs.append(t)
         print(f"step {i + 1}: SP-NGD {t['spngd'] * 1e3:.0f} ms, ASDL {t['asdl'] * 1e3:.0f} ms", flush=True)
     ratio = statistics.median(q["spngd"] / q["asdl"] for q in pairs)
     res: dict[str, Any] = {
-        "setup": {"model": a.model, "batch": a.batch, "image_size": a.image_size, "dtype": "fp32", "threads": 1,
-                  "damping": a.damping, "steps": a.steps, "warmup": a.warmup, "asdl_version": asdl_version(),
-                  "asdl_module": getattr(asdl, "__file__", "")},
+        "setup": {
+            "model": a.model,
+            "batch": a.batch,
+            "image_size": a.image_size,
+            "dtype": "fp32",
+            "threads": 1,
+            "damping": a.damping,
+            "steps": a.steps,
+            "warmup": a.warmup,
+            "asdl_version": asdl_version(),
+            "asdl_module": getattr(asdl, "__file__", ""),
+        },
         "spngd_median_step_s": statistics.median(q["spngd"] for q in pairs),
         "asdl_median_step_s": statistics.median(q["asdl"] for q in pairs),
         "ratio_median": ratio,
@@ -115,8 +125,10 @@ def main() -> None:
         "machine": common.machine_info(),
     }
     verdict = "met" if ratio <= TARGET else "MISSED"
-    print(f"SP-NGD {res['spngd_median_step_s'] * 1e3:.0f} ms, ASDL K-FAC {res['asdl_median_step_s'] * 1e3:.0f} ms "
-          f"(median): SP-NGD / ASDL = {ratio:.3f} (target <= {TARGET}: {verdict})")
+    print(
+        f"SP-NGD {res['spngd_median_step_s'] * 1e3:.0f} ms, ASDL K-FAC {res['asdl_median_step_s'] * 1e3:.0f} ms "
+        f"(median): SP-NGD / ASDL = {ratio:.3f} (target <= {TARGET}: {verdict})"
+    )
     path = common.write_json(f"vs_asdl{'' if a.model == 'resnet20' else '_' + a.model}", res)
     print(f"wrote {path}")
 

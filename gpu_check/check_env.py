@@ -44,8 +44,10 @@ def problems(cpu_ok: bool) -> list[str]:
             found.append(f"{req.name} {version} is outside {text!r}")
     import torch
 
-    print(f"python     {sys.version.split()[0]}; torch CUDA {torch.version.cuda}; "
-          f"GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    print(
+        f"python     {sys.version.split()[0]}; torch CUDA {torch.version.cuda}; "
+        f"GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
+    )
     if not cpu_ok and not torch.cuda.is_available():
         found.append("no CUDA device visible (torch.cuda.is_available() is false)")
     import spngd_ds

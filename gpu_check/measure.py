@@ -61,18 +61,41 @@ REFRESH_SOURCE = ROOT / "bench" / "results" / "step_time_accum_cpu.json"
 TARGET_RATIO = 1.10
 #: ops whose result the host must wait for (a read of a value or a data-dependent shape)
 HOST_READ_OPS = {
-    "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
-    "aten::unique_consecutive", "aten::unique_dim_consecutive", "aten::repeat_interleave", "aten::argwhere",
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::unique_dim_consecutive",
+    "aten::repeat_interleave",
+    "aten::argwhere",
 }
 
 
 def sizes(dry_run: bool) -> dict[str, Any]:
     """The model and batch of each part: the shipped regime on a GPU, tiny ones on the CPU."""
     if dry_run:
-        return {"device": "cpu", "model": "resnet18", "image_size": 32, "micro_batch": 2, "gas": 2,
-                "warmup": 0, "reps": 1, "sync_model": "resnet18"}
-    return {"device": "cuda", "model": "resnet50", "image_size": 224, "micro_batch": 32, "gas": 8,
-            "warmup": 2, "reps": 5, "sync_model": "resnet50"}
+        return {
+            "device": "cpu",
+            "model": "resnet18",
+            "image_size": 32,
+            "micro_batch": 2,
+            "gas": 2,
+            "warmup": 0,
+            "reps": 1,
+            "sync_model": "resnet18",
+        }
+    return {
+        "device": "cuda",
+        "model": "resnet50",
+        "image_size": 224,
+        "micro_batch": 32,
+        "gas": 8,
+        "warmup": 2,
+        "reps": 5,
+        "sync_model": "resnet50",
+    }
 
 
 def build_model(name: str, device: str) -> nn.Module:
@@ -179,8 +202,9 @@ def kernels(device: str, body: Callable[[], None]) -> int | None:
     return int(sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA))
 
 
-def count_step(device: str, model: nn.Module, opt: Any, batch: tuple[torch.Tensor, torch.Tensor],
-               before: Callable[[], None]) -> dict[str, Any]:
+def count_step(
+    device: str, model: nn.Module, opt: Any, batch: tuple[torch.Tensor, torch.Tensor], before: Callable[[], None]
+) -> dict[str, Any]:
     """Counts of one forward + backward and of one ``opt.step()`` (``before`` runs first, uncounted)."""
     x, y = batch
     before()
@@ -236,8 +260,10 @@ def syncs_table(r: dict[str, Any]) -> str:
         for part in ("forward_backward", "step"):
             c = r[key][part]
             k = "-" if c["kernels"] is None else str(c["kernels"])
-            rows.append(f"{key + ' ' + part.replace('forward_backward', 'fwd+bwd'):28s} {c['cuda_syncs']:10d} "
-                        f"{c['host_reads']:10d} {c['aten_ops']:9d} {k:>8s}")
+            rows.append(
+                f"{key + ' ' + part.replace('forward_backward', 'fwd+bwd'):28s} {c['cuda_syncs']:10d} "
+                f"{c['host_reads']:10d} {c['aten_ops']:9d} {k:>8s}"
+            )
     return "\n".join(rows)
 
 
@@ -286,8 +312,10 @@ def refresh_fraction() -> tuple[float | None, str]:
         return None, f"{REFRESH_SOURCE.relative_to(ROOT)} unreadable ({exc})"
     f = sum(by_kind.values()) / len(by_kind)
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items())
-    return f, (f"{REFRESH_SOURCE.relative_to(ROOT)}: {setup['model']}, {setup['global_batch']} samples a step, "
-               f"{setup['accum_steps']} steps of the default staleness; mean of the kinds ({kinds})")
+    return f, (
+        f"{REFRESH_SOURCE.relative_to(ROOT)}: {setup['model']}, {setup['global_batch']} samples a step, "
+        f"{setup['accum_steps']} steps of the default staleness; mean of the kinds ({kinds})"
+    )
 
 
 def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
@@ -296,8 +324,13 @@ def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
 
     device, gas, mb, size = sz["device"], sz["gas"], sz["micro_batch"], sz["image_size"]
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(mb, 3, size, size, generator=g).to(device, torch.bfloat16),
-             torch.randint(0, 1000, (mb,), generator=g).to(device)) for _ in range(gas)]
+    data = [
+        (
+            torch.randn(mb, 3, size, size, generator=g).to(device, torch.bfloat16),
+            torch.randint(0, 1000, (mb,), generator=g).to(device),
+        )
+        for _ in range(gas)
+    ]
     models = {"spngd": build_model(sz["model"], device), "sgd": build_model(sz["model"], device)}
     runners = {k: Bf16Runner(m) for k, m in models.items()}
     spngd = spngd_ds.SPNGD(models["spngd"], **spngd_params())
@@ -337,7 +370,7 @@ def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
         times = {k: [] for k in kinds}
     first_s = time.perf_counter() - first
     for rep in range(sz["warmup"] + sz["reps"]):
-        for kind in kinds[rep % len(kinds):] + kinds[: rep % len(kinds)]:  # rotate: noise hits all
+        for kind in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:  # rotate: noise hits all
             sync(device)
             t0 = time.perf_counter()
             steps[kind]()
@@ -346,8 +379,12 @@ def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
                 times[kind].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     if error is not None:
-        return {"setup": {k: sz[k] for k in ("model", "image_size", "micro_batch", "gas", "reps", "device")},
-                "error": error, "step_s": times, "median_step_s": med}
+        return {
+            "setup": {k: sz[k] for k in ("model", "image_size", "micro_batch", "gas", "reps", "device")},
+            "error": error,
+            "step_s": times,
+            "median_step_s": med,
+        }
     f, source = refresh_fraction()
     fractions = sorted({0.0, 0.1, 0.25, 0.5, 1.0} | ({round(f, 4)} if f is not None else set()))
 
@@ -357,8 +394,11 @@ def run_timing(sz: dict[str, Any]) -> dict[str, Any]:
     ratio = amortized(f) if f is not None else None
     return {
         "setup": {k: sz[k] for k in ("model", "image_size", "micro_batch", "gas", "warmup", "reps", "device")}
-        | {"precision": "bf16 forward/backward, fp32 master weights and optimizer",
-           "spngd": spngd_params(), "sgd": {"lr": LR, "momentum": 0.9, "foreach": "default"}},
+        | {
+            "precision": "bf16 forward/backward, fp32 master weights and optimizer",
+            "spngd": spngd_params(),
+            "sgd": {"lr": LR, "momentum": 0.9, "foreach": "default"},
+        },
         "first_spngd_step_s": first_s,
         "step_s": times,
         "median_step_s": med,
@@ -377,16 +417,24 @@ def timing_table(r: dict[str, Any]) -> str:
     """The result of :func:`run_timing` as a text table (ms per step)."""
     s, med = r["setup"], r["median_step_s"]
     if "error" in r:
-        return "\n".join([f"{s['model']} {s['image_size']}x{s['image_size']}: {r['error']}",
-                          *(f"  {k:14s} {v * 1e3:10.1f} ms" for k, v in med.items())])
-    rows = [f"{s['model']} {s['image_size']}x{s['image_size']}, {s['micro_batch']} a micro-batch x {s['gas']}, "
-            f"{s['precision']}; median of {s['reps']} ({s['device']})"]
+        return "\n".join(
+            [
+                f"{s['model']} {s['image_size']}x{s['image_size']}: {r['error']}",
+                *(f"  {k:14s} {v * 1e3:10.1f} ms" for k, v in med.items()),
+            ]
+        )
+    rows = [
+        f"{s['model']} {s['image_size']}x{s['image_size']}, {s['micro_batch']} a micro-batch x {s['gas']}, "
+        f"{s['precision']}; median of {s['reps']} ({s['device']})"
+    ]
     for k in ("sgd", "spngd_quiet", "spngd_refresh", "fwd_bwd"):
         ratio = 1.0 if k == "sgd" else r["ratio_to_sgd"][k]
         rows.append(f"  {k:14s} {med[k] * 1e3:10.1f} ms  {ratio:6.3f}x SGD")
     if r["amortized_ratio"] is not None:
-        rows.append(f"  amortized at refresh fraction {r['refresh_fraction']:.3f}: {r['amortized_ratio']:.3f}x SGD "
-                    f"(target {r['target_ratio']:.2f}: {'met' if r['target_met'] else 'NOT met'})")
+        rows.append(
+            f"  amortized at refresh fraction {r['refresh_fraction']:.3f}: {r['amortized_ratio']:.3f}x SGD "
+            f"(target {r['target_ratio']:.2f}: {'met' if r['target_met'] else 'NOT met'})"
+        )
     rows.append("  at other fractions: " + ", ".join(f"{k}: {v:.3f}x" for k, v in r["amortized_ratio_at"].items()))
     rows.append(f"  refresh fraction from {r['refresh_fraction_source']}")
     return "\n".join(rows)

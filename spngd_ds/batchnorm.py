@@ -25,7 +25,8 @@ def average_batchnorm_buffers(model: nn.Module, comm: Communicator | None = None
     the buffers' device). Returns the number of BatchNorm layers averaged.
     """
     layers = [
-        m for m in model.modules()
+        m
+        for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None
     ]
     if comm is None:

@@ -51,8 +51,17 @@ class SPNGDConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     _numbers = field_validator(
-        "lr", "momentum", "damping", "weight_decay", "bn_damping_scale", "stat_micro_batches", "clip_norm",
-        "step_bound", "max_consecutive_skips", "max_factor_dim", mode="before",
+        "lr",
+        "momentum",
+        "damping",
+        "weight_decay",
+        "bn_damping_scale",
+        "stat_micro_batches",
+        "clip_norm",
+        "step_bound",
+        "max_consecutive_skips",
+        "max_factor_dim",
+        mode="before",
     )(_no_bool)
 
     lr: float = Field(0.1, ge=0.0, description="a float >= 0")
@@ -71,43 +80,58 @@ class SPNGDConfig(BaseModel):
         1, ge=1, description="an integer >= 1 (default 1), or null (every micro-batch of a step)"
     )
     a_samples: int | None = Field(
-        None, ge=1, description="null (default: every sample) or an integer >= 1: A of each Linear/Conv2d from "
+        None,
+        ge=1,
+        description="null (default: every sample) or an integer >= 1: A of each Linear/Conv2d from "
         "at most this many samples of each capturing micro-batch per rank",
     )
     overlap_statistics: StrictBool | Literal["auto"] = Field(
-        "auto", description="'auto' (on, except on CPU ranks without micro-batches after the last one that "
+        "auto",
+        description="'auto' (on, except on CPU ranks without micro-batches after the last one that "
         "captures), true or false: send the A factors to their owners during the backward",
     )
     clip_norm: float | None = Field(
-        None, gt=0.0, description="null (no clipping) or a float > 0: limit on the global L2 norm of the "
+        None,
+        gt=0.0,
+        description="null (no clipping) or a float > 0: limit on the global L2 norm of the "
         "preconditioned gradient (DeepSpeed's gradient_clipping maps here)",
     )
     step_bound: float | None = Field(
-        1.0, ge=0.0, description="null or 0 (no bound: the paper's update) or a float > 0 (default 1): the "
+        1.0,
+        ge=0.0,
+        description="null or 0 (no bound: the paper's update) or a float > 0 (default 1): the "
         "preconditioned gradient of every layer scaled by min(1, step_bound * loss / (lr * ||P(grad)|| * ||grad||)), "
         "so that a step is at most step_bound times the distance at which the loss's linear model reaches 0",
     )
     max_consecutive_skips: int | None = Field(
-        50, ge=0, description="null or 0 (never stop) or an integer >= 1 (default 50): this many skipped steps "
+        50,
+        ge=0,
+        description="null or 0 (never stop) or an integer >= 1 (default 50): this many skipped steps "
         "in a row stop the run with an error",
     )
     positions_as_samples: StrictBool = Field(
-        True, description="true (default) or false: every position of a Linear, HF Conv1D, Embedding, LayerNorm "
+        True,
+        description="true (default) or false: every position of a Linear, HF Conv1D, Embedding, LayerNorm "
         "or RMSNorm applied over (N, T, ...) inputs is a sample (n = N*T, K-FAC-expand; for token-mean losses); "
         "false: the sequence is the sample (n = N; for per-sequence losses). Conv2d always counts images",
     )
     curvature_conv1d: StrictBool = Field(
-        True, description="true (default) or false: HF transformers' Conv1D layers get a Kronecker block",
+        True,
+        description="true (default) or false: HF transformers' Conv1D layers get a Kronecker block",
     )
     curvature_norm: StrictBool = Field(
-        True, description="true (default) or false: LayerNorm and RMSNorm layers get a unit-wise block",
+        True,
+        description="true (default) or false: LayerNorm and RMSNorm layers get a unit-wise block",
     )
     curvature_embedding: StrictBool = Field(
-        True, description="true (default) or false: untied nn.Embedding layers get a Kronecker block with a "
+        True,
+        description="true (default) or false: untied nn.Embedding layers get a Kronecker block with a "
         "diagonal token-count factor",
     )
     max_factor_dim: int | None = Field(
-        16384, ge=1, description="an integer >= 1 (default 16384: a 1 GiB fp32 factor), or null (no limit): a "
+        16384,
+        ge=1,
+        description="an integer >= 1 (default 16384: a 1 GiB fp32 factor), or null (no limit): a "
         "Kronecker factor of a larger dimension is kept diagonal",
     )
 

@@ -18,8 +18,9 @@ from spngd_ds.comm import Communicator, OwnerLayout
 from spngd_ds.stat_exchange import Due
 
 
-def decision_states(comm: Communicator, owners: dict[str, int], due: list[Due], dtype: torch.dtype
-                    ) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+def decision_states(
+    comm: Communicator, owners: dict[str, int], due: list[Due], dtype: torch.dtype
+) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
     """Return the refresh decisions of ``due`` as exchange items.
 
     The refresh decisions of ``due`` as exchange items: one (2 elements, owner) item per
@@ -27,8 +28,9 @@ def decision_states(comm: Communicator, owners: dict[str, int], due: list[Due], 
     ``dtype`` on the communicator's device, in ``due`` order.
     """
     items = [(2, owners[b.name]) for b, _ in due]
-    mine = [torch.tensor(s.schedule.state(), dtype=dtype, device=comm.device)
-            for b, s in due if owners[b.name] == comm.rank]
+    mine = [
+        torch.tensor(s.schedule.state(), dtype=dtype, device=comm.device) for b, s in due if owners[b.name] == comm.rank
+    ]
     return items, mine
 
 

@@ -143,14 +143,26 @@ class SPNGD(Optimizer):
                 "it needs the layers to register its hooks"
             )
         params_in = dict(
-            lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, fisher=fisher,
-            bn_damping_scale=bn_damping_scale, weight_rescale=weight_rescale,
+            lr=lr,
+            momentum=momentum,
+            damping=damping,
+            weight_decay=weight_decay,
+            fisher=fisher,
+            bn_damping_scale=bn_damping_scale,
+            weight_rescale=weight_rescale,
             staleness=DEFAULT_STALENESS if staleness is _DEFAULT else staleness,
-            comm_dtype=comm_dtype, stat_micro_batches=stat_micro_batches, clip_norm=clip_norm,
-            overlap_statistics=overlap_statistics, a_samples=a_samples,
-            step_bound=step_bound, max_consecutive_skips=max_consecutive_skips,
-            positions_as_samples=positions_as_samples, curvature_conv1d=curvature_conv1d,
-            curvature_norm=curvature_norm, curvature_embedding=curvature_embedding, max_factor_dim=max_factor_dim,
+            comm_dtype=comm_dtype,
+            stat_micro_batches=stat_micro_batches,
+            clip_norm=clip_norm,
+            overlap_statistics=overlap_statistics,
+            a_samples=a_samples,
+            step_bound=step_bound,
+            max_consecutive_skips=max_consecutive_skips,
+            positions_as_samples=positions_as_samples,
+            curvature_conv1d=curvature_conv1d,
+            curvature_norm=curvature_norm,
+            curvature_embedding=curvature_embedding,
+            max_factor_dim=max_factor_dim,
         )
         self.config: SPNGDConfig = validate_spngd_params(params_in)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -163,22 +175,33 @@ class SPNGD(Optimizer):
         self.model = model
         self._params = params
         options = BlockOptions(
-            positions_as_samples=cfg.positions_as_samples, curvature_conv1d=cfg.curvature_conv1d,
-            curvature_norm=cfg.curvature_norm, curvature_embedding=cfg.curvature_embedding,
+            positions_as_samples=cfg.positions_as_samples,
+            curvature_conv1d=cfg.curvature_conv1d,
+            curvature_norm=cfg.curvature_norm,
+            curvature_embedding=cfg.curvature_embedding,
             max_factor_dim=cfg.max_factor_dim,
         )
         block_list, fallback = build_blocks(model, self._new_schedule, cfg.bn_damping_scale, options)
         self.first_order_layers = fallback
         if fallback:
-            logger.warning("SPNGD: first-order update (no curvature) for %d layer(s): %s",
-                           len(fallback), "; ".join(fallback))
+            logger.warning(
+                "SPNGD: first-order update (no curvature) for %d layer(s): %s", len(fallback), "; ".join(fallback)
+            )
         self.blocks: dict[str, Block] = {b.name: b for b in block_list}
         #: "<layer>.<factor>" of every factor kept diagonal (max_factor_dim; an Embedding's A aside)
-        self.diagonal_factors = [f"{b.name}.{n}" for b in block_list
-                                 for n in sorted(getattr(b, "diagonal", ())) if b.kind != "embedding" or n != "A"]
+        self.diagonal_factors = [
+            f"{b.name}.{n}"
+            for b in block_list
+            for n in sorted(getattr(b, "diagonal", ()))
+            if b.kind != "embedding" or n != "A"
+        ]
         if self.diagonal_factors:
-            logger.warning("SPNGD: %d Kronecker factor(s) larger than max_factor_dim = %s kept diagonal: %s",
-                           len(self.diagonal_factors), cfg.max_factor_dim, ", ".join(self.diagonal_factors))
+            logger.warning(
+                "SPNGD: %d Kronecker factor(s) larger than max_factor_dim = %s kept diagonal: %s",
+                len(self.diagonal_factors),
+                cfg.max_factor_dim,
+                ", ".join(self.diagonal_factors),
+            )
         for b in block_list:
             if isinstance(b, KronBlock):
                 b.a_samples = cfg.a_samples
@@ -305,7 +328,8 @@ class SPNGD(Optimizer):
         self.stats_log.skipped_steps += 1
         logger.warning(
             "SPNGD: step %d skipped (%s); its statistics and BatchNorm running statistics discarded",
-            self.step_count, reason,
+            self.step_count,
+            reason,
         )
         self.capture.restore_batchnorm()
         early = self._take_early()
@@ -345,13 +369,16 @@ class SPNGD(Optimizer):
 
         On the communicator's device; an A factor already sent behind the backward counts what it was sent with.
         """
-        early = {id(s): c for (_, s), c in zip(self._early.stats, self._early.counts, strict=True)} \
-            if self._early is not None else {}
-        return torch.tensor([early.get(id(s), s.local_count) for _, s in due],
-                            dtype=torch.float64, device=self.comm.device)
+        early = (
+            {id(s): c for (_, s), c in zip(self._early.stats, self._early.counts, strict=True)}
+            if self._early is not None
+            else {}
+        )
+        return torch.tensor(
+            [early.get(id(s), s.local_count) for _, s in due], dtype=torch.float64, device=self.comm.device
+        )
 
-    def refresh_curvature(self, share_decisions: bool = True, sample_totals: torch.Tensor | None = None
-                          ) -> list[Due]:
+    def refresh_curvature(self, share_decisions: bool = True, sample_totals: torch.Tensor | None = None) -> list[Due]:
         """Reduce due statistics to owners, refresh and re-invert them, share refresh decisions.
 
         Returns the due (block, statistic) pairs, in the order every rank agrees on. With
@@ -365,8 +392,16 @@ class SPNGD(Optimizer):
         """
         step, due = self.step_count, self.due_now()
         self._last_refreshed = len(due)
-        arrived = statistics_to_owners(self.comm, self.assignment, self.config.comm_dtype, self.stats_log, due,
-                                       sample_totals, self.local_sample_counts, self._take_early)
+        arrived = statistics_to_owners(
+            self.comm,
+            self.assignment,
+            self.config.comm_dtype,
+            self.stats_log,
+            due,
+            sample_totals,
+            self.local_sample_counts,
+            self._take_early,
+        )
         if arrived is None:
             return due
         with self.stats_log.timer("inversion"):
@@ -469,12 +504,28 @@ class SPNGD(Optimizer):
         can be loaded at world size M once every rank's part is merged (:mod:`spngd_ds.optimizer_state`).
         """
         live = None if self.path.holds_flat_partitions else self.live_parameters
-        return save_state(self.blocks, self.owned(), self.state, self.param_groups, live, self.step_count,
-                          self._prev_lr, self.config.model_dump())
+        return save_state(
+            self.blocks,
+            self.owned(),
+            self.state,
+            self.param_groups,
+            live,
+            self.step_count,
+            self._prev_lr,
+            self.config.model_dump(),
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (possibly merged from several ranks' files)."""
         live = None if self.path.holds_flat_partitions else self.live_parameters
-        self.step_count, self._prev_lr = load_state(state_dict, self.blocks, self.owned(), self.state,
-                                                    self.param_groups, live, self.config.model_dump(), self.defaults)
+        self.step_count, self._prev_lr = load_state(
+            state_dict,
+            self.blocks,
+            self.owned(),
+            self.state,
+            self.param_groups,
+            live,
+            self.config.model_dump(),
+            self.defaults,
+        )
         self.capture.start_step(self._due(self.step_count))

@@ -36,8 +36,9 @@ def any_rank_each(comm: Communicator, flags: Sequence[bool]) -> list[bool]:
     return [bool(v > 0) for v in t.tolist()]
 
 
-def any_rank_each_and_sum(comm: Communicator, flags: Sequence[bool], values: torch.Tensor
-                          ) -> tuple[list[bool], torch.Tensor]:
+def any_rank_each_and_sum(
+    comm: Communicator, flags: Sequence[bool], values: torch.Tensor
+) -> tuple[list[bool], torch.Tensor]:
     """:func:`any_rank_each` and :func:`all_reduce_sum` in one all-reduce.
 
     :func:`any_rank_each` of ``flags`` and :func:`all_reduce_sum` of ``values`` ((K,) float64, on
@@ -46,7 +47,11 @@ def any_rank_each_and_sum(comm: Communicator, flags: Sequence[bool], values: tor
     """
     if comm.world_size == 1:
         return list(flags), values
-    t = torch.cat([torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64, device=values.device),
-                   values.to(torch.float64)])
+    t = torch.cat(
+        [
+            torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64, device=values.device),
+            values.to(torch.float64),
+        ]
+    )
     summed = all_reduce_sum(comm, t)
     return [bool(v > 0) for v in summed[: len(flags)].tolist()], summed[len(flags) :]

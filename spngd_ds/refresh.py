@@ -64,8 +64,11 @@ def take_refreshes(
         pending = s.schedule.rho_pending
         rho = pending[0] if pending is not None else value.new_zeros(2, dtype=torch.float64)
         # ||X|| of the value taken (the finiteness test below): the noted figures' own when they are of it
-        norm = rho[:1] if pending is not None and pending[1] is value else \
-            torch.linalg.vector_norm(value).to(torch.float64).reshape(1)
+        norm = (
+            rho[:1]
+            if pending is not None and pending[1] is value
+            else torch.linalg.vector_norm(value).to(torch.float64).reshape(1)
+        )
         figures.append(torch.cat([norm, rho, change_figures(s.value, value).to(rho.device)]))
     read = torch.stack(figures).tolist()  # (K, 5): ||X||, ρ's ||X|| and (Σ tr)², ||X_old||, ||X - X_old||
     refreshed: dict[str, set[str]] = {}
@@ -84,14 +87,22 @@ def take_refreshes(
             log.rejected_stats += 1
             logger.warning(
                 "SPNGD: %s of %s changed by a factor %.3g at step %d: rejected as an outlier",
-                s.name, b.name, ratio, step,
+                s.name,
+                b.name,
+                ratio,
+                step,
             )
             s.schedule.postpone(step)
             continue
         if verdict != "accept":
             logger.warning(
-                "SPNGD: %s of %s changed by a factor %.3g at step %d: accepted (%s)", s.name, b.name,
-                ratio, step, "back to a scale it had before" if verdict == "recover"
+                "SPNGD: %s of %s changed by a factor %.3g at step %d: accepted (%s)",
+                s.name,
+                b.name,
+                ratio,
+                step,
+                "back to a scale it had before"
+                if verdict == "recover"
                 else f"after {s.rejections} rejections in a row",
             )
         outliers.accepted(id(s), fro)
@@ -110,7 +121,9 @@ def _warn_never_captured(block: Block, step: int, warned: set[str]) -> None:
     warned.add(block.name)
     logger.warning(
         "SPNGD: no statistics of %s were captured at step %d (its forward did not run in training mode "
-        "with autograd): it takes the first-order update until they are", block.name, step,
+        "with autograd): it takes the first-order update until they are",
+        block.name,
+        step,
     )
 
 

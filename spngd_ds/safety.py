@@ -94,8 +94,13 @@ def step_bound(
     if bound is not None:
         mean_loss = sums[2] / comm.world_size
         predicted = torch.sqrt(sums[0] * sums[1]) * lr
-        ok = (sums[3] == comm.world_size) & torch.isfinite(predicted) & (predicted > 0) \
-            & torch.isfinite(mean_loss) & (mean_loss > 0)
+        ok = (
+            (sums[3] == comm.world_size)
+            & torch.isfinite(predicted)
+            & (predicted > 0)
+            & torch.isfinite(mean_loss)
+            & (mean_loss > 0)
+        )
         nu = torch.where(ok, torch.clamp(bound * mean_loss / torch.where(ok, predicted, one), max=1.0), one)
     if clip_norm is not None:
         scale = nu if nu is not None else one

@@ -18,9 +18,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 
-def poly_factor(
-    epoch: float, warmup_epochs: float, start_epoch: float, end_epoch: float, power: float
-) -> float:
+def poly_factor(epoch: float, warmup_epochs: float, start_epoch: float, end_epoch: float, power: float) -> float:
     """The multiplier of rule 9 at fractional ``epoch``."""
     if warmup_epochs > 0 and epoch < warmup_epochs:
         return max(epoch, 0.0) / warmup_epochs
@@ -62,11 +60,17 @@ def validate_poly_params(params: dict[str, Any], where: str = "SPNGDPolyDecay") 
     out = {**_OPTIONAL, **params}
     start = out["start_epoch"]
     checks = {
-        "steps_per_epoch": (_is_number(out["steps_per_epoch"]) and out["steps_per_epoch"] > 0
-                            and float(out["steps_per_epoch"]).is_integer(), "an integer > 0"),
+        "steps_per_epoch": (
+            _is_number(out["steps_per_epoch"])
+            and out["steps_per_epoch"] > 0
+            and float(out["steps_per_epoch"]).is_integer(),
+            "an integer > 0",
+        ),
         "start_epoch": (_is_number(start), "a number"),
-        "end_epoch": (_is_number(out["end_epoch"]) and _is_number(start) and out["end_epoch"] > start,
-                      f"a number > start_epoch ({start!r})"),
+        "end_epoch": (
+            _is_number(out["end_epoch"]) and _is_number(start) and out["end_epoch"] > start,
+            f"a number > start_epoch ({start!r})",
+        ),
         "power": (_is_number(out["power"]) and out["power"] >= 0, "a number >= 0"),
         "warmup_epochs": (_is_number(out["warmup_epochs"]) and out["warmup_epochs"] >= 0, "a number >= 0"),
         "decay_damping": (isinstance(out["decay_damping"], bool), "true or false"),
@@ -106,8 +110,15 @@ class SPNGDPolyDecay(LRScheduler):
     ) -> None:
         """Polynomial decay of every group's lr (and damping) per step; epochs may be fractional."""
         validate_poly_params(
-            dict(steps_per_epoch=steps_per_epoch, start_epoch=start_epoch, end_epoch=end_epoch, power=power,
-                 warmup_epochs=warmup_epochs, decay_damping=decay_damping, min_damping=min_damping)
+            dict(
+                steps_per_epoch=steps_per_epoch,
+                start_epoch=start_epoch,
+                end_epoch=end_epoch,
+                power=power,
+                warmup_epochs=warmup_epochs,
+                decay_damping=decay_damping,
+                min_damping=min_damping,
+            )
         )
         self.steps_per_epoch = steps_per_epoch
         self.start_epoch = start_epoch

@@ -126,11 +126,17 @@ def statistics_to_owners(
     with log.timer("comm"):
         got: dict[int, torch.Tensor] = {}
         if late:
-            got.update(zip((id(s) for b, s in late if owners[b.name] == rank),
-                           comm.to_owners(layout, packed_all, wire), strict=True))
+            got.update(
+                zip(
+                    (id(s) for b, s in late if owners[b.name] == rank),
+                    comm.to_owners(layout, packed_all, wire),
+                    strict=True,
+                )
+            )
         if early is not None:
-            got.update(zip((id(s) for b, s in early.stats if owners[b.name] == rank),
-                           early.pending.wait(), strict=True))
+            got.update(
+                zip((id(s) for b, s in early.stats if owners[b.name] == rank), early.pending.wait(), strict=True)
+            )
     mine = [(b, s, totals[id(s)]) for b, s in due if owners[b.name] == rank]
     sums: list[torch.Tensor | None] = [unpack_sym(got[id(s)], s.shape[-1]) for _, s, _ in mine]
     return mine, sums, prescale

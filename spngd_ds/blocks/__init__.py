@@ -9,5 +9,12 @@ from spngd_ds.blocks.kron import KronBlock
 from spngd_ds.blocks.unitwise import UnitwiseBlock
 
 __all__ = [
-    "Block", "BlockOptions", "KronBlock", "PlainBlock", "Statistic", "UnitwiseBlock", "build_blocks", "robust_inverse",
+    "Block",
+    "BlockOptions",
+    "KronBlock",
+    "PlainBlock",
+    "Statistic",
+    "UnitwiseBlock",
+    "build_blocks",
+    "robust_inverse",
 ]

@@ -29,8 +29,7 @@ class BatchedPreconditioner:
         #: group key -> (ids of the member statistics, the stacks, per stack the member views)
         self._stacks: dict[_Key, tuple[tuple[int, ...], list[torch.Tensor], list[list[torch.Tensor]]]] = {}
 
-    def precondition(self, blocks: list[Block], grads: dict[str, list[torch.Tensor]]
-                     ) -> dict[str, list[torch.Tensor]]:
+    def precondition(self, blocks: list[Block], grads: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
         """P(∇) of every block of ``blocks`` (``grads``: name -> gradients in ``params`` order).
 
         The plain gradient for a block that is not ready.
@@ -42,10 +41,15 @@ class BatchedPreconditioner:
             g = grads[b.name]
             if not b.ready():
                 out[b.name] = g
-            elif (isinstance(b, KronBlock) and not b.has_bias and type(b).precondition is KronBlock.precondition
-                  and type(b).grad_matrix is KronBlock.grad_matrix):  # the (d_G, d_A) weight layout
-                kron.setdefault(("kron", b.d_G, b.d_A, b.dtype, tuple(g[0].shape), g[0].dtype, g[0].device),
-                                []).append(b)
+            elif (
+                isinstance(b, KronBlock)
+                and not b.has_bias
+                and type(b).precondition is KronBlock.precondition
+                and type(b).grad_matrix is KronBlock.grad_matrix
+            ):  # the (d_G, d_A) weight layout
+                kron.setdefault(("kron", b.d_G, b.d_A, b.dtype, tuple(g[0].shape), g[0].dtype, g[0].device), []).append(
+                    b
+                )
             elif type(b).precondition is UnitwiseBlock.precondition and isinstance(b, UnitwiseBlock):
                 unit.setdefault(("unit", b.dtype, g[0].dtype, g[0].device), []).append(b)
             else:
@@ -56,8 +60,9 @@ class BatchedPreconditioner:
                 out[members[0].name] = members[0].precondition(grads[members[0].name])
                 continue
             used.add(key)
-            g_inv, a_inv = self._stacked(key, [[b.stats["G"] for b in members], [b.stats["A"] for b in members]],
-                                         concat=False)
+            g_inv, a_inv = self._stacked(
+                key, [[b.stats["G"] for b in members], [b.stats["A"] for b in members]], concat=False
+            )
             first = grads[members[0].name][0]
             m = torch.stack([grads[b.name][0] for b in members]).view(len(members), members[0].d_G, members[0].d_A)
             p = torch.bmm(torch.bmm(g_inv, m.to(g_inv.dtype)), a_inv)
@@ -67,8 +72,9 @@ class BatchedPreconditioner:
             used.add(key)
             (inv,) = self._stacked(key, [[b.stats["F"] for b in units]], concat=True)
             first = grads[units[0].name][0]
-            pairs = torch.stack([torch.cat([grads[b.name][0] for b in units]),
-                                 torch.cat([grads[b.name][1] for b in units])], dim=-1).to(inv.dtype)  # (ΣC, 2)
+            pairs = torch.stack(
+                [torch.cat([grads[b.name][0] for b in units]), torch.cat([grads[b.name][1] for b in units])], dim=-1
+            ).to(inv.dtype)  # (ΣC, 2)
             p = torch.bmm(inv, pairs.unsqueeze(-1)).squeeze(-1).t().to(first.dtype).contiguous()  # (2, ΣC)
             sizes = [b.channels for b in units]
             gammas, betas = (row.split(sizes) for row in p.unbind(0))

@@ -65,8 +65,9 @@ def symmetric_gram(cols: torch.Tensor, block: int = 256) -> torch.Tensor:
     return out
 
 
-def _padded_channels_last(x: torch.Tensor, pad_h: tuple[int, int], pad_w: tuple[int, int],
-                          dtype: torch.dtype) -> torch.Tensor:
+def _padded_channels_last(
+    x: torch.Tensor, pad_h: tuple[int, int], pad_w: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
     """``x`` (N, C, H, W) as a zero-padded channels-last copy in ``dtype``.
 
     The copy is contiguous (N, top + H + bottom, left + W + right, C) with ``pad_h`` = (top,
@@ -166,13 +167,22 @@ def _shift_plan(h: int, w: int, kh: int, kw: int, dh: int, dw: int, ph: int, pw:
     for blk, t, sign in signed:
         merged[(blk, new_index[t])] = merged.get((blk, new_index[t]), 0) + sign
     nb = len(block_of)
-    pair_index = tuple(block_of[(t1, t2)] if t1 <= t2 else nb + block_of[(t2, t1)]
-                       for t1 in range(taps) for t2 in range(taps))
-    return _ShiftPlan(width, rows_per_image, shifts, tuple(block_shift), tuple(groups),
-                      tuple(o for _, offs in order for o in offs),
-                      tuple(shifts[s] for s, offs in order for _ in offs),
-                      tuple((blk, t, sign) for (blk, t), sign in merged.items() if sign),
-                      pair_index, inside_rows, inside_cols)
+    pair_index = tuple(
+        block_of[(t1, t2)] if t1 <= t2 else nb + block_of[(t2, t1)] for t1 in range(taps) for t2 in range(taps)
+    )
+    return _ShiftPlan(
+        width,
+        rows_per_image,
+        shifts,
+        tuple(block_shift),
+        tuple(groups),
+        tuple(o for _, offs in order for o in offs),
+        tuple(shifts[s] for s, offs in order for _ in offs),
+        tuple((blk, t, sign) for (blk, t), sign in merged.items() if sign),
+        pair_index,
+        inside_rows,
+        inside_cols,
+    )
 
 
 @dataclass(frozen=True)
@@ -225,8 +235,14 @@ def _plan_tensors(plan: _ShiftPlan, device: torch.device, dtype: torch.dtype) ->
     return built
 
 
-def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
-               bias: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def shift_gram(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[int, int],
+    bias: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gram (d, d) of the im2col patches of a stride-1 convolution on ``x`` (N, C, H, W).
 
     In ``F.unfold`` order, d = C·kh·kw, with the patch sum (d,) when ``bias``; computed in
@@ -275,8 +291,9 @@ def shift_gram(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, in
     return gram, colsum
 
 
-def patch_gram(module: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, bias: bool
-               ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+def patch_gram(
+    module: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Gram (d, d) of the im2col patches of ``x`` (N, C, H, W) for ``module``.
 
     In ``F.unfold`` order, with the patches' sum (d,) when ``bias`` (else None) and their number

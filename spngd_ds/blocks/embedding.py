@@ -69,9 +69,7 @@ class EmbeddingBlock(Block):
             return 1
         return idx.numel() if self.positions_as_samples or idx.dim() == 1 else int(idx.shape[0])
 
-    def capture_forward(
-        self, inputs: torch.Tensor, due: set[str]
-    ) -> Callable[[torch.Tensor, float], None] | None:
+    def capture_forward(self, inputs: torch.Tensor, due: set[str]) -> Callable[[torch.Tensor, float], None] | None:
         """Count the token ids of ``inputs`` into A when due; return G's capture when due."""
         idx = inputs.detach()
         n = self.samples_in(idx)

@@ -162,9 +162,7 @@ class KronBlock(Block):
         rows = grad.reshape(-1, grad.shape[-1]).to(self.dtype)
         return rows.t() @ rows, rows.shape[0] // self.samples_in(grad)
 
-    def capture_forward(
-        self, inputs: torch.Tensor, due: set[str]
-    ) -> Callable[[torch.Tensor, float], None] | None:
+    def capture_forward(self, inputs: torch.Tensor, due: set[str]) -> Callable[[torch.Tensor, float], None] | None:
         """Capture A from ``inputs`` when due; return G's capture when due."""
         if "A" in due:
             x = inputs.detach()

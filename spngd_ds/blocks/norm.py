@@ -97,9 +97,7 @@ class NormBlock(UnitwiseBlock):
             return 1
         return x.numel() // max(self.channels, 1) if self.positions_as_samples else int(x.shape[0])
 
-    def capture_forward(
-        self, inputs: torch.Tensor, due: set[str]
-    ) -> Callable[[torch.Tensor, float], None] | None:
+    def capture_forward(self, inputs: torch.Tensor, due: set[str]) -> Callable[[torch.Tensor, float], None] | None:
         """Keep the input when F is due; the backward capture forms F from x̂ and the output gradient."""
         if "F" not in due:
             return None

@@ -82,9 +82,7 @@ class UnitwiseBlock(Block):
         """The current per-channel Fisher (C, 2, 2), order (γ, β), without damping (owner only)."""
         return self.stats["F"].value
 
-    def capture_forward(
-        self, inputs: torch.Tensor, due: set[str]
-    ) -> Callable[[torch.Tensor, float], None] | None:
+    def capture_forward(self, inputs: torch.Tensor, due: set[str]) -> Callable[[torch.Tensor, float], None] | None:
         """Capture the channel moments when F is due; return the backward capture of F."""
         if "F" not in due:
             return None

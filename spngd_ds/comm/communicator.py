@@ -97,8 +97,9 @@ class PendingToOwners:
         owned = self._layout.owned_items[rank]
         flat = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else None
         if flat is None:  # nothing to exchange: every item has 0 elements
-            return [torch.zeros(s, dtype=d, device=comm.device)
-                    for s, d in zip(self._shapes, self._dtypes, strict=True)]
+            return [
+                torch.zeros(s, dtype=d, device=comm.device) for s, d in zip(self._shapes, self._dtypes, strict=True)
+            ]
         views = _split(flat, [self._layout.numels[i] for i in owned], self._shapes)
         return [v.to(d) for v, d in zip(views, self._dtypes, strict=True)]
 
@@ -159,9 +160,7 @@ class Communicator:
         output.copy_(input)
 
     # -- the exchange layout ------------------------------------------------------------------------
-    def to_owners(
-        self, layout: OwnerLayout, tensors: Sequence[torch.Tensor], dtype: torch.dtype
-    ) -> list[torch.Tensor]:
+    def to_owners(self, layout: OwnerLayout, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
         """Reduce every item of ``layout`` onto its owner ("to owners").
 
         One reduce-scatter + one all-to-all per bucket; every rank calls it with the same layout.
@@ -211,9 +210,7 @@ class Communicator:
         return PendingToOwners(self, layout, live, works, shards, dtypes, shapes, sends)
 
     @torch.no_grad()
-    def from_owners(
-        self, layout: OwnerLayout, mine: Sequence[torch.Tensor], dtype: torch.dtype
-    ) -> list[torch.Tensor]:
+    def from_owners(self, layout: OwnerLayout, mine: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
         """Send every owned item to all ranks ("from owners").
 
         One all-to-all + one all-gather per bucket; every rank calls it with the same layout.
@@ -434,7 +431,10 @@ class DistributedCommunicator(Communicator):
         """See :meth:`Communicator.all_to_all`."""
         self.check_device("all_to_all", output, input)
         dist.all_to_all_single(
-            output, input, output_split_sizes=list(output_splits), input_split_sizes=list(input_splits),
+            output,
+            input,
+            output_split_sizes=list(output_splits),
+            input_split_sizes=list(input_splits),
             group=self.group,
         )
         others = sum(x for q, x in enumerate(input_splits) if q != self.rank)

@@ -237,8 +237,9 @@ class OwnerLayout:
         of q's elements in ``bucket`` (the bucket's buffer holds them in owner order).
         """
         geo = bucket.geometry
-        return [(self.geometry.starts[q] + bucket.offsets[q], geo.starts[q], geo.counts[q])
-                for q in range(self.world_size)]
+        return [
+            (self.geometry.starts[q] + bucket.offsets[q], geo.starts[q], geo.counts[q]) for q in range(self.world_size)
+        ]
 
     def buckets(self, bucket_numel: int | None = None) -> list[Bucket]:
         """Cut the exchange into K buckets of at most ``bucket_numel`` elements.

@@ -56,9 +56,7 @@ def unpack_sym(packed: torch.Tensor, d: int) -> torch.Tensor:
     return torch.where(mask, upper, upper.transpose(-1, -2))
 
 
-def _concat(
-    pieces: Sequence[torch.Tensor], size: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
+def _concat(pieces: Sequence[torch.Tensor], size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Pack tensors into one zero-padded 1-D buffer.
 
     The buffer, (size,) of ``dtype`` on ``device``, holds the flattened ``pieces`` one after the

@@ -130,7 +130,10 @@ def wrap_checkpointing(engine: CheckpointingEngine, opt: SPNGD) -> None:
     load_original = engine.load_checkpoint
 
     def save_checkpoint(
-        save_dir: str, tag: object = None, client_state: dict[str, Any] | None = None, save_latest: bool = True,
+        save_dir: str,
+        tag: object = None,
+        client_state: dict[str, Any] | None = None,
+        save_latest: bool = True,
         **kwargs: Any,
     ) -> object:
         tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
@@ -162,7 +165,9 @@ def wrap_checkpointing(engine: CheckpointingEngine, opt: SPNGD) -> None:
         if resharded:
             logger.warning(
                 "SPNGD: resuming a checkpoint written by %d ranks on %d ranks: curvature re-assigned by name; "
-                "DeepSpeed optimizer partitions rebuilt from the weights", saved_world, opt.comm.world_size,
+                "DeepSpeed optimizer partitions rebuilt from the weights",
+                saved_world,
+                opt.comm.world_size,
             )
         want_scheduler = bool(kwargs.get("load_lr_scheduler_states", True))
         if resharded and flat:

@@ -39,9 +39,7 @@ SPNGD_TYPE = "spngd"
 SCHEDULER_TYPE = "spngdpolydecay"
 
 
-def load_ds_config(
-    config: str | os.PathLike[str] | Mapping[str, Any] | None, args: object = None
-) -> dict[str, Any]:
+def load_ds_config(config: str | os.PathLike[str] | Mapping[str, Any] | None, args: object = None) -> dict[str, Any]:
     """Deep-copy a DeepSpeed config given as a JSON file path, a mapping, or ``args.deepspeed_config``.
 
     Args:
@@ -87,7 +85,7 @@ def zero_stage(cfg: dict[str, Any]) -> int:
 
 
 def precision(cfg: dict[str, Any]) -> str:
-    """"fp16", "bf16" or "fp32"."""
+    """The config's precision: "fp16", "bf16" or "fp32"."""
     if _enabled(cfg, "fp16"):
         return "fp16"
     if _enabled(cfg, "bf16") or _enabled(cfg, "bfloat16"):
@@ -112,8 +110,8 @@ def check_combination(cfg: dict[str, Any], params: SPNGDConfig | None = None) ->
     if _enabled(cfg, "torch_autocast"):
         raise ValueError(
             "SPNGD: torch_autocast.enabled = true is refused (its GradScaler scales the output gradients "
-            "SP-NGD captures and may skip a step on one rank only); use \"bf16\": {\"enabled\": true} or "
-            "\"fp16\": {\"enabled\": true} with zero_optimization.stage 1-3 instead"
+            'SP-NGD captures and may skip a step on one rank only); use "bf16": {"enabled": true} or '
+            '"fp16": {"enabled": true} with zero_optimization.stage 1-3 instead'
         )
     if cfg.get("managed_gradient_accumulation", True) is not True:
         raise ValueError(
@@ -202,8 +200,14 @@ def initialize(
     wants_poly = isinstance(sched_block, dict) and str(sched_block.get("type", "")).lower() == SCHEDULER_TYPE
     if params is None and not wants_poly:
         return deepspeed.initialize(
-            args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-            training_data=training_data, lr_scheduler=lr_scheduler, config=cfg, **kwargs,
+            args=args,
+            model=model,
+            optimizer=optimizer,
+            model_parameters=model_parameters,
+            training_data=training_data,
+            lr_scheduler=lr_scheduler,
+            config=cfg,
+            **kwargs,
         )
     if model is None:
         raise ValueError("spngd_ds.initialize: SPNGD needs model=...")
@@ -238,8 +242,14 @@ def initialize(
         lr_scheduler = SPNGDPolyDecay(optimizer, **poly_params)
     with spngd.hold_steps() if spngd is not None else contextlib.nullcontext():
         engine, ds_opt, loader, sched = deepspeed.initialize(
-            args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-            training_data=training_data, lr_scheduler=lr_scheduler, config=cfg, **kwargs,
+            args=args,
+            model=model,
+            optimizer=optimizer,
+            model_parameters=model_parameters,
+            training_data=training_data,
+            lr_scheduler=lr_scheduler,
+            config=cfg,
+            **kwargs,
         )
     if spngd is None:
         return engine, ds_opt, loader, sched
@@ -258,7 +268,7 @@ def _poly_params(block: dict[str, Any]) -> dict[str, Any]:
     if isinstance(params.get("steps_per_epoch"), str):
         raise ValueError(
             f"scheduler.params.steps_per_epoch = {params['steps_per_epoch']!r}: must be a number by initialize "
-            "time (launch/train.py fills \"auto\" from the data loader)"
+            'time (launch/train.py fills "auto" from the data loader)'
         )
     return validate_poly_params(params, where="scheduler.params (SPNGDPolyDecay)")
 
@@ -274,8 +284,8 @@ def _build_spngd(model: nn.Module, params: SPNGDConfig, cfg: dict[str, Any]) -> 
 
     device = get_accelerator().current_device_name() if get_accelerator().device_name() != "cpu" else "cpu"
     world = ds_dist.get_world_size() if ds_dist.is_initialized() else 1
-    comm: Communicator = DistributedCommunicator(device=device) if world > 1 and dist.is_initialized() else (
-        Communicator(device=device)
+    comm: Communicator = (
+        DistributedCommunicator(device=device) if world > 1 and dist.is_initialized() else (Communicator(device=device))
     )
     kwargs = params.model_dump()
     staleness = kwargs.pop("staleness")

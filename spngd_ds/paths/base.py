@@ -128,8 +128,7 @@ class StepOptimizer(Protocol):
         """Later forwards of this step capture no statistic named ``stat``."""
         ...
 
-    def refresh_curvature(self, share_decisions: bool = True, sample_totals: torch.Tensor | None = None
-                          ) -> list[Due]:
+    def refresh_curvature(self, share_decisions: bool = True, sample_totals: torch.Tensor | None = None) -> list[Due]:
         """Reduce due statistics to owners, refresh and re-invert them; return the due pairs."""
         ...
 

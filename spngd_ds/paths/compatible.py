@@ -188,8 +188,13 @@ class CompatiblePath(StepPath):
             if frag is None or frag.numel == 0:
                 continue
             buf = opt.state[frag.flat].setdefault("momentum_buffer", torch.zeros_like(frag.flat))
-            out.append((frag, frag.flat.narrow(0, frag.flat_start, frag.numel).clone(),
-                        buf.narrow(0, frag.flat_start, frag.numel).clone()))
+            out.append(
+                (
+                    frag,
+                    frag.flat.narrow(0, frag.flat_start, frag.numel).clone(),
+                    buf.narrow(0, frag.flat_start, frag.numel).clone(),
+                )
+            )
         return out
 
     def _rescale(self, opt: StepOptimizer) -> None:

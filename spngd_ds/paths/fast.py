@@ -81,9 +81,7 @@ class FastPath(StepPath):
         if opened is None:
             return
         has_grad, totals = opened
-        grads = {
-            b.name: [_grad_or_zeros(live[id(p)]) for p in b.params] for b in opt.blocks.values()
-        }
+        grads = {b.name: [_grad_or_zeros(live[id(p)]) for p in b.params] for b in opt.blocks.values()}
         owned_grads = self._reduce_gradients(opt, grads)
         due = opt.refresh_curvature(share_decisions=False, sample_totals=totals)
         directions = opt.precondition_owned(owned_grads)
@@ -100,8 +98,9 @@ class FastPath(StepPath):
             for gi, (ps, ds) in sorted(per_group.items()):
                 opt.momentum_update_many(ps, ds, gi)
             rescaled = [b for b in opt.rescaled_blocks() if opt.assignment[b.name] == opt.comm.rank]
-            _rescale_many([live[id(b.params[0])] for b in rescaled],
-                          [opt.rescale_target(b.params[0]) for b in rescaled])
+            _rescale_many(
+                [live[id(b.params[0])] for b in rescaled], [opt.rescale_target(b.params[0]) for b in rescaled]
+            )
         with opt.stats_log.timer("comm"):
             self._gather_parameters(opt, live, due)
         opt.finish_step(opt.current_lrs())
@@ -118,8 +117,9 @@ class FastPath(StepPath):
             self._layout = OwnerLayout.build(self._param_items(opt), opt.comm.world_size)
         return self._layout
 
-    def _reduce_gradients(self, opt: StepOptimizer, grads: dict[str, list[torch.Tensor]]
-                          ) -> dict[str, list[torch.Tensor]]:
+    def _reduce_gradients(
+        self, opt: StepOptimizer, grads: dict[str, list[torch.Tensor]]
+    ) -> dict[str, list[torch.Tensor]]:
         """Average gradients over ranks, delivered to their owners.
 
         Each block's gradients reach its owner only (the exchange layout: reduce-scatter of equal

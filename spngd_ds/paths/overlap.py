@@ -65,8 +65,9 @@ def send_factors_early(opt: StepOptimizer) -> EarlyFactors | None:
     if not stats:
         return None
     local = [s.take_local() for _, s in stats]
-    packed, layout, wire = pack_statistics(opt.comm, opt.assignment, opt.config.comm_dtype, stats,
-                                           [total for total, _ in local])
+    packed, layout, wire = pack_statistics(
+        opt.comm, opt.assignment, opt.config.comm_dtype, stats, [total for total, _ in local]
+    )
     before = opt.comm.bytes_sent
     pending = opt.comm.to_owners_async(layout, packed, wire)
     opt.stop_capturing("A")

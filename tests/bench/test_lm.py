@@ -79,10 +79,22 @@ def test_streams_are_the_files_bytes() -> None:
 def _run_short(tmp_path: Path, nproc: int) -> subprocess.CompletedProcess[str]:
     tag = uuid.uuid4().hex
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT), SPNGD_TEST_LAUNCH=tag)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           str(SCRIPT), "--short", "--json", str(tmp_path / "lm.json"), "--plot", str(tmp_path / "lm.png")]
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
-                          start_new_session=True) as popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(SCRIPT),
+        "--short",
+        "--json",
+        str(tmp_path / "lm.json"),
+        "--plot",
+        str(tmp_path / "lm.png"),
+    ]
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT), start_new_session=True
+    ) as popen:
         try:
             out, err = popen.communicate(timeout=240)
         except subprocess.TimeoutExpired:
@@ -106,8 +118,10 @@ def test_short_run_on_two_ranks(tmp_path: Path) -> None:
     assert (tmp_path / "lm.png").stat().st_size > 10_000
     st = res["setting"]
     assert res["world_size"] == 2
-    assert res["batch_sizes"] == {"large": st["micro_batch"] * st["accumulation"]["large"] * 2,
-                                  "small": st["micro_batch"] * 2}
+    assert res["batch_sizes"] == {
+        "large": st["micro_batch"] * st["accumulation"]["large"] * 2,
+        "small": st["micro_batch"] * 2,
+    }
     assert st["accumulation"]["large"] > 1
     assert res["corpus"]["train_files"] > 0 and res["corpus"]["val_files"] > 0
     assert 0.5 < res["spngd_coverage"]["fraction"] <= 1.0  # Llama's projections and head are nn.Linear

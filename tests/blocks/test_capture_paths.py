@@ -45,8 +45,15 @@ def test_conv_activation_gram_equals_unfold(
 ) -> None:
     monkeypatch.setattr(conv_gram_mod, "ROWS_LAYOUT_MAX_D", layout_max_d)
     torch.manual_seed(0)
-    m = nn.Conv2d(spec["cin"], spec["cout"], spec["k"], stride=spec["stride"], padding=spec["padding"],
-                  dilation=spec["dilation"], bias=spec["bias"]).double()
+    m = nn.Conv2d(
+        spec["cin"],
+        spec["cout"],
+        spec["k"],
+        stride=spec["stride"],
+        padding=spec["padding"],
+        dilation=spec["dilation"],
+        bias=spec["bias"],
+    ).double()
     x = torch.randn(3, spec["cin"], 7, 8, dtype=torch.float64) + 0.5
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -69,8 +76,9 @@ def test_conv_unbatched_and_sliced_inputs(layout_max_d: int, monkeypatch: pytest
     torch.testing.assert_close(gram, unfold_gram(m, x), rtol=1e-12, atol=1e-12)
     big = torch.randn(4, 6, 9, 9, dtype=torch.float64)
     view = big[1:3, 2:5, 1:6, 2:7]  # storage offset and non-contiguous strides
-    torch.testing.assert_close(block.activation_gram(view)[0], unfold_gram(m, view.contiguous()),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        block.activation_gram(view)[0], unfold_gram(m, view.contiguous()), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("positions", [True, False])

@@ -40,16 +40,19 @@ SPECS = [
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("spec", SPECS, ids=[f"spec{i}" for i in range(len(SPECS))])
 # "column": one pixel wide, so a row's border term and a corner's are the same pixel (their signs add up)
-@pytest.mark.parametrize("shape", [(3, 7, 8), (1, 9, 5), (4, 4, 6), (2, 2, 3), (2, 5, 1)],
-                         ids=["n3", "n1", "short", "tiny", "column"])
-def test_shift_gram_equals_unfold(spec: dict[str, Any], bias: bool, shift: bool, shape: tuple[int, int, int],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "shape", [(3, 7, 8), (1, 9, 5), (4, 4, 6), (2, 2, 3), (2, 5, 1)], ids=["n3", "n1", "short", "tiny", "column"]
+)
+def test_shift_gram_equals_unfold(
+    spec: dict[str, Any], bias: bool, shift: bool, shape: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(conv_gram_mod, "SHIFT_LAYOUT", shift)
     monkeypatch.setattr(conv_gram_mod, "SHIFT_MIN_CHANNELS", 1)  # these 3-channel layers take it too
     calls = _count_shift_calls(monkeypatch)
     torch.manual_seed(0)
-    m = nn.Conv2d(3, 2, spec["k"], stride=spec["stride"], padding=spec["padding"], dilation=spec["dilation"],
-                  bias=bias).double()
+    m = nn.Conv2d(
+        3, 2, spec["k"], stride=spec["stride"], padding=spec["padding"], dilation=spec["dilation"], bias=bias
+    ).double()
     n, h, w = shape
     x = torch.randn(n, 3, h, w, dtype=torch.float64) + 0.5
     try:
@@ -81,14 +84,18 @@ def _count_shift_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize(("channels", "images", "size", "taken"), [
-    (16, 2, 8, True),  # ResNet-20's layers
-    (3, 32, 32, False),  # a stem on RGB: one im2col product is cheaper
-    (64, 1, 8, True),  # 64 locations, 64 channels: at the bound
-    (64, 1, 3, False),  # 9 locations < 64 channels (ResNet-50's last stage at 2 images)
-])
-def test_shift_gram_taken_where_it_is_faster(channels: int, images: int, size: int, taken: bool,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("channels", "images", "size", "taken"),
+    [
+        (16, 2, 8, True),  # ResNet-20's layers
+        (3, 32, 32, False),  # a stem on RGB: one im2col product is cheaper
+        (64, 1, 8, True),  # 64 locations, 64 channels: at the bound
+        (64, 1, 3, False),  # 9 locations < 64 channels (ResNet-50's last stage at 2 images)
+    ],
+)
+def test_shift_gram_taken_where_it_is_faster(
+    channels: int, images: int, size: int, taken: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = _count_shift_calls(monkeypatch)
     m = nn.Conv2d(channels, 2, 3, padding=1).double()
     x = torch.randn(images, channels, size, size, dtype=torch.float64)

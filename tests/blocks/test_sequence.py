@@ -152,14 +152,28 @@ def reference(model: TokenModel, idx: Tensor, y: Tensor, positions: bool) -> dic
     ph = R.precondition_kron(A_h, G_h, torch.cat([plain["head.weight"], plain["head.bias"][:, None]], 1), DAMPING)
     p["head.weight"], p["head.bias"] = ph[:, :H], ph[:, H]
     ln_grad = torch.stack([plain["ln.weight"]] + ([plain["ln.bias"]] if ln.bias is not None else []), -1)
-    p_ln = torch.stack([torch.linalg.solve(F_ln[j] + BN_SCALE * DAMPING * torch.eye(F_ln.shape[1], dtype=F_ln.dtype),
-                                           ln_grad[j]) for j in range(D)])
+    p_ln = torch.stack(
+        [
+            torch.linalg.solve(F_ln[j] + BN_SCALE * DAMPING * torch.eye(F_ln.shape[1], dtype=F_ln.dtype), ln_grad[j])
+            for j in range(D)
+        ]
+    )
     p["ln.weight"] = p_ln[:, 0]
     if ln.bias is not None:
         p["ln.bias"] = p_ln[:, 1]
     p["rms.weight"] = plain["rms.weight"] / (F_rms[:, 0, 0] + BN_SCALE * DAMPING)
-    return {"A_e": A_e, "G_e": G_e, "A_m": A_m, "G_m": G_m, "A_h": A_h, "G_h": G_h, "F_ln": F_ln,
-            "F_rms": F_rms, "p": p, "loss": loss.detach()}
+    return {
+        "A_e": A_e,
+        "G_e": G_e,
+        "A_m": A_m,
+        "G_m": G_m,
+        "A_h": A_h,
+        "G_h": G_h,
+        "F_ln": F_ln,
+        "F_rms": F_rms,
+        "p": p,
+        "loss": loss.detach(),
+    }
 
 
 def mid_weight_grad(model: TokenModel, plain: dict[str, Tensor]) -> Tensor:
@@ -168,8 +182,16 @@ def mid_weight_grad(model: TokenModel, plain: dict[str, Tensor]) -> Tensor:
 
 
 def spngd_step(model: TokenModel, positions: bool, **kw: object) -> tuple[spngd_ds.SPNGD, dict[str, Tensor]]:
-    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=DAMPING, bn_damping_scale=BN_SCALE, staleness=None,
-                         positions_as_samples=positions, **kw)
+    opt = spngd_ds.SPNGD(
+        model,
+        lr=LR,
+        momentum=0.0,
+        damping=DAMPING,
+        bn_damping_scale=BN_SCALE,
+        staleness=None,
+        positions_as_samples=positions,
+        **kw,
+    )
     idx, y = data()
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     loss = F.cross_entropy(model(idx).reshape(-1, C), y.reshape(-1))
@@ -192,10 +214,14 @@ def test_token_model_matches_reference(positions: bool, ln_bias: bool) -> None:
     assert not opt.first_order_layers
     blocks = opt.blocks
     stats = {
-        "A_e": blocks["emb"].stats["A"].value.view(-1), "G_e": blocks["emb"].stats["G"].value,
-        "A_m": blocks["mid"].stats["A"].value, "G_m": blocks["mid"].stats["G"].value,
-        "A_h": blocks["head"].stats["A"].value, "G_h": blocks["head"].stats["G"].value,
-        "F_ln": blocks["ln"].stats["F"].value, "F_rms": blocks["rms"].stats["F"].value,
+        "A_e": blocks["emb"].stats["A"].value.view(-1),
+        "G_e": blocks["emb"].stats["G"].value,
+        "A_m": blocks["mid"].stats["A"].value,
+        "G_m": blocks["mid"].stats["G"].value,
+        "A_h": blocks["head"].stats["A"].value,
+        "G_h": blocks["head"].stats["G"].value,
+        "F_ln": blocks["ln"].stats["F"].value,
+        "F_rms": blocks["rms"].stats["F"].value,
     }
     expected = dict(ref)
     expected["A_e"] = torch.diagonal(ref["A_e"])
@@ -325,8 +351,7 @@ def test_broadcast_position_embedding(positions: bool) -> None:
     twin.pos.register_forward_hook(lambda m, i, out: e_pos.append(out))
     twin_loss = F.cross_entropy(twin(idx).reshape(-1, C), y.reshape(-1))
     (grad_pos,) = torch.autograd.grad(twin_loss, e_pos[0])  # (1, T, D): summed over the N sequences
-    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=DAMPING, staleness=None,
-                         positions_as_samples=positions)
+    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=DAMPING, staleness=None, positions_as_samples=positions)
     F.cross_entropy(model(idx).reshape(-1, C), y.reshape(-1)).backward()
     opt.step()
     n, rows_per_sample = (N * T, 1) if positions else (N, T)

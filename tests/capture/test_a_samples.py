@@ -28,7 +28,11 @@ WORLD, PER_RANK, K, STEPS = 3, 6, 2, 3
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(3, 4),
     ).double()
 
@@ -42,8 +46,10 @@ def _bn_cnn() -> nn.Module:
 
 def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return (torch.randn(WORLD * PER_RANK, 2, 5, 5, generator=g, dtype=torch.float64) * 2.0,
-            torch.randint(0, 4, (WORLD * PER_RANK,), generator=g))
+    return (
+        torch.randn(WORLD * PER_RANK, 2, 5, 5, generator=g, dtype=torch.float64) * 2.0,
+        torch.randint(0, 4, (WORLD * PER_RANK,), generator=g),
+    )
 
 
 def _sums(opt: spngd_ds.SPNGD) -> dict[str, tuple[torch.Tensor, float]]:
@@ -106,8 +112,9 @@ def _rank(rank: int, port: int, out: str) -> None:
     res = {}
     for a_samples in (K, None):
         model = _bn_cnn()
-        opt = spngd_ds.SPNGD(model, lr=0.2, damping=1e-2, staleness=None, a_samples=a_samples,
-                             communicator=DistributedCommunicator())
+        opt = spngd_ds.SPNGD(
+            model, lr=0.2, damping=1e-2, staleness=None, a_samples=a_samples, communicator=DistributedCommunicator()
+        )
         values = {}
         for step in range(STEPS):
             for group in opt.param_groups:

@@ -88,8 +88,9 @@ def _rank(rank: int, port: int, out: str) -> None:
     real = conv_gram.shift_gram
     conv_gram.shift_gram = lambda x, *a: shifted.append(x.shape[0]) or real(x, *a)  # type: ignore[func-returns-value]
     model = _model()
-    opt = spngd_ds.SPNGD(model, lr=_lr(0), momentum=0.9, damping=1e-2, staleness=STALENESS,
-                         communicator=DistributedCommunicator())
+    opt = spngd_ds.SPNGD(
+        model, lr=_lr(0), momentum=0.9, damping=1e-2, staleness=STALENESS, communicator=DistributedCommunicator()
+    )
     res = _train(opt, model, lambda step: [_passes(step)[k * WORLD + rank] for k in range(GAS)], GAS)
     res["owned"] = [b.name for b in opt.owned()]
     res["shifted"] = shifted
@@ -100,22 +101,23 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 def _reference(stat_micro_batches: int) -> dict[str, Any]:
     model = _model()
-    opt = spngd_ds.SPNGD(model, lr=_lr(0), momentum=0.9, damping=1e-2, staleness=STALENESS,
-                         stat_micro_batches=stat_micro_batches)
+    opt = spngd_ds.SPNGD(
+        model, lr=_lr(0), momentum=0.9, damping=1e-2, staleness=STALENESS, stat_micro_batches=stat_micro_batches
+    )
     return _train(opt, model, _passes, WORLD * GAS)
 
 
 @pytest.mark.parametrize("decisions_alone", [False, True], ids=["decisions_with_params", "decisions_alone"])
-def test_three_ranks_with_accumulation_equal_one_process(tmp_path: Path, decisions_alone: bool,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_three_ranks_with_accumulation_equal_one_process(
+    tmp_path: Path, decisions_alone: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(DECISIONS_ALONE, "1" if decisions_alone else "0")
     results = fork_ranks(_rank, WORLD, tmp_path)
     assert sorted(len(r["owned"]) for r in results) == [0, 1, 1]  # one rank owns nothing
     # the shift Gram ran on the first micro-batch of each due step (0, 1, 3), and only there
     assert all(r["shifted"] == [PER] * 3 for r in results)
     # forward hooks on the first forward of a due step only: steps 0, 1 and 3 of 5, two forwards each
-    assert all(r["hooked"] == [True, False, True, False, False, False, True, False, False, False]
-               for r in results)
+    assert all(r["hooked"] == [True, False, True, False, False, False, True, False, False, False] for r in results)
     ref = _reference(WORLD)
     for r in results:
         for name, value in ref["params"].items():

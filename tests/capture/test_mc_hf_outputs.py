@@ -32,8 +32,7 @@ def make_model(class_name: str, as_dict: bool) -> nn.Module:
             self.head = nn.Linear(D, V)
             self.double()
 
-        def forward(self, input_ids: Tensor, labels: Tensor | None = None,
-                    attention_mask: Tensor | None = None) -> Any:
+        def forward(self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None) -> Any:
             logits = self.head(torch.tanh(self.emb(input_ids)))
             return {"logits": logits} if as_dict else types.SimpleNamespace(logits=logits, loss=None)
 
@@ -98,8 +97,9 @@ def test_attention_mask_without_labels(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_no_mask_every_position(monkeypatch: pytest.MonkeyPatch) -> None:
     g, sampled, logits = run(make_model("TinyModel", True), monkeypatch)
-    torch.testing.assert_close(g, expected_g(logits, sampled, torch.ones(N, T, dtype=torch.float64)),
-                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        g, expected_g(logits, sampled, torch.ones(N, T, dtype=torch.float64)), rtol=1e-10, atol=1e-14
+    )
 
 
 def test_outputs_without_logits_are_refused() -> None:

@@ -161,9 +161,7 @@ def test_the_random_cases_include_ranks_that_own_nothing() -> None:
 
 @pytest.mark.parametrize(("seed", "world"), CASES)
 @pytest.mark.parametrize("bucket_numel", [None, 16, 40, 101])
-def test_buckets_are_balanced_and_cover_each_owner_range_once(
-    seed: int, world: int, bucket_numel: int | None
-) -> None:
+def test_buckets_are_balanced_and_cover_each_owner_range_once(seed: int, world: int, bucket_numel: int | None) -> None:
     lay = random_layout(seed, world)
     if bucket_numel is not None and bucket_numel < 2 * world:
         with pytest.raises(ValueError, match="too small"):
@@ -208,8 +206,9 @@ def simulate_round_trip(lay: OwnerLayout, buckets: list[Bucket], contributions: 
                 buf[b_at : b_at + n] = contributions[r][at : at + n]
             packed.append(buf)
         # reduce-scatter: rank p holds the sum of shard p
-        shards = [[sum(packed[r][p * geo.shard + j] for r in range(world)) for j in range(geo.shard)]
-                  for p in range(world)]
+        shards = [
+            [sum(packed[r][p * geo.shard + j] for r in range(world)) for j in range(geo.shard)] for p in range(world)
+        ]
         # all-to-all to owners: rank p sends owner q the next overlap(p, q) elements of its shard
         received: list[list[int]] = [[] for _ in range(world)]
         for q in range(world):

@@ -74,8 +74,9 @@ def test_curvature_memory_per_rank_and_fast_path_bytes(tmp_path: Path) -> None:
 
     # gradients to owners; updated parameters and the refresh decisions back (fp32)
     sent_grads = [t + f for t, f in zip(layout_bytes(grads, 4, "to"), layout_bytes(back, 4, "from"), strict=True)]
-    sent_stats = [a + g for a, g in zip(layout_bytes(packed(early), 4, "to"), layout_bytes(packed(late), 4, "to"),
-                                        strict=True)]  # packed statistics to owners (comm_dtype fp32)
+    sent_stats = [
+        a + g for a, g in zip(layout_bytes(packed(early), 4, "to"), layout_bytes(packed(late), 4, "to"), strict=True)
+    ]  # packed statistics to owners (comm_dtype fp32)
     small = all_reduce(8 * (1 + nparams + len(due)))  # flags and sample counts, one float64 all-reduce
     small += all_reduce(8 * 4)  # the step bound's sums (rule 13): four float64 values
     for r, info in enumerate(infos):
@@ -124,8 +125,19 @@ def test_fp16_overflow_skips_step_and_statistics(tmp_path: Path) -> None:
     DeepSpeed skips the step, SP-NGD discards that step's statistics, and the run equals one that
     never saw batch 2.
     """
-    out = run_worker(2, tmp_path / "out.pt", "--stage", "1", "--precision", "fp16", "--patch_fp16",
-                     "--inject_overflow_step", "2", "--staleness", "off")
+    out = run_worker(
+        2,
+        tmp_path / "out.pt",
+        "--stage",
+        "1",
+        "--precision",
+        "fp16",
+        "--patch_fp16",
+        "--inject_overflow_step",
+        "2",
+        "--staleness",
+        "off",
+    )
     assert out["info"]["metrics"]["spngd/skipped_steps"] == 1
     ref = reference_params("mlp", steps=5, staleness="off", skip=(2,))
     start = reference_params("mlp", steps=0)
@@ -142,16 +154,24 @@ def test_checkpoint_resumes_at_another_world_size(tmp_path: Path, stage: int, sa
     assert (ck / "latest").read_text().strip() == "global_step3"
     files = sorted(p.name for p in (ck / "global_step3").glob("spngd_rank*"))
     assert len(files) == save_ranks
-    out = run_worker(load_ranks, tmp_path / "b", "--stage", str(stage), "--steps", "2", "--start_step", "3",
-                     "--load_dir", str(ck))
+    out = run_worker(
+        load_ranks, tmp_path / "b", "--stage", str(stage), "--steps", "2", "--start_step", "3", "--load_dir", str(ck)
+    )
     assert max_rel_err(out["params"], reference_params("mlp", steps=5)) < TOL
 
 
 def test_bad_config_fails_on_every_rank_without_hanging(tmp_path: Path) -> None:
     """Raised on both ranks before any collective (each rank's own record, tests/support/rank_records.py)."""
     proc = torchrun(
-        2, ["--config_override", '{"optimizer": {"type": "SPNGD", "params": {"fisher": "kfac"}}}',
-            "--out", str(tmp_path / "x")], timeout=REFUSAL_TIMEOUT_S, check=False,
+        2,
+        [
+            "--config_override",
+            '{"optimizer": {"type": "SPNGD", "params": {"fisher": "kfac"}}}',
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        timeout=REFUSAL_TIMEOUT_S,
+        check=False,
     )
     assert proc.returncode != 0
     assert_refused_on_every_rank(
@@ -160,11 +180,16 @@ def test_bad_config_fails_on_every_rank_without_hanging(tmp_path: Path) -> None:
 
 
 def test_fp16_at_stage_0_is_refused_with_the_alternative(tmp_path: Path) -> None:
-    proc = torchrun(2, ["--stage", "0", "--precision", "fp16", "--patch_fp16", "--out", str(tmp_path / "x")],
-                    timeout=REFUSAL_TIMEOUT_S, check=False)
+    proc = torchrun(
+        2,
+        ["--stage", "0", "--precision", "fp16", "--patch_fp16", "--out", str(tmp_path / "x")],
+        timeout=REFUSAL_TIMEOUT_S,
+        check=False,
+    )
     assert proc.returncode != 0
-    assert_refused_on_every_rank(read_records(tmp_path / "x", 2), "use fp16 with stage 1, 2 or 3, or bf16 with stage 0",
-                                 proc)
+    assert_refused_on_every_rank(
+        read_records(tmp_path / "x", 2), "use fp16 with stage 1, 2 or 3, or bf16 with stage 0", proc
+    )
 
 
 def test_timeout_is_enforced() -> None:

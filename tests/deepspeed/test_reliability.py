@@ -153,12 +153,15 @@ def test_a_rank_that_diverges_stops_the_job(tmp_path: Path) -> None:
     every rank, naming the rank.
     """
     with _env(SPNGD_CHECK_AGREEMENT="1"):
-        proc = torchrun(2, ["--steps", "6", "--perturb_rank", "1", "--perturb_step", "3", "--out", str(tmp_path / "x")],
-                        check=False)
+        proc = torchrun(
+            2, ["--steps", "6", "--perturb_rank", "1", "--perturb_step", "3", "--out", str(tmp_path / "x")], check=False
+        )
     assert proc.returncode != 0
     for rank, record in enumerate(_records(tmp_path / "x", proc)):  # each rank's own account
         assert record["last_line"].startswith("RuntimeError: SPNGD: ranks [1] disagree with rank 0 after step 4"), (
-            rank, record["last_line"])
+            rank,
+            record["last_line"],
+        )
 
 
 # -- (b) truncated and missing files -------------------------------------------------------------------
@@ -170,12 +173,15 @@ def test_truncated_rank_file_fails_naming_the_file(straight: dict[str, Any], tmp
     bad = ck / TAG / RANK1_FILE
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    proc = torchrun(2, ["--load_dir", str(ck), "--start_step", "20", "--steps", "1", "--out", str(tmp_path / "x")],
-                    check=False)
+    proc = torchrun(
+        2, ["--load_dir", str(ck), "--start_step", "20", "--steps", "1", "--out", str(tmp_path / "x")], check=False
+    )
     assert proc.returncode != 0
     for rank, record in enumerate(_records(tmp_path / "x", proc)):  # every rank reads every file: each stops
         assert record["last_line"].startswith(f"RuntimeError: cannot read SP-NGD checkpoint file {bad}"), (
-            rank, record["last_line"])  # with the same one line
+            rank,
+            record["last_line"],
+        )  # with the same one line
         assert "During handling of the above exception" not in record["traceback"], rank
 
 
@@ -191,8 +197,9 @@ class StubEngine:
         self.module = model
         self.global_steps = 0
 
-    def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: Any = None, save_latest: bool = True,
-                        **kwargs: Any) -> bool:
+    def save_checkpoint(
+        self, save_dir: str, tag: Any = None, client_state: Any = None, save_latest: bool = True, **kwargs: Any
+    ) -> bool:
         os.makedirs(os.path.join(save_dir, str(tag)), exist_ok=True)
         torch.save({"module": self.module.state_dict()}, os.path.join(save_dir, str(tag), "mp_rank_00_model_states.pt"))
         return True
@@ -209,8 +216,9 @@ class StubEngine:
 def _stub() -> tuple[StubEngine, spngd_ds.SPNGD]:
     """One process (world size 1) wrapped like spngd_ds.initialize wraps an engine."""
     model = build_model("mlp")
-    opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.9, damping=1e-2, weight_decay=1e-4,
-                         staleness={"threshold": 0.5, "max_interval": 3})
+    opt = spngd_ds.SPNGD(
+        model, lr=0.05, momentum=0.9, damping=1e-2, weight_decay=1e-4, staleness={"threshold": 0.5, "max_interval": 3}
+    )
     engine = StubEngine(model)
     wrap_checkpointing(engine, opt)
     return engine, opt
@@ -288,8 +296,24 @@ def test_crash_while_saving_leaves_latest_on_the_previous_checkpoint(straight: d
     barrier before ``latest`` rank 0 would point ``latest`` at global_step22.
     """
     ck = _copy_ck(straight, tmp_path / "ck")
-    proc = torchrun(2, ["--load_dir", str(ck), "--save_dir", str(ck), "--start_step", "20", "--steps", "2",
-                        "--crash_in_save_rank", "1", "--out", str(tmp_path / "x")], check=False)
+    proc = torchrun(
+        2,
+        [
+            "--load_dir",
+            str(ck),
+            "--save_dir",
+            str(ck),
+            "--start_step",
+            "20",
+            "--steps",
+            "2",
+            "--crash_in_save_rank",
+            "1",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        check=False,
+    )
     assert proc.returncode != 0
     assert (ck / "latest").read_text().strip() == TAG
     crashed = ck / "global_step22"
@@ -311,12 +335,31 @@ def test_resume_with_other_stat_micro_batches_and_staleness_logs_the_change(
     straight: dict[str, Any], tmp_path: Path
 ) -> None:
     ck = _copy_ck(straight, tmp_path / "ck")
-    proc = torchrun(2, ["--load_dir", str(ck), "--start_step", "20", "--steps", "2", "--gas", "2",
-                        "--stat_micro_batches", "1", "--staleness", "off", "--out", str(tmp_path / "out.pt")])
+    proc = torchrun(
+        2,
+        [
+            "--load_dir",
+            str(ck),
+            "--start_step",
+            "20",
+            "--steps",
+            "2",
+            "--gas",
+            "2",
+            "--stat_micro_batches",
+            "1",
+            "--staleness",
+            "off",
+            "--out",
+            str(tmp_path / "out.pt"),
+        ],
+    )
     text = proc.stdout + proc.stderr
     assert "SPNGD: resuming with stat_micro_batches = 1 (checkpoint had None)" in text
-    assert ("SPNGD: resuming with staleness = None (checkpoint had {'threshold': 0.5, 'max_interval': 3, "
-            "'noise_scale': 1.0})") in text
+    assert (
+        "SPNGD: resuming with staleness = None (checkpoint had {'threshold': 0.5, 'max_interval': 3, "
+        "'noise_scale': 1.0})"
+    ) in text
     info = torch.load(tmp_path / "out.pt", weights_only=False)["info"]
     assert set(info["schedules"].values()) == {(1, 22)}  # the new rule (every step) from the first step on
     assert info["metrics"]["spngd/skipped_steps"] == 0.0
@@ -343,15 +386,21 @@ def test_load_state_dict_keeps_or_resets_schedules_as_it_logs(caplog: Any) -> No
     saved = _trained(staleness={"threshold": 1e9, "max_interval": 3}, stat_micro_batches=None).state_dict()
     assert {tuple(s) for s in saved["schedules"].values()} == {(3, 6)}
     with caplog.at_level(logging.WARNING, logger="spngd_ds"):
-        other_rule = spngd_ds.SPNGD(build_model("mlp"), lr=0.05, damping=1e-2, staleness={"threshold": 0.2,
-                                                                                       "max_interval": 3})
+        other_rule = spngd_ds.SPNGD(
+            build_model("mlp"), lr=0.05, damping=1e-2, staleness={"threshold": 0.2, "max_interval": 3}
+        )
         other_rule.load_state_dict(saved)
     assert "resuming with staleness = {'threshold': 0.2, 'max_interval': 3, 'noise_scale': 1.0}" in caplog.text
     assert {s.schedule.state() for b in other_rule.blocks.values() for s in b.stats.values()} == {(1, 4)}
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="spngd_ds"):
-        fewer = spngd_ds.SPNGD(build_model("mlp"), lr=0.05, damping=1e-2, stat_micro_batches=1,
-                               staleness={"threshold": 1e9, "max_interval": 3})
+        fewer = spngd_ds.SPNGD(
+            build_model("mlp"),
+            lr=0.05,
+            damping=1e-2,
+            stat_micro_batches=1,
+            staleness={"threshold": 1e9, "max_interval": 3},
+        )
         fewer.load_state_dict(saved)
     assert "resuming with stat_micro_batches = 1 (checkpoint had None)" in caplog.text
     assert "staleness" not in caplog.text
@@ -389,8 +438,23 @@ def _train_config(path: Path) -> Path:
 
 def _train_cmd(cfg: Path, ck: Path) -> list[str]:
     """The job: it always carries --resume, so the very same command starts or continues it."""
-    return [str(TRAIN), "--deepspeed_config", str(cfg), "--max_steps", str(MAX_STEPS), "--checkpoint_dir", str(ck),
-            "--checkpoint_interval", "2", "--resume", "--no_progress", "--eval_interval", "1000", "--seed", "3"]
+    return [
+        str(TRAIN),
+        "--deepspeed_config",
+        str(cfg),
+        "--max_steps",
+        str(MAX_STEPS),
+        "--checkpoint_dir",
+        str(ck),
+        "--checkpoint_interval",
+        "2",
+        "--resume",
+        "--no_progress",
+        "--eval_interval",
+        "1000",
+        "--seed",
+        "3",
+    ]
 
 
 def _launch(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -475,8 +539,13 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
 
     second = _launch(job, d / "second.log")  # the very same command
     rc_second = _finish(second)
-    return {"dir": d, "rc_first": rc_first, "rc_second": rc_second, "resumed_from": resumed_from,
-            "logs": {k: (d / f"{k}.log").read_text() for k in ("ref", "first", "second")}}
+    return {
+        "dir": d,
+        "rc_first": rc_first,
+        "rc_second": rc_second,
+        "resumed_from": resumed_from,
+        "logs": {k: (d / f"{k}.log").read_text() for k in ("ref", "first", "second")},
+    }
 
 
 @pytest.mark.dist

@@ -36,8 +36,9 @@ def test_resume_at_another_world_size_keeps_schedule_and_counters(
     straight = run_worker(load_ranks, tmp_path / "straight.pt", *common, "--steps", "5")
     ck = tmp_path / "ck"
     torchrun(save_ranks, [*common, "--steps", "3", "--save_dir", str(ck), "--out", str(tmp_path / "a")])
-    resumed = run_worker(load_ranks, tmp_path / "b.pt", *common, "--steps", "2", "--start_step", "3",
-                         "--load_dir", str(ck))
+    resumed = run_worker(
+        load_ranks, tmp_path / "b.pt", *common, "--steps", "2", "--start_step", "3", "--load_dir", str(ck)
+    )
     for key in ("global_steps", "global_samples", "lr", "step_count"):
         assert resumed["info"][key] == straight["info"][key], key
     assert resumed["info"]["global_steps"] == 5
@@ -53,8 +54,9 @@ def test_a_step_spngd_skips_is_skipped_for_deepspeed(tmp_path: Path, stage: int,
     """
     args = ["--stage", str(stage), "--precision", precision, "--poly", "--steps", "5"]
     skipped = run_worker(2, tmp_path / "skip.pt", *args, "--nan_grad_step", "2")
-    clean = run_worker(2, tmp_path / "clean.pt", "--stage", str(stage), "--precision", precision, "--poly",
-                       "--steps", "4")
+    clean = run_worker(
+        2, tmp_path / "clean.pt", "--stage", str(stage), "--precision", precision, "--poly", "--steps", "4"
+    )
     info = skipped["info"]
     assert info["skipped_steps"] == 1
     assert info["metrics"]["spngd/skipped_steps"] == 1
@@ -80,8 +82,10 @@ def test_unset_gradient_clipping_is_logged_once(tmp_path: Path) -> None:
     [
         ({"torch_autocast": {"enabled": True, "dtype": "float16"}}, "torch_autocast.enabled = true is refused"),
         ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation = false is refused"),
-        ({"optimizer": {"type": "SPNGD", "params": {"fisher": "mc"}}, "zero_optimization": {"stage": 3}},
-         "fisher = 'mc' is refused with zero_optimization.stage 3"),
+        (
+            {"optimizer": {"type": "SPNGD", "params": {"fisher": "mc"}}, "zero_optimization": {"stage": 3}},
+            "fisher = 'mc' is refused with zero_optimization.stage 3",
+        ),
         ({"gradient_clipping": -1}, "gradient_clipping = -1 is invalid; allowed: a number >= 0"),
     ],
 )
@@ -94,7 +98,11 @@ def test_unsupported_combination_is_refused_on_every_rank(
     from hiding it; they also show that no collective had been called and no process group existed
     when the error was raised.
     """
-    proc = torchrun(2, ["--config_override", json.dumps(override), "--out", str(tmp_path / "x")],
-                    timeout=REFUSAL_TIMEOUT_S, check=False)
+    proc = torchrun(
+        2,
+        ["--config_override", json.dumps(override), "--out", str(tmp_path / "x")],
+        timeout=REFUSAL_TIMEOUT_S,
+        check=False,
+    )
     assert proc.returncode != 0
     assert_refused_on_every_rank(read_records(tmp_path / "x", 2), message, proc)

@@ -77,8 +77,10 @@ def table() -> None:
             before, _ = hf_tiny.coverage(model, **hf_tiny.KINDS_OFF)
             after, fallback = hf_tiny.coverage(model)
             default, _ = hf_tiny.coverage(model)
-            print(f"| {kind} ({'real' if real else 'tiny'}, {params / 1e6:.2f}M) | {before:.1%} | {after:.1%} | "
-                  f"{default:.1%} | {'; '.join(fallback) or '-'} |")
+            print(
+                f"| {kind} ({'real' if real else 'tiny'}, {params / 1e6:.2f}M) | {before:.1%} | {after:.1%} | "
+                f"{default:.1%} | {'; '.join(fallback) or '-'} |"
+            )
             del model
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
 

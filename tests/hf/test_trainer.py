@@ -90,7 +90,7 @@ def _build_model() -> Any:
 
 
 def _path_name(path: Any) -> str:
-    """"fast" or "compatible" (the path object engine wiring installed; its class or its name)."""
+    """The path's name, "fast" or "compatible" (from the path object the engine wiring installed)."""
     name = path if isinstance(path, str) or path is None else type(path).__name__
     return str(name).lower().removesuffix("path")
 
@@ -106,8 +106,9 @@ def _lm_data(n: int = 128, t: int = 16) -> list[dict[str, Any]]:
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
 
 
-def run_case(stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, out_dir: str,
-             model_kind: str = "digits") -> dict[str, Any]:
+def run_case(
+    stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, out_dir: str, model_kind: str = "digits"
+) -> dict[str, Any]:
     """Train with a real Trainer and report what it used (runs on every rank)."""
     import torch
     import torch.distributed as dist
@@ -125,10 +126,24 @@ def run_case(stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, ou
     torch.manual_seed(0)
     cfg = ds_config(stage, poly=poly, fp16=fp16)
     args = TrainingArguments(
-        output_dir=out_dir, deepspeed=cfg, per_device_train_batch_size=MICRO, gradient_accumulation_steps=1,
-        max_steps=steps, learning_rate=LR, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
-        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
-        remove_unused_columns=False, dataloader_drop_last=True, fp16=fp16,
+        output_dir=out_dir,
+        deepspeed=cfg,
+        per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=LR,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_drop_last=True,
+        fp16=fp16,
     )
     if model_kind == "digits":
         train, _ = load_digits_split(image_size=8)
@@ -141,6 +156,7 @@ def run_case(stage: int, zero_init: bool, poly: bool, fp16: bool, steps: int, ou
 
         def build() -> Any:
             return hf_tiny.build(model_kind)
+
     if zero_init:  # what from_pretrained does under an active ZeRO-3 config
         with deepspeed.zero.Init(config_dict_or_path=cfg):
             model = build()
@@ -210,11 +226,23 @@ def launch(nproc: int, tmp_path: Path, *args: str, timeout: float = 300.0) -> di
     tag = uuid.uuid4().hex  # marks every process of this launch (torchrun detaches its ranks)
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT), SPNGD_TEST_LAUNCH=tag)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", *STANDALONE, f"--nproc_per_node={nproc}",
-        str(Path(__file__).resolve()), *args, "--out", str(out),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *STANDALONE,
+        f"--nproc_per_node={nproc}",
+        str(Path(__file__).resolve()),
+        *args,
+        "--out",
+        str(out),
     ]
     with subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path),
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=str(tmp_path),
         start_new_session=True,
     ) as popen:
         try:

@@ -184,8 +184,9 @@ def test_indefinite_factor_falls_back_to_plain_gradient(monkeypatch: pytest.Monk
 def test_failed_factor_is_retried_at_the_next_step_under_staleness(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed inversion does not wait for the (grown) interval: the factor is due next step."""
     model = _mlp()
-    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.9, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3},
-                         step_bound=None)
+    opt = spngd_ds.SPNGD(
+        model, lr=LR, momentum=0.9, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3}, step_bound=None
+    )
     first = opt.blocks["0"]
     _backward(model, 0)
     opt.step()
@@ -347,8 +348,9 @@ def test_nonfinite_gradient_skips_the_step(poison: float) -> None:
 
 def test_bn_channel_failure_falls_back_for_that_channel_only(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _mlp()
-    opt = spngd_ds.SPNGD(model, lr=LR, momentum=0.0, damping=1e-2, bn_damping_scale=4.0, staleness=None,
-                         step_bound=None)
+    opt = spngd_ds.SPNGD(
+        model, lr=LR, momentum=0.0, damping=1e-2, bn_damping_scale=4.0, staleness=None, step_bound=None
+    )
     bn = opt.blocks["1"]
     assert bn.kind == "unitwise"
     _backward(model, 0)

@@ -40,8 +40,14 @@ import spngd_ds
 from spngd_ds.optimizer import EXPLOSION_RATIO, MAX_REJECTIONS
 
 DT = torch.float64
-KW: dict[str, Any] = dict(lr=0.05, momentum=0.9, damping=1e-2, weight_decay=1e-4,
-                          staleness={"threshold": 0.5, "max_interval": 3}, step_bound=None)
+KW: dict[str, Any] = dict(
+    lr=0.05,
+    momentum=0.9,
+    damping=1e-2,
+    weight_decay=1e-4,
+    staleness={"threshold": 0.5, "max_interval": 3},
+    step_bound=None,
+)
 
 
 def _model() -> nn.Module:
@@ -69,8 +75,9 @@ class Run:
         self.model = _model()
         self.opt = spngd_ds.SPNGD(self.model, **{**KW, **kw})
 
-    def step(self, batch: int, inject: Callable[[], Any] | None = None,
-             after_backward: Callable[[], None] | None = None) -> None:
+    def step(
+        self, batch: int, inject: Callable[[], Any] | None = None, after_backward: Callable[[], None] | None = None
+    ) -> None:
         x, y = _batch(batch)
         self.opt.zero_grad()
         with inject() if inject is not None else _nothing():
@@ -249,8 +256,13 @@ def test_skipped_step_leaves_batchnorm_running_statistics_as_if_skipped() -> Non
 
 @pytest.mark.parametrize(
     ("block", "stat", "value"),
-    [("6", "G", float("nan")), ("0", "G", float("inf")), ("4", "A", float("inf")), ("0", "A", float("nan")),
-     ("1", "F", float("nan"))],
+    [
+        ("6", "G", float("nan")),
+        ("0", "G", float("inf")),
+        ("4", "A", float("inf")),
+        ("0", "A", float("nan")),
+        ("1", "F", float("nan")),
+    ],
     ids=["head-G-nan", "conv-G-inf", "linear-A-inf", "conv-A-nan", "bn-F-nan"],
 )
 def test_nonfinite_statistic_is_ignored_like_a_skipped_refresh(

@@ -83,8 +83,7 @@ class Outcome:
 Hook = Callable[[Any, int], None]
 
 
-def train(kind: str, steps: int = STEPS, before_step: Hook | None = None, nan_from: int = -1,
-          **kw: Any) -> Outcome:
+def train(kind: str, steps: int = STEPS, before_step: Hook | None = None, nan_from: int = -1, **kw: Any) -> Outcome:
     """``steps`` steps on the one batch through ``step(closure)``; a stall ends the run."""
     model, x, y = build(kind)
     if kind == "transformer":  # a pooled classifier: its loss is per sequence, the sequence the sample (rule 10)
@@ -285,8 +284,9 @@ def test_the_stop_is_off_with_null_and_counts_only_consecutive_skips() -> None:
             opt.step()
 
 
-@pytest.mark.parametrize("bad", [{"step_bound": -1.0}, {"step_bound": True}, {"max_consecutive_skips": -1},
-                                 {"max_consecutive_skips": 2.5}])
+@pytest.mark.parametrize(
+    "bad", [{"step_bound": -1.0}, {"step_bound": True}, {"max_consecutive_skips": -1}, {"max_consecutive_skips": 2.5}]
+)
 def test_bad_values_name_the_key(bad: dict[str, Any]) -> None:
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
@@ -298,8 +298,24 @@ def _ds(tmp_path: Path, stage: int, name: str, extra: list[str], params: dict[st
     base = {"lr": 0.05, "momentum": 0.9, "damping": 1e-3, "staleness": {"threshold": 0.1, "max_interval": 20}}
     override = {"optimizer": {"type": "SPNGD", "params": {**base, **params}}}
     out = tmp_path / f"{name}-z{stage}-rank{{rank}}"  # every rank writes its own file
-    torchrun(2, ["--model", "convbn", "--stage", str(stage), "--global_batch", "64", "--repeat_batch",
-                 "--config_override", json.dumps(override), "--out", str(out), *extra], timeout=600)
+    torchrun(
+        2,
+        [
+            "--model",
+            "convbn",
+            "--stage",
+            str(stage),
+            "--global_batch",
+            "64",
+            "--repeat_batch",
+            "--config_override",
+            json.dumps(override),
+            "--out",
+            str(out),
+            *extra,
+        ],
+        timeout=600,
+    )
     return [torch.load(str(out).replace("{rank}", str(r)), weights_only=False) for r in range(2)]
 
 
@@ -325,8 +341,9 @@ def test_deepspeed_repeated_batch_never_blows_up(tmp_path: Path, stage: int, cas
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2])
 def test_deepspeed_nan_forward_ends_in_the_clear_stop_on_every_rank(tmp_path: Path, stage: int) -> None:
-    runs = _ds(tmp_path, stage, "nan", ["--steps", "30", "--nan_forward_from", "3", "--stall_ok"],
-               {"max_consecutive_skips": 5})
+    runs = _ds(
+        tmp_path, stage, "nan", ["--steps", "30", "--nan_forward_from", "3", "--stall_ok"], {"max_consecutive_skips": 5}
+    )
     for got in runs:
         stalled = got["info"]["stalled"]
         assert stalled is not None and stalled["step"] == 7, stalled  # steps 3..7 skipped: the 5th raises

@@ -224,8 +224,9 @@ def test_stale_step_preconditions_with_the_old_inverses() -> None:
     The update is -lr Ĝ⁻¹ M Â⁻¹ (momentum 0), i.e. stale is not the same as the plain gradient.
     """
     model = _mlp()
-    opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3},
-                         step_bound=None)
+    opt = spngd_ds.SPNGD(
+        model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3}, step_bound=None
+    )
     for step in range(2):
         _train_step(model, opt, step)
     assert opt.step_count == 2 and not any(s.schedule.is_due(2) for b in opt.blocks.values() for s in b.stats.values())
@@ -284,8 +285,14 @@ def test_micro_batches_are_captured_only_when_due() -> None:
     Two captures at a due step, none at a stale one.
     """
     model = _mlp()
-    opt = spngd_ds.SPNGD(model, lr=0.05, momentum=0.0, damping=1e-2, staleness={"threshold": 1e9, "max_interval": 3},
-                         stat_micro_batches=None)
+    opt = spngd_ds.SPNGD(
+        model,
+        lr=0.05,
+        momentum=0.0,
+        damping=1e-2,
+        staleness={"threshold": 1e9, "max_interval": 3},
+        stat_micro_batches=None,
+    )
     captures = _captures_of_two_forward_steps(model, opt)
     assert captures == [2, 4, 4, 6]  # refreshed at 0, 1, 3
 

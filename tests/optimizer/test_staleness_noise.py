@@ -105,8 +105,13 @@ def _bn_mlp() -> nn.Module:
 def _intervals(noise_scale: float, steps: int = 8) -> dict[str, list[int]]:
     """Intervals per statistic kind after ``steps`` steps at lr = 0 (fixed weights: r is pure noise)."""
     model = _bn_mlp()
-    opt = spngd_ds.SPNGD(model, lr=0.0, momentum=0.0, damping=1e-2,
-                         staleness={"threshold": 0.1, "max_interval": 20, "noise_scale": noise_scale})
+    opt = spngd_ds.SPNGD(
+        model,
+        lr=0.0,
+        momentum=0.0,
+        damping=1e-2,
+        staleness={"threshold": 0.1, "max_interval": 20, "noise_scale": noise_scale},
+    )
     for b in opt.blocks.values():  # the optimizer does not pass noise_scale to the schedules yet
         for s in b.stats.values():
             s.schedule.noise_scale = noise_scale

@@ -42,10 +42,17 @@ class _NoExchange(Communicator):
 def _convbn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 6 * 6, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 5),
     )
 
 
@@ -53,8 +60,11 @@ def _state_tensors(opt: spngd_ds.SPNGD) -> list[tuple[str, torch.Tensor]]:
     out = [(f"momentum {i}", st["momentum_buffer"]) for i, st in enumerate(opt.state.values())]
     for b in opt.blocks.values():
         for s in b.stats.values():
-            out += [(f"{b.name}.{s.name}.{k}", t) for k, t in (("value", s.value), ("inverse", s.inverse),
-                                                               ("local_sum", s.local_sum)) if t is not None]
+            out += [
+                (f"{b.name}.{s.name}.{k}", t)
+                for k, t in (("value", s.value), ("inverse", s.inverse), ("local_sum", s.local_sum))
+                if t is not None
+            ]
     out += [("bn snapshot", t) for t in opt.capture._bn_saved]
     return out
 
@@ -126,8 +136,9 @@ def test_syncs_with_clipping_and_rescaling() -> None:
 
 
 @pytest.mark.parametrize("solve", [False, True])
-def test_batched_inversion_matches_dense_inverses_and_flags_failures(monkeypatch: pytest.MonkeyPatch,
-                                                                     solve: bool) -> None:
+def test_batched_inversion_matches_dense_inverses_and_flags_failures(
+    monkeypatch: pytest.MonkeyPatch, solve: bool
+) -> None:
     """Both inversion branches against float64 dense inverses, with failures flagged.
 
     CPU: cholesky_inverse; accelerators: cholesky_solve against I. Failures (indefinite, NaN) are
@@ -152,6 +163,10 @@ def test_batched_inversion_matches_dense_inverses_and_flags_failures(monkeypatch
     for m, inv, f in zip(matrices, inverses, flags, strict=True):
         if f:
             torch.testing.assert_close(inv, torch.linalg.inv(m), rtol=1e-10, atol=1e-12)
-    reports = base.run_inversions([base.InversionJob([("X", m)], [], lambda got, _s, m=m: got)  # type: ignore[misc]
-                                   for m in matrices])
+    reports = base.run_inversions(
+        [
+            base.InversionJob([("X", m)], [], lambda got, _s, m=m: got)  # type: ignore[misc]
+            for m in matrices
+        ]
+    )
     assert [r["X"] is not None for r in reports] == flags  # type: ignore[index]

@@ -49,7 +49,7 @@ def resolve(data: Any, path: str) -> Any:
             if not isinstance(node, list) or int(index.group(1)) >= len(node):
                 raise KeyError(f"no item {index.group(0)} at ...{rest!r}")
             node = node[int(index.group(1))]
-            rest = rest[index.end():]
+            rest = rest[index.end() :]
             continue
         if not isinstance(node, dict):
             raise KeyError(f"{rest!r}: not an object")
@@ -61,7 +61,7 @@ def resolve(data: Any, path: str) -> Any:
             key = ".".join(parts[:n])
             if key in node:
                 node = node[key]
-                rest = rest[len(key):]
+                rest = rest[len(key) :]
                 rest = rest[1:] if rest.startswith(".") else rest
                 break
         else:
@@ -127,7 +127,7 @@ def test_readme_results_table_is_marked() -> None:
     lines = (ROOT / "README.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("## Results"))
     rows = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith("## "):
             break
         if line.startswith("|") and not re.match(r"\|[\s\-|]+\|$", line):

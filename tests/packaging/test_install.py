@@ -263,8 +263,12 @@ def test_no_syntax_or_stdlib_newer_than_python_310() -> None:
 
 @pytest.mark.parametrize(
     "snippet",
-    ["import tomllib\n", "from typing import Self\n", "import datetime\nx = datetime.UTC\n",
-     "try:\n    pass\nexcept* ValueError:\n    pass\n"],
+    [
+        "import tomllib\n",
+        "from typing import Self\n",
+        "import datetime\nx = datetime.UTC\n",
+        "try:\n    pass\nexcept* ValueError:\n    pass\n",
+    ],
 )
 def test_py310_check_catches(snippet: str) -> None:
     try:

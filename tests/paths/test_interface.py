@@ -72,7 +72,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(graph.get(m, ())):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state:
                 found = visit(n)
                 if found:
@@ -102,8 +102,12 @@ def private_accesses(path: Path) -> list[str]:
             modules |= {(a.asname or a.name).split(".")[0] for a in node.names}
     out = []
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                and not (isinstance(node.value, ast.Name) and node.value.id in modules)):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and not (isinstance(node.value, ast.Name) and node.value.id in modules)
+        ):
             out.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     return out
 
@@ -133,8 +137,10 @@ def test_paths_touch_no_private_member() -> None:
 
 def test_private_access_finder(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
-    f.write_text("import torch\ndef g(opt, self):\n    torch._foreach_mul_([], 1.0)\n"
-                 "    self._x = opt.__class__\n    return opt._aligned()\n")
+    f.write_text(
+        "import torch\ndef g(opt, self):\n    torch._foreach_mul_([], 1.0)\n"
+        "    self._x = opt.__class__\n    return opt._aligned()\n"
+    )
     assert private_accesses(f) == ["m.py:5: opt._aligned"]
 
 
@@ -184,7 +190,7 @@ class _ZeroOne:
         offset = 0
         with torch.no_grad():
             for p in self.params:
-                p.copy_(self.flat[offset: offset + p.numel()].view_as(p))
+                p.copy_(self.flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
 
 

@@ -40,8 +40,15 @@ def _run(
     from spngd_ds.comm import DistributedCommunicator
 
     model = _model()
-    opt = spngd_ds.SPNGD(model, lr=0.3, damping=1e-2, staleness=None, stat_micro_batches=captured,
-                         overlap_statistics=overlap, communicator=DistributedCommunicator())
+    opt = spngd_ds.SPNGD(
+        model,
+        lr=0.3,
+        damping=1e-2,
+        staleness=None,
+        stat_micro_batches=captured,
+        overlap_statistics=overlap,
+        communicator=DistributedCommunicator(),
+    )
     opt.capture.forwards_per_step = FORWARDS
     for step in range(STEPS):
         for group in opt.param_groups:
@@ -63,9 +70,14 @@ def _rank(rank: int, port: int, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    runs = {"early": _run(rank, True), "in_step": _run(rank, False), "auto": _run(rank, "auto"),
-            # every forward captures: on a CPU communicator "auto" has nothing left to hide behind
-            "auto_all": _run(rank, "auto", FORWARDS), "in_step_all": _run(rank, False, FORWARDS)}
+    runs = {
+        "early": _run(rank, True),
+        "in_step": _run(rank, False),
+        "auto": _run(rank, "auto"),
+        # every forward captures: on a CPU communicator "auto" has nothing left to hide behind
+        "auto_all": _run(rank, "auto", FORWARDS),
+        "in_step_all": _run(rank, False, FORWARDS),
+    }
     torch.save(runs, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

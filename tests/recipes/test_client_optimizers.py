@@ -88,9 +88,16 @@ def test_digits_lamb_config_trains_through_launch_train(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
     cmd = [
-        sys.executable, str(ROOT / "launch" / "train.py"),
-        "--deepspeed_config", str(ROOT / "ds_configs" / LAMB_CONFIGS[0]),
-        "--max_steps", "5", "--no_checkpoint", "--no_progress", "--log_interval", "1",
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "--deepspeed_config",
+        str(ROOT / "ds_configs" / LAMB_CONFIGS[0]),
+        "--max_steps",
+        "5",
+        "--no_checkpoint",
+        "--no_progress",
+        "--log_interval",
+        "1",
     ]
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr

@@ -43,8 +43,15 @@ class Cell:
     @property
     def name(self) -> str:
         clip = "unset" if self.clip is None else f"{self.clip:g}"
-        parts = [self.model, f"z{self.stage}", self.precision, self.schedule, f"rescale{int(self.rescale)}",
-                 f"clip-{clip}", f"gas{self.gas}"]
+        parts = [
+            self.model,
+            f"z{self.stage}",
+            self.precision,
+            self.schedule,
+            f"rescale{int(self.rescale)}",
+            f"clip-{clip}",
+            f"gas{self.gas}",
+        ]
         if self.zero_init:
             parts.append("zinit")
         if not self.staleness:
@@ -100,18 +107,28 @@ def _build(kind: str) -> nn.Module:
         return nn.Sequential(*layers)
     if kind == "conv":
         return nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Tanh(),
-            nn.Flatten(), nn.Linear(4 * 2 * 2, CLASSES),
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(4, 4, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(4 * 2 * 2, CLASSES),
         )
     if kind == "convbn":
         return nn.Sequential(
-            LargeConv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-            nn.Flatten(), nn.Linear(4 * 4 * 4, CLASSES),
+            LargeConv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, CLASSES),
         )
     if kind == "bnpool":
         return nn.Sequential(
-            LargeConv2d(1, CLASSES, 3, padding=1, bias=False), nn.BatchNorm2d(CLASSES), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            LargeConv2d(1, CLASSES, 3, padding=1, bias=False),
+            nn.BatchNorm2d(CLASSES),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
     if kind == "tied":
         return Tied()
@@ -188,11 +205,18 @@ def global_batch(step: int, n: int = GLOBAL_BATCH) -> tuple[torch.Tensor, torch.
 
 def spngd_params(cell: Cell) -> dict[str, Any]:
     stal = {"threshold": 0.5, "max_interval": 3} if cell.staleness else None
-    return {"lr": 0.05, "momentum": 0.9, "damping": 1e-2, "weight_decay": 1e-4, "staleness": stal,
-            "weight_rescale": cell.rescale, "bn_damping_scale": 64.0,
-            "stat_micro_batches": None,  # every micro-batch: k micro-batches are exactly one batch
-            "overlap_statistics": True,  # forced: with every micro-batch captured, "auto" on a CPU does not
-            "step_bound": cell.step_bound}
+    return {
+        "lr": 0.05,
+        "momentum": 0.9,
+        "damping": 1e-2,
+        "weight_decay": 1e-4,
+        "staleness": stal,
+        "weight_rescale": cell.rescale,
+        "bn_damping_scale": 64.0,
+        "stat_micro_batches": None,  # every micro-batch: k micro-batches are exactly one batch
+        "overlap_statistics": True,  # forced: with every micro-batch captured, "auto" on a CPU does not
+        "step_bound": cell.step_bound,
+    }
 
 
 POLY = {"steps_per_epoch": 1, "start_epoch": 0.0, "end_epoch": 12.0, "power": 2.0}
@@ -321,6 +345,4 @@ def rel_err(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float
 def motion_err(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
     """Max over tensors of max|a - b| / max|b - start| (for bf16: error relative to how far it moved)."""
     assert out.keys() == ref.keys()
-    return max(
-        float((out[k] - ref[k]).abs().max() / (ref[k] - start[k]).abs().max().clamp_min(1e-12)) for k in ref
-    )
+    return max(float((out[k] - ref[k]).abs().max() / (ref[k] - start[k]).abs().max().clamp_min(1e-12)) for k in ref)

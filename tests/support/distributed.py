@@ -80,8 +80,9 @@ def without_deprecation_noise(text: str) -> str:
     lines = text.splitlines()
     keep = []
     for i, line in enumerate(lines):
-        if "FutureWarning:" in line or (line.strip() == "return func(*args, **kwargs)"
-                                        and i > 0 and "FutureWarning:" in lines[i - 1]):
+        if "FutureWarning:" in line or (
+            line.strip() == "return func(*args, **kwargs)" and i > 0 and "FutureWarning:" in lines[i - 1]
+        ):
             continue
         keep.append(line)
     return "\n".join(keep)

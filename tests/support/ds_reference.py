@@ -10,8 +10,14 @@ from tests.support.ds_worker import build_model, global_batch
 
 
 def reference_params(
-    model_kind: str = "mlp", steps: int = 5, global_batch_size: int = 32, staleness: str = "on",
-    lr: float = 0.05, splits: int = 1, skip: tuple[int, ...] = (), ranks: int = 1,
+    model_kind: str = "mlp",
+    steps: int = 5,
+    global_batch_size: int = 32,
+    staleness: str = "on",
+    lr: float = 0.05,
+    splits: int = 1,
+    skip: tuple[int, ...] = (),
+    ranks: int = 1,
     stat_micro_batches: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Parameters after ``steps`` standalone SP-NGD steps on the workers' global batches.

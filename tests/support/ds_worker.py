@@ -30,8 +30,11 @@ def build_model(kind: str) -> nn.Module:
         return matrix_model(kind)
     torch.manual_seed(1234)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, 5),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 5),
     )
 
 
@@ -44,8 +47,16 @@ def global_batch(step: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ds_config(a: argparse.Namespace, world: int) -> dict[str, Any]:
     stal = None if a.staleness == "off" else {"threshold": 0.5, "max_interval": 3}
-    params = {"lr": a.lr, "momentum": 0.9, "damping": 1e-2, "weight_decay": 1e-4, "staleness": stal,
-              "comm_dtype": a.comm_dtype, "bn_damping_scale": 64.0, "fisher": "empirical"}
+    params = {
+        "lr": a.lr,
+        "momentum": 0.9,
+        "damping": 1e-2,
+        "weight_decay": 1e-4,
+        "staleness": stal,
+        "comm_dtype": a.comm_dtype,
+        "bn_damping_scale": 64.0,
+        "fisher": "empirical",
+    }
     params["stat_micro_batches"] = a.stat_micro_batches or None  # 0: every micro-batch (the references)
     params["overlap_statistics"] = True  # what "auto" does on an accelerator: A sent behind the backward
     cfg: dict[str, Any] = {
@@ -150,21 +161,38 @@ def main() -> None:
     p.add_argument("--patch_fp16", action="store_true")
     p.add_argument("--inject_overflow_step", type=int, default=-1)
     p.add_argument("--repeat_batch", action="store_true", help="the batch of step 0 at every step")
-    p.add_argument("--nan_forward_from", type=int, default=-1,
-                   help="rank 0's loss is NaN at every step from this one on (a forward that turns NaN)")
-    p.add_argument("--stall_ok", action="store_true",
-                   help="a TrainingStalledError ends the loop (recorded in info['stalled']) instead of failing")
+    p.add_argument(
+        "--nan_forward_from",
+        type=int,
+        default=-1,
+        help="rank 0's loss is NaN at every step from this one on (a forward that turns NaN)",
+    )
+    p.add_argument(
+        "--stall_ok",
+        action="store_true",
+        help="a TrainingStalledError ends the loop (recorded in info['stalled']) instead of failing",
+    )
     # fault injection for tests/deepspeed/test_reliability.py (off by default)
-    p.add_argument("--perturb_rank", type=int, default=-1,
-                   help="this rank adds 1e-3 to one parameter right after SP-NGD's update of --perturb_step "
-                        "(before the engine's rank-agreement check)")
+    p.add_argument(
+        "--perturb_rank",
+        type=int,
+        default=-1,
+        help="this rank adds 1e-3 to one parameter right after SP-NGD's update of --perturb_step "
+        "(before the engine's rank-agreement check)",
+    )
     p.add_argument("--perturb_step", type=int, default=-1)
-    p.add_argument("--crash_in_save_rank", type=int, default=-1,
-                   help="this rank dies (os._exit) half-way through writing its SP-NGD checkpoint file, i.e. after "
-                        "DeepSpeed's own files")
-    p.add_argument("--cells", default="",
-                   help="JSON file with a list of tests/support/cells.py Cell dicts: run each, "
-                        "write <out>/<cell name>.pt")
+    p.add_argument(
+        "--crash_in_save_rank",
+        type=int,
+        default=-1,
+        help="this rank dies (os._exit) half-way through writing its SP-NGD checkpoint file, i.e. after "
+        "DeepSpeed's own files",
+    )
+    p.add_argument(
+        "--cells",
+        default="",
+        help="JSON file with a list of tests/support/cells.py Cell dicts: run each, write <out>/<cell name>.pt",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)
     a = p.parse_args()
@@ -329,10 +357,16 @@ def run_cells(path: str, out_dir: str) -> None:
         # elements this rank's fragment exchange sends: owners as chosen / plain LPT
         sent: list[int | None] = [None] * world
         dist.all_gather_object(sent, _fragment_elements_sent(opt, rank))  # type: ignore[misc]
-        info = {"metrics": opt.metrics(), "assignment": dict(opt.assignment), "owned_counts": owned_counts,
-                "fragment_elements_sent": sent,
-                "step_count": opt.step_count, "global_steps": engine.global_steps,
-                "skipped_steps": engine.skipped_steps, "lr": engine.get_lr()}
+        info = {
+            "metrics": opt.metrics(),
+            "assignment": dict(opt.assignment),
+            "owned_counts": owned_counts,
+            "fragment_elements_sent": sent,
+            "step_count": opt.step_count,
+            "global_steps": engine.global_steps,
+            "skipped_steps": engine.skipped_steps,
+            "lr": engine.get_lr(),
+        }
         if rank == 0:
             os.makedirs(out_dir, exist_ok=True)
             torch.save({"params": params, "info": info}, os.path.join(out_dir, f"{cell.name}.pt"))

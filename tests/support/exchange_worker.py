@@ -76,8 +76,13 @@ class WireLog:
             assert output.numel() == world * input.numel(), "all-gather output is not N equal shards"
             return (world - 1) * input.numel() * input.element_size()
 
-        def a2a(output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int] | None = None,
-                input_split_sizes: list[int] | None = None, **k: Any) -> int:
+        def a2a(
+            output: torch.Tensor,
+            input: torch.Tensor,
+            output_split_sizes: list[int] | None = None,
+            input_split_sizes: list[int] | None = None,
+            **k: Any,
+        ) -> int:
             assert input_split_sizes is not None and output_split_sizes is not None
             assert sum(input_split_sizes) == input.numel() and sum(output_split_sizes) == output.numel()
             return sum(n for q, n in enumerate(input_split_sizes) if q != rank) * input.element_size()
@@ -140,8 +145,9 @@ def check_close(got: torch.Tensor, want: torch.Tensor, wire: torch.dtype, what: 
 
 
 def expect_bytes(log: WireLog, comm: DistributedCommunicator, analytic: int, what: str) -> None:
-    assert log.bytes == comm.bytes_sent == analytic, f"{what}: wrapped {log.bytes}, counter {comm.bytes_sent}, " \
-        f"analytic {analytic}"
+    assert log.bytes == comm.bytes_sent == analytic, (
+        f"{what}: wrapped {log.bytes}, counter {comm.bytes_sent}, analytic {analytic}"
+    )
 
 
 def case_exchange(comm: DistributedCommunicator, log: WireLog, summary: dict[str, Any]) -> None:
@@ -288,8 +294,10 @@ def case_device(comm: DistributedCommunicator, log: WireLog, summary: dict[str, 
     ]
     log.reset()
     fired = 0
-    for (op, call), (tdev, cdev) in [*((c, ("meta", "cpu")) for c in cpu_comm_calls),
-                                     *((c, ("cpu", "meta")) for c in meta_calls)]:
+    for (op, call), (tdev, cdev) in [
+        *((c, ("meta", "cpu")) for c in cpu_comm_calls),
+        *((c, ("cpu", "meta")) for c in meta_calls),
+    ]:
         try:
             call()
         except RuntimeError as e:

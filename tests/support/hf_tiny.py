@@ -22,24 +22,65 @@ def build(kind: str, device: str | None = None, real_size: bool = False) -> nn.M
     with ctx:
         torch.manual_seed(0)
         if kind == "gpt2":
-            cfg = tf.GPT2Config() if real_size else tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB,
-                                                                   n_positions=64)
+            cfg = (
+                tf.GPT2Config()
+                if real_size
+                else tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64)
+            )
             return tf.GPT2LMHeadModel(cfg)
         if kind == "bert":
-            cfg = tf.BertConfig(num_labels=3) if real_size else tf.BertConfig(  # type: ignore[assignment, call-arg]
-                vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                max_position_embeddings=64, num_labels=3)
+            sizes = (
+                {}
+                if real_size
+                else {
+                    "vocab_size": VOCAB,
+                    "hidden_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "intermediate_size": 128,
+                    "max_position_embeddings": 64,
+                }
+            )
+            cfg = tf.BertConfig(num_labels=3, **sizes)  # type: ignore[call-arg, arg-type, assignment]
             return tf.BertForSequenceClassification(cfg)  # type: ignore[arg-type]
         if kind == "llama":
-            cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,  # type: ignore[assignment]
-                                 num_attention_heads=32, tie_word_embeddings=False) if real_size else tf.LlamaConfig(
-                vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+            cfg = (
+                tf.LlamaConfig(
+                    vocab_size=32000,
+                    hidden_size=4096,
+                    intermediate_size=11008,
+                    num_hidden_layers=32,  # type: ignore[assignment]
+                    num_attention_heads=32,
+                    tie_word_embeddings=False,
+                )
+                if real_size
+                else tf.LlamaConfig(
+                    vocab_size=VOCAB,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=64,
+                    tie_word_embeddings=False,
+                )
+            )
             return tf.LlamaForCausalLM(cfg)  # type: ignore[arg-type]
         if kind == "vit":
-            cfg = tf.ViTConfig() if real_size else tf.ViTConfig(  # type: ignore[assignment, call-arg]
-                image_size=16, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2,
-                num_attention_heads=4, intermediate_size=128, num_labels=3)
+            cfg = (
+                tf.ViTConfig()
+                if real_size
+                else tf.ViTConfig(  # type: ignore[assignment, call-arg]
+                    image_size=16,
+                    patch_size=4,
+                    num_channels=3,
+                    hidden_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=128,
+                    num_labels=3,
+                )
+            )
             return tf.ViTForImageClassification(cfg)  # type: ignore[arg-type]
     raise ValueError(kind)
 
