@@ -339,7 +339,7 @@ def test_deepspeed_repeated_batch_never_blows_up(tmp_path: Path, stage: int, cas
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_nan_forward_ends_in_the_clear_stop_on_every_rank(tmp_path: Path, stage: int) -> None:
     runs = _ds(
         tmp_path, stage, "nan", ["--steps", "30", "--nan_forward_from", "3", "--stall_ok"], {"max_consecutive_skips": 5}
