@@ -198,7 +198,8 @@ def initialize(
     params = spngd_params_from_config(cfg)
     sched_block = cfg.get("scheduler")
     wants_poly = isinstance(sched_block, dict) and str(sched_block.get("type", "")).lower() == SCHEDULER_TYPE
-    if params is None and not wants_poly:
+
+    def deepspeed_initialize() -> tuple[Any, Any, Any, Any]:  # with the arguments as they stand when called
         return deepspeed.initialize(
             args=args,
             model=model,
@@ -209,6 +210,9 @@ def initialize(
             config=cfg,
             **kwargs,
         )
+
+    if params is None and not wants_poly:
+        return deepspeed_initialize()
     if model is None:
         raise ValueError("spngd_ds.initialize: SPNGD needs model=...")
     if optimizer is not None and params is not None:
@@ -241,16 +245,7 @@ def initialize(
         assert poly_params is not None
         lr_scheduler = SPNGDPolyDecay(optimizer, **poly_params)
     with spngd.hold_steps() if spngd is not None else contextlib.nullcontext():
-        engine, ds_opt, loader, sched = deepspeed.initialize(
-            args=args,
-            model=model,
-            optimizer=optimizer,
-            model_parameters=model_parameters,
-            training_data=training_data,
-            lr_scheduler=lr_scheduler,
-            config=cfg,
-            **kwargs,
-        )
+        engine, ds_opt, loader, sched = deepspeed_initialize()
     if spngd is None:
         return engine, ds_opt, loader, sched
     from spngd_ds.deepspeed.engine import attach
