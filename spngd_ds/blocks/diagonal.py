@@ -18,42 +18,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from spngd_ds.blocks.base import InversionReport, Statistic, robust_inverse
-from spngd_ds.blocks.kron import Conv1DBlock, KronBlock
+from spngd_ds.blocks.base import InversionJob, InversionReport, Statistic
+from spngd_ds.blocks.kron import Conv1DBlock, KronBlock, pi_tensor
 from spngd_ds.staleness import RefreshSchedule
 
 
 def is_diagonal(value: torch.Tensor) -> bool:
     """Whether a factor is stored as its diagonal, (d, 1, 1)."""
     return value.dim() == 3
-
-
-def mean_trace(value: torch.Tensor) -> float:
-    """tr(X) / dim(X) of a dense (d, d) or diagonal (d, 1, 1) factor."""
-    return float(value.sum() if is_diagonal(value) else torch.trace(value)) / value.shape[0]
-
-
-def factor_pi(a: torch.Tensor, g: torch.Tensor) -> float:
-    """π of rule 5 from dense or diagonal factors; 1.0 when a trace is not a positive finite number."""
-    ta, tg = mean_trace(a), mean_trace(g)
-    if not (math.isfinite(ta) and math.isfinite(tg)) or ta <= 0.0 or tg <= 0.0:
-        return 1.0
-    return math.sqrt(ta / tg)
-
-
-def invert_factor(value: torch.Tensor, shift: float) -> torch.Tensor | None:
-    """(X + shift·I)⁻¹ of a dense (Cholesky, :func:`robust_inverse`) or diagonal factor.
-
-    ``None`` when it is not positive definite and finite.
-    """
-    if not is_diagonal(value):
-        damped = value.clone()
-        damped.diagonal().add_(shift)
-        return robust_inverse(damped)
-    d = value + shift
-    if not bool((torch.isfinite(d) & (d > 0)).all()):
-        return None
-    return 1.0 / d
 
 
 def apply_left(inverse: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -73,29 +45,53 @@ class PairedFactors(Protocol):
     pi: float
 
 
-def invert_pair(block: PairedFactors, damping: float, refreshed: set[str]) -> InversionReport:
-    """Rule 5 on ``block``'s factors "A" and "G" (dense or diagonal).
+def pair_inversion_job(block: PairedFactors, damping: float, refreshed: set[str]) -> InversionJob | None:
+    """Rule 5 on ``block``'s factors "A" and "G" (dense or diagonal), as one batched job.
 
-    Each refreshed (or never inverted) factor is re-inverted with its shift. π follows the traces
-    when both are re-inverted; a factor re-inverted alone keeps the π its partner's inverse was
-    built with, so that the shifts' product stays λ. ``block.pi`` receives the π used.
+    Each refreshed (or never inverted) factor is re-inverted with its shift: a dense one in the
+    step's batched Cholesky (:func:`~spngd_ds.blocks.base.run_inversions`), a diagonal one here, as
+    1/(x + shift) with its success flag read back with the step's other figures. π follows the
+    traces when both are re-inverted; a factor re-inverted alone keeps the π its partner's inverse
+    was built with, so that the shifts' product stays λ. ``block.pi`` receives the π used.
     """
-    report = InversionReport()
     a, g = block.stats["A"].value, block.stats["G"].value
     if a is None or g is None:
-        return report
+        return None
     due = [n for n in ("A", "G") if n in refreshed or block.stats[n].inverse is None]
     if len(due) == 2:
-        block.pi = factor_pi(a, g)
+        pi = pi_tensor(a, g)
+    else:
+        pi = torch.full((), block.pi, dtype=torch.float64, device=a.device)  # a fill, no host copy
     root = math.sqrt(damping)
-    shift = {"A": block.pi * root, "G": root / block.pi}
+    shift = {"A": pi * root, "G": root / pi}
+    dense: list[tuple[str, torch.Tensor]] = []
+    diagonal: dict[str, torch.Tensor] = {}
+    flags: list[torch.Tensor] = []
     for name in due:
-        stat = block.stats[name]
-        assert stat.value is not None
-        stat.inverse = invert_factor(stat.value, shift[name])
-        stat.inversions += 1
-        (report.inverted if stat.inverse is not None else report.failed).append(name)
-    return report
+        value = block.stats[name].value
+        assert value is not None
+        if is_diagonal(value):
+            d = value + shift[name].to(device=value.device, dtype=value.dtype)
+            diagonal[name] = 1.0 / d
+            flags.append((torch.isfinite(d) & (d > 0)).all())
+        else:
+            damped = value.clone()
+            damped.diagonal().add_(shift[name].to(device=damped.device))  # X + shift·I without an identity
+            dense.append((name, damped))
+
+    def finish(inverses: dict[str, torch.Tensor | None], scalars: list[float]) -> InversionReport:
+        block.pi = scalars[0]
+        ok = dict(zip(diagonal, scalars[1:], strict=True))
+        inverses = inverses | {n: inv if ok[n] > 0 else None for n, inv in diagonal.items()}
+        report = InversionReport()
+        for name in due:
+            stat = block.stats[name]
+            stat.inverse = inverses[name]
+            stat.inversions += 1
+            (report.inverted if stat.inverse is not None else report.failed).append(name)
+        return report
+
+    return InversionJob(dense, [pi, *flags], finish)
 
 
 class DiagonalKronBlock(KronBlock):
@@ -137,9 +133,9 @@ class DiagonalKronBlock(KronBlock):
         rows = grad.reshape(-1, grad.shape[-1]).to(self.dtype)
         return rows.pow(2).sum(0).view(-1, 1, 1), rows.shape[0] // self.samples_in(grad)
 
-    def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
-        """Rule 5 on the (dense or diagonal) factors due in ``refreshed``."""
-        return invert_pair(self, damping, refreshed)
+    def inversion_job(self, damping: float, refreshed: set[str]) -> InversionJob | None:
+        """Rule 5 on the (dense or diagonal) factors due in ``refreshed``, or ``None``."""
+        return pair_inversion_job(self, damping, refreshed)
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Ĝ⁻¹ M Â⁻¹ with dense or diagonal inverses, in the parameters' shapes and dtypes."""

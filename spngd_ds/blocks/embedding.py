@@ -20,10 +20,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from spngd_ds.blocks.base import Block, InversionReport, Statistic
-from spngd_ds.blocks.diagonal import apply_left, apply_right, invert_pair
+from spngd_ds.blocks.base import Block, InversionJob, Statistic
+from spngd_ds.blocks.diagonal import apply_left, apply_right, pair_inversion_job
 from spngd_ds.blocks.shapes import full_shape
-from spngd_ds.staleness import RefreshSchedule, wishart_rho
+from spngd_ds.staleness import RefreshSchedule
 
 
 def embedding_supported(module: nn.Module) -> bool:
@@ -100,12 +100,13 @@ class EmbeddingBlock(Block):
     def normalise(self, name: str, total: torch.Tensor, count: float) -> torch.Tensor:
         """Mean over ``count`` samples; notes ρ for the staleness rule."""
         value = total / count
-        self.stats[name].schedule.note_value(wishart_rho(value, self.vectors_per_sample[name]), count)
+        # ρ as device figures, read back with every due statistic's at once (no synchronisation here)
+        self.stats[name].schedule.note_value_figures(value, self.vectors_per_sample[name], count)
         return value
 
-    def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
-        """Rule 5 on A (diagonal) and G for the statistics due in ``refreshed``."""
-        return invert_pair(self, damping, refreshed)
+    def inversion_job(self, damping: float, refreshed: set[str]) -> InversionJob | None:
+        """Rule 5 on A (diagonal) and G for the statistics due in ``refreshed``, or ``None``."""
+        return pair_inversion_job(self, damping, refreshed)
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Â⁻¹ ∇W Ĝ⁻¹ for the weight gradient (vocab, D), in its dtype."""

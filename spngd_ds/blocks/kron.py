@@ -37,14 +37,21 @@ def conv_supported(module: nn.Module) -> bool:
     )
 
 
+def _trace(value: torch.Tensor) -> torch.Tensor:
+    """The trace of a dense (d, d) factor or of one kept diagonal as (d, 1, 1)."""
+    return value.sum() if value.dim() == 3 else torch.trace(value)
+
+
 def pi_tensor(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """π of rule 5 as a float64 0-d tensor on a's device (no host synchronisation).
+
+    ``a`` and ``g`` dense (d, d) or kept diagonal (d, 1, 1).
 
     1 when either mean trace is not a positive finite number. The same arithmetic as
     :func:`compute_pi`.
     """
-    ta = torch.trace(a).to(torch.float64) / a.shape[0]
-    tg = torch.trace(g).to(torch.float64).to(ta.device) / g.shape[0]
+    ta = _trace(a).to(torch.float64) / a.shape[0]
+    tg = _trace(g).to(torch.float64).to(ta.device) / g.shape[0]
     valid = torch.isfinite(ta) & torch.isfinite(tg) & (ta > 0.0) & (tg > 0.0)
     return torch.where(valid, torch.sqrt(ta / torch.where(valid, tg, 1.0)), 1.0)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from spngd_ds.blocks.base import Block, InversionReport, Statistic
+from spngd_ds.blocks.base import Block, Statistic
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.blocks.unitwise import UnitwiseBlock
 from spngd_ds.staleness import RefreshSchedule
@@ -116,22 +116,9 @@ class NormBlock(UnitwiseBlock):
 
         return capture_backward
 
-    def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
-        """Invert F: closed-form 2x2 with a bias, elementwise without one."""
-        if self.k == 2:
-            return super().invert(damping, refreshed)
-        stat = self.stats["F"]
-        report = InversionReport()
-        if stat.value is None or ("F" not in refreshed and stat.inverse is not None):
-            return report
-        inv, ok = inverse_1x1(stat.value, self.damping_scale * damping)
-        stat.inversions += 1
-        self.failed_channels = int((~ok).sum())
-        if self.failed_channels:
-            report.failed.append("F")
-        stat.inverse = inv
-        report.inverted.append("F")
-        return report
+    def closed_form_inverse(self, value: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F + shift·I)⁻¹ per unit: 2x2 with a bias, elementwise (D, 1, 1) without one; and ok (D,)."""
+        return super().closed_form_inverse(value, shift) if self.k == 2 else inverse_1x1(value, shift)
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """F̂⁻¹ applied per unit to the stacked (weight, bias) gradients, in their shapes and dtypes."""

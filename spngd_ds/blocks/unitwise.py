@@ -113,7 +113,7 @@ class UnitwiseBlock(Block):
         stat = self.stats["F"]
         if stat.value is None or ("F" not in refreshed and stat.inverse is not None):
             return None
-        inv, ok = inverse_2x2(stat.value, self.damping_scale * damping)  # closed form: nothing to batch
+        inv, ok = self.closed_form_inverse(stat.value, self.damping_scale * damping)  # nothing to batch
 
         def finish(inverses: dict[str, torch.Tensor | None], scalars: list[float]) -> InversionReport:
             report = InversionReport()
@@ -126,6 +126,10 @@ class UnitwiseBlock(Block):
             return report
 
         return InversionJob([], [(~ok).sum()], finish)
+
+    def closed_form_inverse(self, value: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F + shift·I)⁻¹ per unit, (C, 2, 2), and ok (C,): finite and positive definite."""
+        return inverse_2x2(value, shift)
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """F̂⁻¹ (C, 2, 2) applied to the stacked (weight, bias) gradients (C, 2)."""

@@ -9,6 +9,8 @@
   hooks), for torchvision ResNet-18 and ResNet-50; a step that refreshes nothing dispatches no
   more aten ops than ``torch.optim.SGD(momentum=0.9, foreach=False)``. Counted by
   ``bench/dispatch_counts.py`` (a dispatch mode), on the steps ``bench/step_counts.py`` measures.
+- The same for the transformer block kinds (Embedding, LayerNorm and RMSNorm, a Linear with a
+  diagonal factor): a stack of 3 layers synchronises as often as a stack of 1.
 """
 
 from __future__ import annotations
@@ -133,6 +135,66 @@ def test_syncs_with_clipping_and_rescaling() -> None:
     counts = spngd_counts("resnet18", clip_norm=1.0, weight_rescale=True, weight_decay=5e-5)
     assert counts["refresh_none"]["step_syncs"] <= QUIET_SYNCS, counts["refresh_none"]["step_sync_names"]
     assert counts["refresh_all"]["step_syncs"] <= REFRESH_SYNCS, counts["refresh_all"]["step_sync_names"]
+
+
+VOCAB, WIDTH = 40, 16
+
+
+class _TokenStack(nn.Module):
+    """Embedding, then ``depth`` x (LayerNorm, Linear, RMSNorm), then a head whose G is kept diagonal."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(WIDTH), nn.Linear(WIDTH, WIDTH), nn.GELU(), nn.RMSNorm(WIDTH))
+            for _ in range(depth)
+        )
+        self.head = nn.Linear(WIDTH, VOCAB)  # G is VOCAB x VOCAB: above max_factor_dim
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.embed(idx)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h)
+
+
+def _token_step_syncs(depth: int) -> tuple[dict[str, int], dict[str, Any]]:
+    model = _TokenStack(depth)
+    opt = spngd_ds.SPNGD(model, lr=0.05, damping=1e-2, max_factor_dim=VOCAB - 1)
+    g = torch.Generator().manual_seed(0)
+
+    def loss() -> torch.Tensor:
+        idx = torch.randint(0, VOCAB, (4, 6), generator=g)
+        return F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten())
+
+    for _ in range(2):  # the first refresh, momentum buffers
+        loss().backward()
+        opt.step()
+        opt.zero_grad()
+    syncs: dict[str, int] = {}
+    names: dict[str, Any] = {}
+    for label, due in (("refresh_all", True), ("refresh_none", False)):
+        force(opt, due)
+        loss().backward()
+        with count_dispatch() as counts:
+            opt.step()
+        opt.zero_grad()
+        syncs[label], names[label] = counts.syncs, dict(counts.sync_names)
+    kinds = {b.kind for b in opt.blocks.values()}
+    assert {"embedding", "norm", "kron", "kron_diag"} <= kinds, kinds
+    assert all(b.ready() for b in opt.blocks.values() if b.stats)
+    assert opt.stats_log.skipped_steps == 0
+    return syncs, names
+
+
+def test_transformer_block_kinds_synchronise_as_often_at_any_depth() -> None:
+    one, one_names = _token_step_syncs(1)
+    three, three_names = _token_step_syncs(3)
+    assert three == one, (one_names, three_names)
+    assert one["refresh_none"] <= QUIET_SYNCS, one_names
+    assert one["refresh_all"] <= REFRESH_SYNCS, one_names
 
 
 @pytest.mark.parametrize("solve", [False, True])
