@@ -11,15 +11,13 @@ d instead of d² elements, and its inversion d instead of d³ operations.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 from torch import nn
 
-from spngd_ds.blocks.base import InversionJob, InversionReport, Statistic
-from spngd_ds.blocks.kron import Conv1DBlock, KronBlock, pi_tensor
+from spngd_ds.blocks.base import Statistic
+from spngd_ds.blocks.kron import Conv1DBlock, KronBlock
 from spngd_ds.staleness import RefreshSchedule
 
 
@@ -36,62 +34,6 @@ def apply_left(inverse: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def apply_right(m: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """``m @ inverse`` for m (k, d) and a dense (d, d) or diagonal (d, 1, 1) inverse."""
     return m * inverse.view(1, -1) if is_diagonal(inverse) else m @ inverse
-
-
-class PairedFactors(Protocol):
-    """A block with Kronecker factors "A" and "G" (dense or diagonal) and the π of their inverses."""
-
-    stats: dict[str, Statistic]
-    pi: float
-
-
-def pair_inversion_job(block: PairedFactors, damping: float, refreshed: set[str]) -> InversionJob | None:
-    """Rule 5 on ``block``'s factors "A" and "G" (dense or diagonal), as one batched job.
-
-    Each refreshed (or never inverted) factor is re-inverted with its shift: a dense one in the
-    step's batched Cholesky (:func:`~spngd_ds.blocks.base.run_inversions`), a diagonal one here, as
-    1/(x + shift) with its success flag read back with the step's other figures. π follows the
-    traces when both are re-inverted; a factor re-inverted alone keeps the π its partner's inverse
-    was built with, so that the shifts' product stays λ. ``block.pi`` receives the π used.
-    """
-    a, g = block.stats["A"].value, block.stats["G"].value
-    if a is None or g is None:
-        return None
-    due = [n for n in ("A", "G") if n in refreshed or block.stats[n].inverse is None]
-    if len(due) == 2:
-        pi = pi_tensor(a, g)
-    else:
-        pi = torch.full((), block.pi, dtype=torch.float64, device=a.device)  # a fill, no host copy
-    root = math.sqrt(damping)
-    shift = {"A": pi * root, "G": root / pi}
-    dense: list[tuple[str, torch.Tensor]] = []
-    diagonal: dict[str, torch.Tensor] = {}
-    flags: list[torch.Tensor] = []
-    for name in due:
-        value = block.stats[name].value
-        assert value is not None
-        if is_diagonal(value):
-            d = value + shift[name].to(device=value.device, dtype=value.dtype)
-            diagonal[name] = 1.0 / d
-            flags.append((torch.isfinite(d) & (d > 0)).all())
-        else:
-            damped = value.clone()
-            damped.diagonal().add_(shift[name].to(device=damped.device))  # X + shift·I without an identity
-            dense.append((name, damped))
-
-    def finish(inverses: dict[str, torch.Tensor | None], scalars: list[float]) -> InversionReport:
-        block.pi = scalars[0]
-        ok = dict(zip(diagonal, scalars[1:], strict=True))
-        inverses = inverses | {n: inv if ok[n] > 0 else None for n, inv in diagonal.items()}
-        report = InversionReport()
-        for name in due:
-            stat = block.stats[name]
-            stat.inverse = inverses[name]
-            stat.inversions += 1
-            (report.inverted if stat.inverse is not None else report.failed).append(name)
-        return report
-
-    return InversionJob(dense, [pi, *flags], finish)
 
 
 class DiagonalKronBlock(KronBlock):
@@ -132,10 +74,6 @@ class DiagonalKronBlock(KronBlock):
             return super().output_gram(grad)
         rows = grad.reshape(-1, grad.shape[-1]).to(self.dtype)
         return rows.pow(2).sum(0).view(-1, 1, 1), rows.shape[0] // self.samples_in(grad)
-
-    def inversion_job(self, damping: float, refreshed: set[str]) -> InversionJob | None:
-        """Rule 5 on the (dense or diagonal) factors due in ``refreshed``, or ``None``."""
-        return pair_inversion_job(self, damping, refreshed)
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Ĝ⁻¹ M Â⁻¹ with dense or diagonal inverses, in the parameters' shapes and dtypes."""

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from spngd_ds.blocks.base import Block, InversionJob, Statistic
-from spngd_ds.blocks.diagonal import apply_left, apply_right, pair_inversion_job
+from spngd_ds.blocks.diagonal import apply_left, apply_right
+from spngd_ds.blocks.kron import pair_inversion_job
 from spngd_ds.blocks.shapes import full_shape
 from spngd_ds.staleness import RefreshSchedule
 

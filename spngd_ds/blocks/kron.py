@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -63,6 +64,62 @@ def compute_pi(a: torch.Tensor, g: torch.Tensor) -> float:
     if not (math.isfinite(ta) and math.isfinite(tg)) or ta <= 0.0 or tg <= 0.0:
         return 1.0
     return math.sqrt(ta / tg)
+
+
+class PairedFactors(Protocol):
+    """A block with Kronecker factors "A" and "G" (dense or diagonal) and the π of their inverses."""
+
+    stats: dict[str, Statistic]
+    pi: float
+
+
+def pair_inversion_job(block: PairedFactors, damping: float, refreshed: set[str]) -> InversionJob | None:
+    """Rule 5 on ``block``'s factors "A" and "G" (dense or diagonal), as one batched job.
+
+    Each refreshed (or never inverted) factor is re-inverted with its shift: a dense one in the
+    step's batched Cholesky (:func:`~spngd_ds.blocks.base.run_inversions`), a diagonal one here, as
+    1/(x + shift) with its success flag read back with the step's other figures. π follows the
+    traces when both are re-inverted; a factor re-inverted alone keeps the π its partner's inverse
+    was built with, so that the shifts' product stays λ. ``block.pi`` receives the π used.
+    """
+    a, g = block.stats["A"].value, block.stats["G"].value
+    if a is None or g is None:
+        return None
+    due = [n for n in ("A", "G") if n in refreshed or block.stats[n].inverse is None]
+    if len(due) == 2:
+        pi = pi_tensor(a, g)
+    else:
+        pi = torch.full((), block.pi, dtype=torch.float64, device=a.device)  # a fill, no host copy
+    root = math.sqrt(damping)
+    shift = {"A": pi * root, "G": root / pi}
+    dense: list[tuple[str, torch.Tensor]] = []
+    diagonal: dict[str, torch.Tensor] = {}
+    flags: list[torch.Tensor] = []
+    for name in due:
+        value = block.stats[name].value
+        assert value is not None
+        if value.dim() == 3:  # kept diagonal (d, 1, 1): 1/(x + shift), flagged
+            d = value + shift[name].to(device=value.device, dtype=value.dtype)
+            diagonal[name] = 1.0 / d
+            flags.append((torch.isfinite(d) & (d > 0)).all())
+        else:
+            damped = value.clone()
+            damped.diagonal().add_(shift[name].to(device=damped.device))  # X + shift·I without an identity
+            dense.append((name, damped))
+
+    def finish(inverses: dict[str, torch.Tensor | None], scalars: list[float]) -> InversionReport:
+        block.pi = scalars[0]
+        ok = dict(zip(diagonal, scalars[1:], strict=True))
+        inverses = inverses | {n: inv if ok[n] > 0 else None for n, inv in diagonal.items()}
+        report = InversionReport()
+        for name in due:
+            stat = block.stats[name]
+            stat.inverse = inverses[name]
+            stat.inversions += 1
+            (report.inverted if stat.inverse is not None else report.failed).append(name)
+        return report
+
+    return InversionJob(dense, [pi, *flags], finish)
 
 
 class KronBlock(Block):
@@ -200,38 +257,7 @@ class KronBlock(Block):
     # -- inversion and preconditioning -----------------------------------------------------------
     def inversion_job(self, damping: float, refreshed: set[str]) -> InversionJob | None:
         """Rule 5 on the factors due in ``refreshed`` (or without an inverse yet), or ``None``."""
-        a, g = self.stats["A"].value, self.stats["G"].value
-        if a is None or g is None:
-            return None
-        due = [n for n in ("A", "G") if n in refreshed or self.stats[n].inverse is None]
-        # the shifts' product is λ only when both inverses use the same π: π follows the traces
-        # when both factors are re-inverted; a factor re-inverted alone takes the π its partner's
-        # inverse was built with (else a stale A with a fresh, collapsed G gives damping λ·π_old/π_new)
-        if len(due) == 2:
-            pi = pi_tensor(a, g)
-        else:
-            pi = torch.full((), self.pi, dtype=torch.float64, device=a.device)  # a fill, no host copy
-        root = math.sqrt(damping)
-        shift = {"A": pi * root, "G": root / pi}
-        matrices = []
-        for name in due:
-            stat = self.stats[name]
-            assert stat.value is not None
-            damped = stat.value.clone()
-            damped.diagonal().add_(shift[name].to(device=damped.device))  # X + shift·I without an identity matrix
-            matrices.append((name, damped))
-
-        def finish(inverses: dict[str, torch.Tensor | None], scalars: list[float]) -> InversionReport:
-            self.pi = scalars[0]
-            report = InversionReport()
-            for name, inverse in inverses.items():
-                stat = self.stats[name]
-                stat.inverse = inverse
-                stat.inversions += 1
-                (report.inverted if inverse is not None else report.failed).append(name)
-            return report
-
-        return InversionJob(matrices, [pi], finish)
+        return pair_inversion_job(self, damping, refreshed)
 
     def grad_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """M = [∇W.reshape(d_G, -1) | ∇b], shape (d_G, d_A), in the statistics dtype."""
