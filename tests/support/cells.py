@@ -39,6 +39,7 @@ class Cell:
     steps: int = 5
     staleness: bool = True
     step_bound: float | None = None  # rule 13's step bound: off unless a cell sets it
+    comm_fp32: bool = False  # DeepSpeed's communication_data_type "fp32" (default: the model's dtype)
 
     @property
     def name(self) -> str:
@@ -58,6 +59,8 @@ class Cell:
             parts.append("nostale")
         if self.step_bound:
             parts.append(f"bound{self.step_bound:g}")
+        if self.comm_fp32:
+            parts.append("comm-fp32")
         return "-".join(parts)
 
     def to_json(self) -> dict[str, Any]:
@@ -237,6 +240,8 @@ def ds_config(cell: Cell, world: int) -> dict[str, Any]:
     if cell.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
         cfg["data_types"] = {"buffer_dtype": "bf16"}
+    if cell.comm_fp32:
+        cfg["communication_data_type"] = "fp32"
     return cfg
 
 
@@ -290,15 +295,22 @@ def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str
     - each rank's pass (micro-batch k of every rank, in rank order) run on its own, its loss not
       divided (``gradient_accumulation_steps`` is 1 in the bf16 cells), its bf16 gradients taken
       to fp32 and summed in fp32;
-    - the sum over ranks divided by the rank count in fp32 (SP-NGD's own reduction at stage 0) or,
-      at ZeRO 1-3, rounded to bf16 and multiplied by 1/ranks (DeepSpeed sums the bf16 gradients
-      in bf16 and scales the sum afterwards; the sum of two bf16 values rounded once is the
-      same whether it is formed in bf16 or in fp32);
+    - the ranks' gradients averaged as DeepSpeed averages them:
+
+      - stage 0: summed and divided by the rank count in fp32 (SP-NGD's own reduction);
+      - ZeRO 1-3, bf16 communication: summed, rounded to bf16 and multiplied by 1/ranks
+        (DeepSpeed sums the bf16 gradients in bf16; the sum of two bf16 values rounded once is
+        the same whether it is formed in bf16 or in fp32);
+      - ZeRO 1 and 2, fp32 communication (``cell.comm_fp32``): each rank's bf16 gradient divided
+        by the rank count in bf16, the quotients summed in fp32 and the sum rounded to bf16;
+      - ZeRO 3, fp32 communication: summed in fp32, divided by the rank count, rounded to bf16;
     - after each step the masters copied into the bf16 parameters.
 
-    At 2 ranks this is DeepSpeed's arithmetic to the bit. At 3 ranks gloo adds the ranks' values
-    in an order that changes along the tensor, rounding after each addition, which moves some
-    roundings (module docstring of tests/deepspeed/test_equivalence_matrix.py).
+    This is DeepSpeed's arithmetic to the bit at 2 ranks, and to the bit but for the order of
+    fp32 additions with fp32 communication at 3 ranks. With bf16 communication at 3 ranks gloo
+    adds the ranks' bf16 values in an order that changes along the tensor, rounding after each
+    addition, which moves some roundings (module docstring of
+    tests/deepspeed/test_equivalence_matrix.py).
     """
     import spngd_ds
 
@@ -318,15 +330,24 @@ def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str
     for step in range(cell.steps if steps is None else steps):
         x, y = global_batch(step)
         sums = [torch.zeros_like(m) for m in masters]
+        quotients = [torch.zeros_like(m) for m in masters]  # Σ bf16(g / ranks), in fp32
         for xs, ys in zip(x.chunk(ranks), y.chunk(ranks), strict=True):
             for w in weights:
                 w.grad = None
             loss_of(model(xs.to(bf16)), ys).backward()
-            for total, w in zip(sums, weights, strict=True):
+            for total, quotient, w in zip(sums, quotients, weights, strict=True):
                 if w.grad is not None:
                     total.add_(w.grad.float())
-        for m, total in zip(masters, sums, strict=True):
-            m.grad = total.to(bf16).mul_(1.0 / ranks).float() if cell.stage > 0 else total.div_(ranks)
+                    quotient.add_((w.grad / ranks).float())
+        for m, total, quotient in zip(masters, sums, quotients, strict=True):
+            if cell.stage == 0:
+                m.grad = total.div_(ranks)
+            elif not cell.comm_fp32:
+                m.grad = total.to(bf16).mul_(1.0 / ranks).float()
+            elif cell.stage < 3:
+                m.grad = quotient.to(bf16).float()
+            else:
+                m.grad = total.div_(ranks).to(bf16).float()
         opt.step()
         with torch.no_grad():
             for w, m in zip(weights, masters, strict=True):
