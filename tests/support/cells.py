@@ -298,19 +298,18 @@ def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str
     - the ranks' gradients averaged as DeepSpeed averages them:
 
       - stage 0: summed and divided by the rank count in fp32 (SP-NGD's own reduction);
-      - ZeRO 1-3, bf16 communication: summed, rounded to bf16 and multiplied by 1/ranks
-        (DeepSpeed sums the bf16 gradients in bf16; the sum of two bf16 values rounded once is
-        the same whether it is formed in bf16 or in fp32);
-      - ZeRO 1 and 2, fp32 communication (``cell.comm_fp32``): each rank's bf16 gradient divided
-        by the rank count in bf16, the quotients summed in fp32 and the sum rounded to bf16;
-      - ZeRO 3, fp32 communication: summed in fp32, divided by the rank count, rounded to bf16;
+      - ZeRO 1 and 2, bf16 communication: each rank's gradient divided by the rank count in
+        bf16, and the quotients of all parameters, flattened (ZeRO 1 in parameter order, ZeRO 2
+        reversed, as the backward hands them over) and padded to a multiple of 2·ranks, summed in
+        bf16 in the order of a ring over ``ranks`` segments (:func:`_ring_sum`);
+      - ZeRO 3, bf16 communication: the same, parameter by parameter;
+      - fp32 communication (``cell.comm_fp32``): each rank's gradient divided by the rank count
+        (in bf16 at ZeRO 1 and 2, where any fp32 sum of three such quotients is exact; in fp32 at
+        ZeRO 3, summed in the ring order, parameter by parameter) and the sum rounded to bf16;
     - after each step the masters copied into the bf16 parameters.
 
-    This is DeepSpeed's arithmetic to the bit at 2 ranks, and to the bit but for the order of
-    fp32 additions with fp32 communication at 3 ranks. With bf16 communication at 3 ranks gloo
-    adds the ranks' bf16 values in an order that changes along the tensor, rounding after each
-    addition, which moves some roundings (module docstring of
-    tests/deepspeed/test_equivalence_matrix.py).
+    The orders were read off DeepSpeed's gradients at 3 ranks (gloo); at 2 ranks the order of two
+    additions does not matter. This is :func:`deepspeed_average`.
     """
     import spngd_ds
 
@@ -329,25 +328,15 @@ def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str
     weights = list(model.parameters())
     for step in range(cell.steps if steps is None else steps):
         x, y = global_batch(step)
-        sums = [torch.zeros_like(m) for m in masters]
-        quotients = [torch.zeros_like(m) for m in masters]  # Σ bf16(g / ranks), in fp32
+        per_rank: list[list[torch.Tensor]] = [[] for _ in masters]  # each rank's bf16 gradient
         for xs, ys in zip(x.chunk(ranks), y.chunk(ranks), strict=True):
             for w in weights:
                 w.grad = None
             loss_of(model(xs.to(bf16)), ys).backward()
-            for total, quotient, w in zip(sums, quotients, weights, strict=True):
-                if w.grad is not None:
-                    total.add_(w.grad.float())
-                    quotient.add_((w.grad / ranks).float())
-        for m, total, quotient in zip(masters, sums, quotients, strict=True):
-            if cell.stage == 0:
-                m.grad = total.div_(ranks)
-            elif not cell.comm_fp32:
-                m.grad = total.to(bf16).mul_(1.0 / ranks).float()
-            elif cell.stage < 3:
-                m.grad = quotient.to(bf16).float()
-            else:
-                m.grad = total.div_(ranks).to(bf16).float()
+            for mine, w in zip(per_rank, weights, strict=True):
+                mine.append(w.grad if w.grad is not None else torch.zeros_like(w))
+        for m, g in zip(masters, deepspeed_average(cell, per_rank), strict=True):
+            m.grad = g
         opt.step()
         with torch.no_grad():
             for w, m in zip(weights, masters, strict=True):
@@ -355,6 +344,62 @@ def reference_bf16(cell: Cell, ranks: int, steps: int | None = None) -> dict[str
         if sched is not None:
             sched.step()
     return {n: m.detach().clone() for (n, _), m in zip(model.named_parameters(), masters, strict=True)}
+
+
+def deepspeed_average(cell: Cell, grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Each parameter's gradient averaged over the ranks and rounded as DeepSpeed does it (fp32).
+
+    ``grads[i][r]``: parameter i's bf16 gradient on rank r (parameters in model order). The rules
+    are those of :func:`reference_bf16`'s docstring.
+    """
+    ranks = len(grads[0])
+    bf16 = torch.bfloat16
+    if cell.stage == 0:  # SP-NGD's own fp32 all-reduce
+        totals = []
+        for gs in grads:
+            total = torch.zeros_like(gs[0], dtype=torch.float32)
+            for g in gs:
+                total.add_(g.float())
+            totals.append(total.div_(ranks))
+        return totals
+    if cell.stage == 3:  # a reduce-scatter of each parameter, divided first
+        if cell.comm_fp32:
+            return [_ring_sum([g.float() / ranks for g in gs]).to(bf16).float() for gs in grads]
+        return [_ring_sum([g / ranks for g in gs]).float() for gs in grads]
+    if cell.comm_fp32:  # any fp32 sum of ranks' bf16 quotients is exact here: the order does not matter
+        return [torch.stack([(g / ranks).float() for g in gs]).sum(0).to(bf16).float() for gs in grads]
+    # ZeRO 1 and 2, bf16: one ring over the flat gradients (ZeRO 1: parameter order; ZeRO 2: the
+    # order the backward hands them over, reversed), padded to 2·ranks elements as DeepSpeed pads
+    order = list(range(len(grads))) if cell.stage == 1 else list(reversed(range(len(grads))))
+    flats = [torch.cat([(grads[i][r] / ranks).reshape(-1) for i in order]) for r in range(ranks)]
+    pad = -flats[0].numel() % (2 * ranks)
+    summed = _ring_sum([torch.cat([f, f.new_zeros(pad)]) for f in flats])
+    pieces = summed[: flats[0].numel()].split([grads[i][0].numel() for i in order])
+    out: list[torch.Tensor] = [torch.empty(0)] * len(grads)
+    for i, piece in zip(order, pieces, strict=True):
+        out[i] = piece.reshape(grads[i][0].shape).float()
+    return out
+
+
+def _ring_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Σ parts (one per rank, same shape) in the order of a ring reduce over ``len(parts)`` segments.
+
+    The flattened tensor is cut into ``len(parts)`` segments of ceil(numel / ranks) elements;
+    segment r is accumulated in the parts' dtype (rounding after each addition) starting from rank
+    r + 1 around the ring and ending with rank r.
+    """
+    ranks = len(parts)
+    flat = [t.reshape(-1) for t in parts]
+    chunk = -(-flat[0].numel() // ranks)
+    out = torch.empty_like(flat[0])
+    for r in range(ranks):
+        part = slice(r * chunk, (r + 1) * chunk)
+        order = [(r + 1 + k) % ranks for k in range(ranks)]
+        acc = flat[order[0]][part].clone()
+        for q in order[1:]:
+            acc += flat[q][part]
+        out[part] = acc
+    return out.view_as(parts[0])
 
 
 def rel_err(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
