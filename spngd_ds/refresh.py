@@ -18,7 +18,7 @@ import math
 import torch
 
 from spngd_ds.blocks import Block, UnitwiseBlock
-from spngd_ds.blocks.base import InversionJob, InversionReport, Statistic, all_finite, run_inversions
+from spngd_ds.blocks.base import InversionJob, Statistic, all_finite, run_inversions
 from spngd_ds.metrics import StepMetrics
 from spngd_ds.safety import OutlierGuard
 from spngd_ds.staleness import change_figures, ratio_from
@@ -134,22 +134,16 @@ def invert_refreshed(
 
     Re-invert the statistics ``refreshed`` (block name -> names) of ``blocks`` damped by λ =
     ``damping``: every block's matrices in batches by size and their outcome read back at once
-    (:func:`~spngd_ds.blocks.base.run_inversions`); a block kind that overrides ``invert`` inverts
-    itself. A failed inversion keeps the previous inverse (the plain gradient when there is none)
-    and is retried at the next step; ``log`` counts the failures.
+    (:func:`~spngd_ds.blocks.base.run_inversions`). A failed inversion keeps the previous inverse
+    (the plain gradient when there is none) and is retried at the next step; ``log`` counts the
+    failures.
     """
     jobs: list[tuple[str, InversionJob]] = []
-    reports: list[tuple[str, InversionReport]] = []
     for name, names in refreshed.items():
-        block = blocks[name]
-        if type(block).invert is not Block.invert:
-            reports.append((name, block.invert(damping, names)))
-            continue
-        job = block.inversion_job(damping, names)
+        job = blocks[name].inversion_job(damping, names)
         if job is not None:
             jobs.append((name, job))
-    reports += zip((n for n, _ in jobs), run_inversions([j for _, j in jobs]), strict=True)
-    for name, report in reports:
+    for (name, _), report in zip(jobs, run_inversions([j for _, j in jobs]), strict=True):
         block = blocks[name]
         if isinstance(block, UnitwiseBlock):
             log.bn_channel_failures += block.failed_channels

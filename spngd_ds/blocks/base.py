@@ -227,7 +227,7 @@ def stat_dtype(module: nn.Module) -> torch.dtype:
 
 @dataclass
 class InversionReport:
-    """What one call to :meth:`Block.invert` did."""
+    """What one block's inversion job did (:meth:`Block.inversion_job`, :func:`run_inversions`)."""
 
     inverted: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -265,15 +265,6 @@ class Block:
     def normalise(self, name: str, total: torch.Tensor, count: float) -> torch.Tensor:
         """Turn a global sum over ``count`` samples into the statistic's value (rules 2-4)."""
         return total / count
-
-    def invert(self, damping: float, refreshed: set[str]) -> InversionReport:
-        """(Re-)invert the damped statistics named in ``refreshed`` (:meth:`inversion_job`, run alone).
-
-        A block kind may override this instead of :meth:`inversion_job`; the optimizer then calls
-        it, outside the step's batched inversion.
-        """
-        job = self.inversion_job(damping, refreshed)
-        return run_inversions([job])[0] if job is not None else InversionReport()
 
     def inversion_job(self, damping: float, refreshed: set[str]) -> InversionJob | None:
         """The inversion job for the statistics named in ``refreshed``.

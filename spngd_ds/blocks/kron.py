@@ -46,24 +46,13 @@ def _trace(value: torch.Tensor) -> torch.Tensor:
 def pi_tensor(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """π of rule 5 as a float64 0-d tensor on a's device (no host synchronisation).
 
-    ``a`` and ``g`` dense (d, d) or kept diagonal (d, 1, 1).
-
-    1 when either mean trace is not a positive finite number. The same arithmetic as
-    :func:`compute_pi`.
+    ``a`` and ``g`` dense (d, d) or kept diagonal (d, 1, 1). π = sqrt((tr A / d_A) / (tr G / d_G));
+    1 when either mean trace is not a positive finite number.
     """
     ta = _trace(a).to(torch.float64) / a.shape[0]
     tg = _trace(g).to(torch.float64).to(ta.device) / g.shape[0]
     valid = torch.isfinite(ta) & torch.isfinite(tg) & (ta > 0.0) & (tg > 0.0)
     return torch.where(valid, torch.sqrt(ta / torch.where(valid, tg, 1.0)), 1.0)
-
-
-def compute_pi(a: torch.Tensor, g: torch.Tensor) -> float:
-    """π of rule 5; 1.0 when either trace is not a positive finite number."""
-    ta = float(torch.trace(a)) / a.shape[0]
-    tg = float(torch.trace(g)) / g.shape[0]
-    if not (math.isfinite(ta) and math.isfinite(tg)) or ta <= 0.0 or tg <= 0.0:
-        return 1.0
-    return math.sqrt(ta / tg)
 
 
 class PairedFactors(Protocol):
