@@ -2,8 +2,9 @@
 
 3 gloo ranks give what one standalone SP-NGD process gives fed the same per-rank passes
 (tests/support/cells.py), with a token model of Embedding, LayerNorm, HF Conv1D, RMSNorm and Linear
-(positions as samples), at ZeRO 0 and ZeRO 3 (built under zero.Init), and a 2-block variant that
-leaves one of the 3 ranks without any block.
+(positions as samples), at ZeRO 0, at ZeRO 2 with a learning rate that changes every step, and at
+ZeRO 3 (built under zero.Init), and a 2-block variant that leaves one of the 3 ranks without any
+block.
 
 Tolerance 3e-4 relative to each tensor's largest entry: this model amplifies fp32 rounding more
 than the matrix's (the standalone run itself moves by 5e-5 to 6e-5 in the Conv1D weight when only
@@ -30,6 +31,7 @@ pytest.importorskip("transformers")
 CELLS = [
     C.Cell("seq", 0),
     C.Cell("seq", 3, zero_init=True),
+    C.Cell("seq", 2, schedule="poly"),  # the lr changes every step
     C.Cell("seq2", 0, gas=2),
     C.Cell("seq2", 3, zero_init=True),
 ]
